@@ -1,0 +1,1 @@
+"""Data: shard writer, DALI input pipeline and its plain-PyTorch fallback."""

@@ -1,0 +1,1 @@
+"""DeepMIM pretraining engine: config, models, targets, DeepSpeed training loop."""

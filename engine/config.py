@@ -1,0 +1,306 @@
+"""One typed config tree for a pretraining run.
+
+Every knob lives in a nested dataclass, one per component. Presets (``engine.presets``) are plain
+functions returning a ``Config``; the command line changes single fields by dotted path
+(``--set optim.base_lr=1e-4``). ``validate`` runs once at start-up and names the field and the
+allowed values on failure. Values that follow from others (learning rate from base lr and global
+batch, accumulation steps, steps per epoch) are computed in ``derive`` and never written back, so
+the config written to the run folder is exactly what the user asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deepmim_vit_base_patch16"  # encoder variant in engine.registry
+    img_size: int = 0  # 0 = the variant's native size
+    # 1-indexed encoder blocks that feed a decoder; the last must be the final block. Empty = the
+    # variant's default (the paper's 6/8/10/12 for ViT-B; 1/2, 2/3, 5/6 depth for others).
+    taps: list[int] = field(default_factory=list)
+    decoder_dim: int = 512
+    decoder_depth: int = 4
+    decoder_heads: int = 16
+    fused_decoders: bool = True  # one batched pass over all decoders; False = per-decoder loop
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = 0.75
+
+
+@dataclass
+class TargetConfig:
+    kind: str = "pixel"  # pixel | mixed | clip
+    norm_pix: bool = True  # MAE's per-patch normalized pixel target
+    weights: list[float] = field(default_factory=list)  # per tap; empty = 1.0 each
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    lr: float = 0.0  # absolute lr; overrides base_lr when > 0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 1600
+    warmup_epochs: float = 40.0
+    min_lr: float = 0.0
+    # Stop after this many optimizer steps without changing the schedule's shape (0 = run all).
+    max_steps: int = 0
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"  # folder written by data_pipeline.make_shards
+    loader: str = "dali"  # dali | torch (fallback)
+    global_batch: int = 4096
+    micro_batch: int = 64  # per rank, per forward/backward
+    num_threads: int = 8  # DALI threads / torch DataLoader workers per rank
+    decode_device: str = "auto"  # auto (gpu when CUDA is present) | gpu | cpu
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    shuffle_buffer: int = 4096  # DALI reader shuffle buffer (initial_fill), per rank
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3
+    resume: str = "auto"  # auto (newest complete checkpoint in run_dir) | never | <checkpoint dir>
+
+
+@dataclass
+class LogConfig:
+    interval: int = 50  # optimizer steps between metric lines (the only host-device syncs)
+    level: str = "INFO"
+    reconstructions: bool = True  # write reconstructions.png at the end of a run
+
+
+@dataclass
+class EngineConfig:
+    ds_config: str = "ds_configs/zero2_bf16.json"
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialization and overrides
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output; unknown keys are an error (typos must not pass)."""
+    return _build(Config, data, "")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{prefix or 'config'}: unknown field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` strings in order; values are parsed by the field's type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        path, raw = item.split("=", 1)
+        set_field(cfg, path.strip(), raw.strip())
+    return cfg
+
+
+def set_field(cfg: Config, path: str, raw: str) -> None:
+    parts = path.split(".")
+    obj: Any = cfg
+    for depth, name in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"{'.'.join(parts[:depth])} is not a section; cannot set {path}")
+        names = [f.name for f in dataclasses.fields(obj)]
+        if name not in names:
+            where = ".".join(parts[:depth]) or "config"
+            raise ConfigError(f"{path}: {where} has no field {name!r}; fields: {names}")
+        if depth == len(parts) - 1:
+            tp = typing.get_type_hints(type(obj))[name]
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{path} is a section; set one of its fields")
+            setattr(obj, name, parse_value(raw, tp, path))
+        else:
+            obj = getattr(obj, name)
+
+
+def parse_value(raw: str, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        if tp is str:
+            return raw
+        if origin is list:
+            (item_tp,) = typing.get_args(tp)
+            text = raw.strip()
+            if text.startswith("["):
+                items = json.loads(text)
+            else:
+                items = [s for s in text.split(",") if s.strip()]
+            return [parse_value(str(v), item_tp, path) for v in items]
+        if origin in (typing.Union, types.UnionType):
+            raise ValueError("union fields are not settable from the command line")
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot parse {raw!r} as {tp}: {err}") from None
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and derived values
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{path}={value!r}: allowed values are {list(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that do not need the model registry, the data or the world size."""
+    m, d, o, s = cfg.model, cfg.data, cfg.optim, cfg.schedule
+    _check(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio={cfg.mask.ratio}: must be in the open interval (0, 1)")
+    _one_of("target.kind", cfg.target.kind, ("pixel", "mixed", "clip"))
+    _one_of("data.loader", d.loader, ("dali", "torch"))
+    _one_of("data.decode_device", d.decode_device, ("auto", "gpu", "cpu"))
+    _one_of("log.level", cfg.log.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _check(m.decoder_dim > 0 and m.decoder_depth > 0, "model.decoder_dim and model.decoder_depth must be > 0")
+    _check(
+        m.decoder_heads > 0 and m.decoder_dim % m.decoder_heads == 0,
+        f"model.decoder_heads={m.decoder_heads}: must divide model.decoder_dim={m.decoder_dim}",
+    )
+    _check(d.global_batch > 0, f"data.global_batch={d.global_batch}: must be > 0")
+    _check(d.micro_batch > 0, f"data.micro_batch={d.micro_batch}: must be > 0")
+    _check(d.num_threads > 0, f"data.num_threads={d.num_threads}: must be > 0")
+    _check(
+        len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+        f"data.crop_scale={d.crop_scale}: must be [lo, hi] with 0 < lo <= hi <= 1",
+    )
+    _check(
+        len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
+        f"data.crop_ratio={d.crop_ratio}: must be [lo, hi] with 0 < lo <= hi",
+    )
+    _check(o.base_lr > 0 or o.lr > 0, "optim.base_lr or optim.lr must be > 0")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas}: two values in [0, 1)")
+    _check(s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0")
+    _check(0 <= s.warmup_epochs <= s.epochs, f"schedule.warmup_epochs={s.warmup_epochs}: must be in [0, epochs]")
+    _check(s.max_steps >= 0, f"schedule.max_steps={s.max_steps}: must be >= 0")
+    _check(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be > 0")
+    _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
+    _check(cfg.log.interval > 0, f"log.interval={cfg.log.interval}: must be > 0")
+    for w in cfg.target.weights:
+        _check(w >= 0, f"target.weights={cfg.target.weights}: weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config, the world size and the dataset size. Never written back."""
+
+    world_size: int
+    grad_accum: int
+    lr: float
+    micro_steps_per_epoch: int  # micro-batches each rank yields per epoch
+    steps_per_epoch: int  # optimizer steps per epoch
+    dropped_per_epoch: int  # samples left out of each epoch so all ranks take equal steps
+    total_steps: int  # optimizer steps of the whole schedule
+    warmup_steps: int
+    stop_step: int  # where this run stops (max_steps or total_steps)
+
+
+def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
+    """The one place where batch arithmetic and schedule lengths are computed."""
+    d = cfg.data
+    _check(world_size > 0, f"world size {world_size}: must be > 0")
+    per_step = d.micro_batch * world_size
+    _check(
+        d.global_batch % per_step == 0,
+        f"data.global_batch={d.global_batch} is not divisible by data.micro_batch * world_size = "
+        f"{d.micro_batch} * {world_size} = {per_step}; choose a global batch that is a multiple of {per_step}",
+    )
+    grad_accum = d.global_batch // per_step
+    # Ranks read contiguous slices of sizes floor(N/W) or floor(N/W)+1 (DALI's split); every rank
+    # takes the same number of whole optimizer steps, so the smallest slice decides.
+    per_rank = num_samples // world_size
+    steps_per_epoch = per_rank // (d.micro_batch * grad_accum)
+    _check(
+        steps_per_epoch > 0,
+        f"data.global_batch={d.global_batch}: the dataset ({num_samples} samples over {world_size} ranks) "
+        "is too small for one optimizer step per epoch",
+    )
+    micro = steps_per_epoch * grad_accum
+    lr = cfg.optim.lr if cfg.optim.lr > 0 else cfg.optim.base_lr * d.global_batch / 256
+    total = steps_per_epoch * cfg.schedule.epochs
+    warmup = math.floor(steps_per_epoch * cfg.schedule.warmup_epochs)
+    stop = min(total, cfg.schedule.max_steps) if cfg.schedule.max_steps > 0 else total
+    return Derived(
+        world_size=world_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        micro_steps_per_epoch=micro,
+        steps_per_epoch=steps_per_epoch,
+        dropped_per_epoch=num_samples - micro * d.micro_batch * world_size,
+        total_steps=total,
+        warmup_steps=warmup,
+        stop_step=stop,
+    )

@@ -1,0 +1,87 @@
+"""Distributed set-up, in one place.
+
+This is the only module that reads the launcher's environment (RANK, LOCAL_RANK, WORLD_SIZE);
+everything else receives a frozen ``DistInfo``. The ``deepspeed`` launcher sets those variables
+for every process, also across nodes and under SLURM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Initialize torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU)."""
+    import deepspeed
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if "MASTER_ADDR" not in os.environ:  # a plain `python -m engine.pretrain`: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def single_process(device: torch.device | None = None) -> DistInfo:
+    """A world of one without torch.distributed (tests, tools)."""
+    return DistInfo(rank=0, local_rank=0, world_size=1, device=device or torch.device("cpu"))
+
+
+class RankFilter(logging.Filter):
+    """Lets through records from rank 0, and warnings and errors from every rank."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(rank: int, level: str = "INFO", log_file: str | None = None) -> None:
+    fmt = logging.Formatter("%(asctime)s [rank%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler()
+    handler.addFilter(RankFilter(rank))
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.addFilter(RankFilter(rank))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)

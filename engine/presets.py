@@ -1,0 +1,106 @@
+"""Named presets: plain functions that return a ``Config``.
+
+The ViT presets follow the paper's recipe (global batch 4096, 1600 epochs, base lr 1.5e-4 scaled
+by batch/256, 40 warm-up epochs, AdamW (0.9, 0.95), weight decay 0.05, mask ratio 0.75). DeepMIM
+presets use four 4-block x 512 decoders at the variant's taps; MAE presets are the plain baseline
+(one 8-block x 512 decoder on the final block). Tiny presets are CPU-sized for the quickstart and
+the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engine.config import Config, ConfigError
+from engine.registry import get_variant
+
+_PRESETS: dict[str, Callable[[], Config]] = {}
+
+
+def preset(name: str):
+    def wrap(fn: Callable[[], Config]) -> Callable[[], Config]:
+        _PRESETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_preset(name: str) -> Config:
+    if name not in _PRESETS:
+        raise ConfigError(f"--preset {name!r}: unknown preset; available: {sorted(_PRESETS)}")
+    cfg = _PRESETS[name]()
+    cfg.preset = name
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def _paper(arch: str, micro_batch: int, mae: bool) -> Config:
+    cfg = Config()
+    cfg.model.arch = arch
+    cfg.data.global_batch = 4096
+    cfg.data.micro_batch = micro_batch
+    cfg.schedule.epochs = 1600
+    cfg.schedule.warmup_epochs = 40
+    if mae:
+        cfg.model.taps = [get_variant(arch).depth]
+        cfg.model.decoder_depth = 8
+    return cfg
+
+
+_VIT = {  # short name -> (variant, micro-batch per GPU that fits 80 GB with the default settings)
+    "b16": ("deepmim_vit_base_patch16", 256),
+    "l16": ("deepmim_vit_large_patch16", 128),
+    "h14": ("deepmim_vit_huge_patch14", 64),
+}
+
+for _short, (_arch, _mb) in _VIT.items():
+    preset(f"deepmim_vit_{_short}_pixel")(lambda a=_arch, m=_mb: _paper(a, m, mae=False))
+    preset(f"mae_vit_{_short}_pixel")(lambda a=_arch, m=_mb: _paper(a, m, mae=True))
+
+
+def _tiny(mae: bool) -> Config:
+    """ViT-tiny/8 at 64 px on the bundled real photos: trains on 2 CPU ranks in a few minutes."""
+    cfg = Config()
+    cfg.model.arch = "deepmim_vit_tiny_patch8"
+    cfg.model.decoder_dim = 128
+    cfg.model.decoder_depth = 2
+    cfg.model.decoder_heads = 4
+    if mae:
+        cfg.model.taps = [get_variant(cfg.model.arch).depth]
+        cfg.model.decoder_depth = 4
+    cfg.data.shards = "data/demo_shards"
+    cfg.data.global_batch = 32
+    cfg.data.micro_batch = 16
+    cfg.data.num_threads = 1
+    cfg.data.shuffle_buffer = 256
+    cfg.optim.base_lr = 1.5e-3  # small batch, short run: a larger base lr than the paper's
+    cfg.schedule.epochs = 20
+    cfg.schedule.warmup_epochs = 2
+    cfg.checkpoint.interval = 100
+    cfg.checkpoint.keep_last = 2
+    cfg.log.interval = 10
+    return cfg
+
+
+preset("deepmim_tiny_pixel")(lambda: _tiny(mae=False))
+preset("mae_tiny_pixel")(lambda: _tiny(mae=True))
+
+
+@preset("deepmim_test_pixel")
+def _test() -> Config:
+    """The smallest model (ViT-test/4 at 16 px): unit and launcher tests."""
+    cfg = _tiny(mae=False)
+    cfg.model.arch = "deepmim_vit_test_patch4"
+    cfg.model.decoder_dim = 32
+    cfg.model.decoder_depth = 1
+    cfg.model.decoder_heads = 2
+    cfg.data.global_batch = 8
+    cfg.data.micro_batch = 4
+    cfg.schedule.epochs = 2
+    cfg.schedule.warmup_epochs = 0.5
+    cfg.checkpoint.interval = 2
+    cfg.log.interval = 1
+    return cfg

@@ -1,0 +1,321 @@
+"""The training loop. ``Trainer.train()`` owns the order (build, resume, loop, save);
+``train_step`` is short and returns tensors; build steps are small named methods."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.eval_reader import center_crop, iter_raw
+from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
+from engine import checkpoint as ckpt
+from engine.config import Config, Derived, derive, from_dict, to_dict
+from engine.dist import DistInfo
+from engine.ds_setup import initialize, model_dtype, resolve_ds_config
+from engine.model import DeepMIM, build_model, random_masking, resolve_img_size
+from engine.optim import build_optimizer
+from engine.registry import get_variant
+from engine.schedule import lr_at
+from engine.targets import PixelTarget
+from engine.telemetry import LossMeter, MetricsWriter, PhaseTimer, peak_memory_gb
+from engine.visualize import save_reconstructions
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist: DistInfo):
+        self.cfg = cfg
+        self.dist = dist
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.derived: Derived | None = None
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        self._build_data_info()
+        self._build_model()
+        self._build_engine()
+        self._build_target()
+        self.mask_gen = torch.Generator(device=self.dist.device)
+        self.mask_gen.manual_seed(self.cfg.seed * 1_000_003 + 7 * self.dist.rank + 1)
+        _seed_everything(self.cfg.seed + self.dist.rank)
+
+    def _build_data_info(self) -> None:
+        self.dataset = read_dataset(self.cfg.data.shards)
+        self.derived = derive(self.cfg, self.dist.world_size, self.dataset.num_samples)
+        d = self.derived
+        log.info(
+            "data: %d samples in %d shards; %d ranks x micro-batch %d x accumulation %d = global batch %d; "
+            "%d steps/epoch (%d samples/epoch left out so ranks take equal steps); lr %.3g",
+            self.dataset.num_samples, len(self.dataset.shards), d.world_size, self.cfg.data.micro_batch,
+            d.grad_accum, self.cfg.data.global_batch, d.steps_per_epoch, d.dropped_per_epoch, d.lr,
+        )  # fmt: skip
+
+    def _build_model(self) -> None:
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        self.model: DeepMIM = build_model(self.cfg)
+        self.spec = get_variant(self.cfg.model.arch)
+        self.img_size = resolve_img_size(self.cfg, self.spec)
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("model %s taps %s: %.2fM trainable parameters", self.cfg.model.arch, self.model.taps, n_params / 1e6)
+
+    def _build_engine(self) -> None:
+        self.ds_config = resolve_ds_config(self.cfg, self.derived)
+        self.dtype = model_dtype(self.ds_config)
+        self.model.to(self.dist.device)
+        o = self.cfg.optim
+        optimizer = build_optimizer(self.model, self.derived.lr, o.weight_decay, o.betas, o.eps)
+        self.engine = initialize(self.model, optimizer, self.ds_config)
+
+    def _build_target(self) -> None:
+        self.target = PixelTarget(self.spec.patch_size, self.cfg.target.norm_pix)
+
+    def _loader_spec(self) -> LoaderSpec:
+        d = self.cfg.data
+        gpu = self.dist.device.type == "cuda"
+        decode = "gpu" if (d.decode_device == "gpu" or (d.decode_device == "auto" and gpu)) else "cpu"
+        if decode == "gpu" and not gpu:
+            raise ValueError("data.decode_device=gpu but no CUDA device is available; use auto or cpu")
+        return LoaderSpec(
+            shards=d.shards,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            micro_batch=d.micro_batch,
+            micro_steps_per_epoch=self.derived.micro_steps_per_epoch,
+            img_size=self.img_size,
+            seed=self.cfg.seed,
+            num_threads=d.num_threads,
+            decode_device=decode,
+            device_id=self.dist.local_rank if gpu else None,
+            crop_scale=(d.crop_scale[0], d.crop_scale[1]),
+            crop_ratio=(d.crop_ratio[0], d.crop_ratio[1]),
+            shuffle_buffer=d.shuffle_buffer,
+        )
+
+    # ------------------------------------------------------------------ state
+    def _client_state(self) -> dict:
+        """Everything besides weights and optimizer state; per-rank parts gathered to all ranks."""
+        mine = {"loader": self.loader.state_dict(), "rng": _rng_state(), "mask_gen": self.mask_gen.get_state()}
+        ranks = _all_gather(mine, self.dist.world_size)
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
+            "train": {"step": self.step, "epoch": self.loader.epoch, "position": self.loader.position},
+            "config": to_dict(self.cfg),
+            "world_size": self.dist.world_size,
+            "ranks": ranks,
+        }
+
+    def save(self) -> Path:
+        tag = ckpt.tag_for(self.step)
+        state = self._client_state()
+        t0 = time.perf_counter()
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        except (OSError, RuntimeError) as err:
+            raise ckpt.CheckpointError(
+                f"saving checkpoint {tag} failed ({err}); earlier checkpoints in {self.ckpt_dir} are untouched"
+            ) from err
+        _barrier()
+        path = self.ckpt_dir / tag
+        if self.dist.is_main:
+            ckpt.mark_complete(
+                path, {"step": self.step, "epoch": self.loader.epoch, "world_size": self.dist.world_size}
+            )
+            ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        _barrier()
+        log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+        return path
+
+    def _resume_path(self) -> Path | None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            return ckpt.newest_complete(self.ckpt_dir)
+        path = Path(mode)
+        if not (path / ckpt.MARKER).is_file():
+            raise ckpt.CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
+        return path
+
+    def resume(self) -> dict | None:
+        """Load the checkpoint to resume from; returns this rank's loader state (or None)."""
+        path = self._resume_path()
+        if path is None:
+            return None
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        if client is None:
+            raise ckpt.CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+        saved_world = client["world_size"]
+        if saved_world != self.dist.world_size:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {saved_world} ranks; this run has {self.dist.world_size}"
+            )
+        self._check_config(from_dict(client["config"]))
+        mine = client["ranks"][self.dist.rank]
+        _set_rng_state(mine["rng"])
+        self.mask_gen.set_state(mine["mask_gen"])
+        self.step = client["train"]["step"]
+        self.epoch = client["train"]["epoch"]
+        log.info(
+            "resumed from %s: step %d, epoch %d, position %d", path, self.step, self.epoch, client["train"]["position"]
+        )
+        return mine["loader"]
+
+    def _check_config(self, saved: Config) -> None:
+        for field in ("arch", "taps", "decoder_dim", "decoder_depth", "decoder_heads", "img_size"):
+            a, b = getattr(saved.model, field), getattr(self.cfg.model, field)
+            if a != b:
+                raise ckpt.CheckpointError(f"cannot resume: model.{field} was {a!r} in the checkpoint, now {b!r}")
+        if saved.target.kind != self.cfg.target.kind:
+            raise ckpt.CheckpointError(
+                f"cannot resume: target.kind was {saved.target.kind!r} in the checkpoint, now {self.cfg.target.kind!r}"
+            )
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-step: mask, targets, forward+backward, and the optimizer at boundaries."""
+        n = imgs.shape[0]
+        masks = random_masking(n, self.model.num_patches, self.cfg.mask.ratio, self.mask_gen, imgs.device)
+        targets = self.target(imgs, masks)
+        self.timer.start("fwd_bwd")
+        loss, taps, _ = self.engine(imgs.to(self.dtype), masks, targets)
+        self.engine.backward(loss)
+        self.timer.stop("fwd_bwd")
+        self.timer.start("optimizer")
+        self.engine.step()
+        self.timer.stop("optimizer")
+        return loss.detach(), taps.detach()
+
+    def _set_lr(self) -> float:
+        d = self.derived
+        lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps, self.cfg.schedule.min_lr)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train(self) -> dict:
+        self.build()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        _barrier()
+        loader_state = self.resume()
+        stop = self.derived.stop_step
+        if self.step >= stop:
+            log.info("run already complete: step %d of %d; nothing to do", self.step, stop)
+            return {"step": self.step, "complete": True}
+        self.loader = make_loader(self.cfg.data.loader, self._loader_spec(), loader_state)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.dist.is_main)
+        self.timer = PhaseTimer(self.dist.device)
+        self.meter = LossMeter()
+        self.engine.train()
+        log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.derived.total_steps)
+        last_save = self.step
+        window_start, window_steps = time.perf_counter(), 0
+        lr = self._set_lr()
+        while self.step < stop:
+            fetch = time.perf_counter()
+            for micro, batch in enumerate(self.loader):
+                self.timer.add_host("data_wait", time.perf_counter() - fetch)
+                loss, taps = self.train_step(batch.img)
+                self.meter.add(loss, taps)
+                if (micro + 1) % self.derived.grad_accum == 0:
+                    self.step += 1
+                    window_steps += 1
+                    if self.step % self.cfg.log.interval == 0 or self.step == stop:
+                        self._log(lr, time.perf_counter() - window_start, window_steps)
+                        window_start, window_steps = time.perf_counter(), 0
+                    if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
+                        self.save()
+                        last_save = self.step
+                    if self.step >= stop:
+                        break
+                    lr = self._set_lr()
+                fetch = time.perf_counter()
+        if last_save != self.step:
+            self.save()
+        if self.cfg.log.reconstructions and self.dist.is_main:
+            self._save_reconstructions()
+        return {"step": self.step, "complete": self.step >= stop}
+
+    def _save_reconstructions(self, count: int = 6) -> None:
+        """reconstructions.png from one center-cropped image of each of the first classes."""
+        picked, seen = [], set()
+        for _, label, data in iter_raw(self.cfg.data.shards):
+            if label not in seen:
+                seen.add(label)
+                picked.append(center_crop(data, self.img_size))
+            if len(picked) == count:
+                break
+        imgs = torch.stack(picked).to(self.dist.device)
+        path = self.run_dir / "reconstructions.png"
+        save_reconstructions(self.model, imgs, self.cfg.mask.ratio, self.cfg.target.norm_pix, path, self.cfg.seed)
+        log.info("wrote %s", path)
+
+    def _log(self, lr: float, seconds: float, steps: int) -> None:
+        loss, taps = self.meter.mean_across_ranks()
+        phases = self.timer.collect()
+        imgs = steps * self.cfg.data.global_batch
+        rec = {
+            "step": self.step,
+            "epoch": self.step / self.derived.steps_per_epoch,
+            "lr": lr,
+            "loss": loss,
+            **{f"loss_tap{t}": v for t, v in zip(self.model.taps, taps)},
+            "img_per_s": imgs / max(seconds, 1e-9),
+            **{f"time_{k}_s": v / max(steps, 1) for k, v in phases.items()},
+            "peak_mem_gb": peak_memory_gb(self.dist.device),
+        }
+        self.metrics.write(rec)
+        tap_txt = " ".join(f"t{t}={v:.4f}" for t, v in zip(self.model.taps, taps))
+        log.info(
+            "step %d/%d ep %.2f lr %.3g loss %.4f [%s] %.1f img/s data %.0f%%",
+            self.step, self.derived.stop_step, rec["epoch"], lr, loss, tap_txt, rec["img_per_s"],
+            100 * phases.get("data_wait", 0.0) / max(seconds, 1e-9),
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _all_gather(obj, world_size: int) -> list:
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

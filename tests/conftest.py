@@ -1,0 +1,67 @@
+"""Shared fixtures: a small real-photo shard set, and a helper that runs the deepspeed launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_shards(src: Path, out: Path, *extra: str) -> None:
+    from data_pipeline.make_shards import main
+
+    assert main([str(src), str(out), "--workers", "1", "--no-progress", *extra]) == 0
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory) -> Path:
+    """9 classes x 8 real-photo crops (72 JPEGs) in the class-folder layout."""
+    from data_pipeline.demo_data import build
+
+    root = tmp_path_factory.mktemp("demo") / "train"
+    build(root, per_class=8, size=48, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_tree, tmp_path_factory) -> Path:
+    """The demo tree written as 5 or so shards."""
+    out = tmp_path_factory.mktemp("shards") / "demo"
+    make_shards(demo_tree, out, "--shard-size-mb", "0.03")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd(nprocs: int, *args: str) -> list[str]:
+    ds = Path(sys.executable).parent / "deepspeed"
+    return [str(ds), "--num_gpus", str(nprocs), "--master_port", str(free_port()), "--module", "engine.pretrain", *args]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def run_deepspeed(
+    nprocs: int, *args: str, timeout: int = 420, check: bool = True, **env
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        deepspeed_cmd(nprocs, *args), cwd=ROOT, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"deepspeed run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,66 @@
+"""Real DeepSpeed (ZeRO-2, bf16) under the real `deepspeed` launcher: 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint import MARKER, list_checkpoints
+from tests.conftest import run_deepspeed
+
+pytestmark = pytest.mark.launcher
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(run: Path, shards: Path, steps: int, *extra: str):
+    return run_deepspeed(
+        2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), "--set", f"data.shards={shards}",
+        "--set", f"schedule.max_steps={steps}", "--set", "checkpoint.interval=3", *extra,
+    )  # fmt: skip
+
+
+def test_two_process_zero2_bf16_saves_and_resumes(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    first = train(run, demo_shards, 6)
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000003", "step_00000006"]
+    for p in ckpts:
+        assert (p / MARKER).is_file()
+        assert (p / "mp_rank_00_model_states.pt").is_file()
+        # ZeRO-2: one optimizer-state partition per rank
+        assert len(list(p.glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["shards"] == str(demo_shards) and cfg["schedule"]["max_steps"] == 6
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+    assert (run / "reconstructions.png").is_file()
+    assert "Process" in first.stdout + first.stderr
+
+    # Resume: the same command with a longer budget continues from step 6, it does not restart.
+    second = train(run, demo_shards, 9)
+    out = second.stdout + second.stderr
+    assert "resumed from" in out and "step_00000006" in out
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+    # A finished run finishes at once.
+    third = train(run, demo_shards, 9)
+    assert "run already complete" in third.stdout + third.stderr
+    assert len(metrics(run)) == 9
+
+
+def test_resumed_run_matches_a_straight_run(demo_shards, tmp_path):
+    """6 straight steps vs 3 steps + save + resume + 3 steps: identical losses, step by step."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, demo_shards, 6, "--set", "log.reconstructions=false")
+    train(split, demo_shards, 3, "--set", "log.reconstructions=false")
+    train(split, demo_shards, 6, "--set", "log.reconstructions=false")
+    a, b = metrics(straight), metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"], (ra, rb)
