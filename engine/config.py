@@ -46,6 +46,14 @@ class TargetConfig:
     kind: str = "pixel"  # pixel | mixed | clip
     norm_pix: bool = True  # MAE's per-patch normalized pixel target
     weights: list[float] = field(default_factory=list)  # per tap; empty = 1.0 each
+    # clip: CLIP visual-tower weights (OpenAI layout or timm's); the width is read from them.
+    teacher: str = ""
+    feature_dim: int = 0  # expected teacher width; 0 = whatever the weights say
+    # mixed: MAE generator = our run/checkpoint folder (a pixel-target run) or an official MAE .pth
+    generator: str = ""
+    generator_norm_pix: str = "auto"  # auto (read from our checkpoint) | true | false (official files)
+    mix_alphas: list[float] = field(default_factory=list)  # a_k per tap; empty = 0 .. 1 evenly (0, 1/3, 2/3, 1)
+    mix_space: str = "norm"  # norm (per-patch normalized pixels) | raw (pixels, normalized after mixing)
 
 
 @dataclass
@@ -96,6 +104,15 @@ class LogConfig:
 @dataclass
 class EngineConfig:
     ds_config: str = "ds_configs/zero2_bf16.json"
+    # torch.compile of the repeated blocks (encoder, decoders, teacher): each block class is
+    # compiled once and reused, so compile time stays small; on failure training runs eager.
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    # activation checkpointing: 0 = off, 1 = every block, k = every k-th block
+    act_ckpt_encoder: int = 0
+    act_ckpt_decoder: int = 0
+    peak_tflops: float = 0.0  # dense bf16 peak per device for MFU; 0 = look up the device name
 
 
 @dataclass
@@ -249,8 +266,33 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be > 0")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
     _check(cfg.log.interval > 0, f"log.interval={cfg.log.interval}: must be > 0")
-    for w in cfg.target.weights:
-        _check(w >= 0, f"target.weights={cfg.target.weights}: weights must be >= 0")
+    e = cfg.engine
+    _check(
+        e.act_ckpt_encoder >= 0, f"engine.act_ckpt_encoder={e.act_ckpt_encoder}: 0 (off) or k >= 1 (every k-th block)"
+    )
+    _check(
+        e.act_ckpt_decoder >= 0, f"engine.act_ckpt_decoder={e.act_ckpt_decoder}: 0 (off) or k >= 1 (every k-th block)"
+    )
+    _one_of(
+        "engine.compile_mode",
+        e.compile_mode,
+        ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
+    t = cfg.target
+    for w in t.weights:
+        _check(w >= 0, f"target.weights={t.weights}: weights must be >= 0")
+    _one_of("target.mix_space", t.mix_space, ("norm", "raw"))
+    _one_of("target.generator_norm_pix", t.generator_norm_pix, ("auto", "true", "false"))
+    _check(all(0.0 <= a <= 1.0 for a in t.mix_alphas), f"target.mix_alphas={t.mix_alphas}: each must be in [0, 1]")
+    _check(t.feature_dim >= 0, f"target.feature_dim={t.feature_dim}: must be >= 0")
+    if t.kind == "clip":
+        _check(bool(t.teacher), "target.teacher: a CLIP weights file is required for target.kind=clip")
+    if t.kind == "mixed":
+        _check(bool(t.generator), "target.generator: an MAE checkpoint is required for target.kind=mixed")
+        _check(
+            t.mix_space == "raw" or t.norm_pix,
+            "target.mix_space=norm mixes normalized pixels and needs target.norm_pix=true (or use mix_space=raw)",
+        )
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,8 @@ def build_model(cfg: Config, feature_dim: int | None = None) -> DeepMIM:
         loss_kind="cosine" if cfg.target.kind == "clip" else "mse",
         tap_weights=list(cfg.target.weights) or None,
         fused=cfg.model.fused_decoders,
+        act_ckpt_encoder=cfg.engine.act_ckpt_encoder,
+        act_ckpt_decoder=cfg.engine.act_ckpt_decoder,
     )
 
 

@@ -37,8 +37,9 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
-def _paper(arch: str, micro_batch: int, mae: bool) -> Config:
+def _paper(arch: str, micro_batch: int, mae: bool, kind: str = "pixel") -> Config:
     cfg = Config()
+    cfg.target.kind = kind
     cfg.model.arch = arch
     cfg.data.global_batch = 4096
     cfg.data.micro_batch = micro_batch
@@ -56,14 +57,23 @@ _VIT = {  # short name -> (variant, micro-batch per GPU that fits 80 GB with the
     "h14": ("deepmim_vit_huge_patch14", 64),
 }
 
+# Mixed and CLIP presets need a local teacher file: set target.generator (an MAE run folder or
+# an official MAE .pth with its decoder) or target.teacher (CLIP ViT-B/16 weights, OpenAI or timm
+# layout). Start-up fails with a message naming the field when it is missing.
 for _short, (_arch, _mb) in _VIT.items():
-    preset(f"deepmim_vit_{_short}_pixel")(lambda a=_arch, m=_mb: _paper(a, m, mae=False))
+    for _kind in ("pixel", "mixed", "clip"):
+        preset(f"deepmim_vit_{_short}_{_kind}")(lambda a=_arch, m=_mb, k=_kind: _paper(a, m, mae=False, kind=k))
     preset(f"mae_vit_{_short}_pixel")(lambda a=_arch, m=_mb: _paper(a, m, mae=True))
 
 
-def _tiny(mae: bool) -> Config:
+def _tiny(mae: bool, kind: str = "pixel") -> Config:
     """ViT-tiny/8 at 64 px on the bundled real photos: trains on 2 CPU ranks in a few minutes."""
     cfg = Config()
+    cfg.target.kind = kind
+    if kind == "mixed":  # the two-stage recipe: stage 1 is mae_tiny_pixel into runs/mae_tiny
+        cfg.target.generator = "runs/mae_tiny"
+    if kind == "clip":  # random weights from `python -m engine.teacher_tools random-clip` (see README)
+        cfg.target.teacher = "data/tiny_clip_random.pt"
     cfg.model.arch = "deepmim_vit_tiny_patch8"
     cfg.model.decoder_dim = 128
     cfg.model.decoder_depth = 2
@@ -85,18 +95,22 @@ def _tiny(mae: bool) -> Config:
     return cfg
 
 
-preset("deepmim_tiny_pixel")(lambda: _tiny(mae=False))
+for _kind in ("pixel", "mixed", "clip"):
+    preset(f"deepmim_tiny_{_kind}")(lambda k=_kind: _tiny(mae=False, kind=k))
 preset("mae_tiny_pixel")(lambda: _tiny(mae=True))
 
 
-@preset("deepmim_test_pixel")
-def _test() -> Config:
+def _test(mae: bool = False, kind: str = "pixel") -> Config:
     """The smallest model (ViT-test/4 at 16 px): unit and launcher tests."""
-    cfg = _tiny(mae=False)
+    cfg = _tiny(mae=mae, kind=kind)
     cfg.model.arch = "deepmim_vit_test_patch4"
     cfg.model.decoder_dim = 32
-    cfg.model.decoder_depth = 1
+    cfg.model.decoder_depth = 2 if mae else 1
     cfg.model.decoder_heads = 2
+    if mae:
+        cfg.model.taps = [get_variant(cfg.model.arch).depth]
+    cfg.target.generator = "runs/mae_test" if kind == "mixed" else ""
+    cfg.target.teacher = "data/test_clip_random.pt" if kind == "clip" else ""
     cfg.data.global_batch = 8
     cfg.data.micro_batch = 4
     cfg.schedule.epochs = 2
@@ -104,3 +118,8 @@ def _test() -> Config:
     cfg.checkpoint.interval = 2
     cfg.log.interval = 1
     return cfg
+
+
+for _kind in ("pixel", "mixed", "clip"):
+    preset(f"deepmim_test_{_kind}")(lambda k=_kind: _test(kind=k))
+preset("mae_test_pixel")(lambda: _test(mae=True))

@@ -59,15 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
 
+    from data_pipeline.loader import DataError
+    from engine.checkpoint import CheckpointError
     from engine.dist import setup_distributed, setup_logging
+    from engine.teachers import TeacherError
     from engine.trainer import Trainer
 
     dist = setup_distributed()
     setup_logging(dist.rank, cfg.log.level)
     try:
         result = Trainer(cfg, dist).train()
-    except ConfigError as err:
-        log.error("config error: %s", err)
+    except (ConfigError, TeacherError, DataError, CheckpointError) as err:
+        # Start-up and resume problems: one clear line instead of a traceback per rank.
+        log.error("%s: %s", type(err).__name__, err)
         return 2
     log.info("done: %s", result)
     return 0

@@ -15,14 +15,16 @@ import torch
 from data_pipeline.eval_reader import center_crop, iter_raw
 from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
 from engine import checkpoint as ckpt
+from engine.compile import try_compile
 from engine.config import Config, Derived, derive, from_dict, to_dict
 from engine.dist import DistInfo
 from engine.ds_setup import initialize, model_dtype, resolve_ds_config
-from engine.model import DeepMIM, build_model, random_masking, resolve_img_size
+from engine.flops import FlopCount, flops_for_model, peak_flops
+from engine.model import DeepMIM, build_model, random_masking, resolve_img_size, resolve_taps
 from engine.optim import build_optimizer
 from engine.registry import get_variant
 from engine.schedule import lr_at
-from engine.targets import PixelTarget
+from engine.targets import build_target
 from engine.telemetry import LossMeter, MetricsWriter, PhaseTimer, peak_memory_gb
 from engine.visualize import save_reconstructions
 
@@ -38,16 +40,18 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.derived: Derived | None = None
+        self.built = False
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         self._build_data_info()
+        self._build_target()
         self._build_model()
         self._build_engine()
-        self._build_target()
         self.mask_gen = torch.Generator(device=self.dist.device)
         self.mask_gen.manual_seed(self.cfg.seed * 1_000_003 + 7 * self.dist.rank + 1)
         _seed_everything(self.cfg.seed + self.dist.rank)
+        self.built = True
 
     def _build_data_info(self) -> None:
         self.dataset = read_dataset(self.cfg.data.shards)
@@ -60,11 +64,19 @@ class Trainer:
             d.grad_accum, self.cfg.data.global_batch, d.steps_per_epoch, d.dropped_per_epoch, d.lr,
         )  # fmt: skip
 
-    def _build_model(self) -> None:
-        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
-        self.model: DeepMIM = build_model(self.cfg)
+    def _build_target(self) -> None:
+        """Targets first: a teacher's width decides the decoders' prediction width."""
         self.spec = get_variant(self.cfg.model.arch)
         self.img_size = resolve_img_size(self.cfg, self.spec)
+        num_taps = len(resolve_taps(self.cfg, self.spec))
+        self.target, self.pred_dim, self.target_ref = build_target(self.cfg, self.spec, self.img_size, num_taps)
+        if self.target_ref["kind"] != "pixel":
+            log.info("target %s from %s (sha256 %s...)", self.target_ref["kind"], self.target_ref["path"],
+                     self.target_ref["sha256"][:12])  # fmt: skip
+
+    def _build_model(self) -> None:
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        self.model: DeepMIM = build_model(self.cfg, self.pred_dim)
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("model %s taps %s: %.2fM trainable parameters", self.cfg.model.arch, self.model.taps, n_params / 1e6)
 
@@ -75,9 +87,38 @@ class Trainer:
         o = self.cfg.optim
         optimizer = build_optimizer(self.model, self.derived.lr, o.weight_decay, o.betas, o.eps)
         self.engine = initialize(self.model, optimizer, self.ds_config)
+        teacher = getattr(self.target, "module", None)
+        if teacher is not None:  # frozen, outside the optimizer and ZeRO; same device, engine dtype
+            teacher.to(self.dist.device, self.dtype)
+        self.compiled, self.compile_error = False, ""
+        if self.cfg.engine.compile:
+            self._compile()
+        self.flops = self._count_flops()
+        self.peak = peak_flops(torch.cuda.get_device_name(self.dist.device), self.cfg.engine.peak_tflops) if (
+            self.dist.device.type == "cuda") else None  # fmt: skip
+        log.info("model FLOPs per image: %.1f GFLOP (%s)", self.flops.per_image / 1e9,
+                 ", ".join(f"{k} {v:.0%}" for k, v in self.flops.shares().items()))  # fmt: skip
 
-    def _build_target(self) -> None:
-        self.target = PixelTarget(self.spec.patch_size, self.cfg.target.norm_pix)
+    def _compile(self) -> None:
+        """Regional torch.compile of student and teacher blocks, probed on a batch of the real shape."""
+        e, n = self.cfg.engine, self.cfg.data.micro_batch
+        dev = self.dist.device
+        imgs = torch.randn(n, 3, self.img_size, self.img_size, device=dev, dtype=self.dtype, requires_grad=True)
+        masks = random_masking(n, self.model.num_patches, self.cfg.mask.ratio, torch.Generator(dev).manual_seed(0), dev)
+        modules = [self.model] + ([self.target.module] if getattr(self.target, "module", None) is not None else [])
+
+        def step() -> torch.Tensor:
+            targets = self.target(imgs.detach().float(), masks)
+            return self.model(imgs, masks, targets)[0]
+
+        self.compiled, self.compile_error = try_compile(modules, e.compile_backend, e.compile_mode, step, imgs)
+
+    def _count_flops(self) -> FlopCount:
+        f = flops_for_model(self.model, self.cfg.mask.ratio, self.target_ref, self.img_size)
+        if self.target_ref["kind"] == "mixed":  # the generator: one MAE forward, no backward
+            g = flops_for_model(self.target.module, self.cfg.mask.ratio, None, self.img_size)
+            f = FlopCount(f.encoder_macs, f.decoder_macs, g.encoder_macs + g.decoder_macs)
+        return f
 
     def _loader_spec(self) -> LoaderSpec:
         d = self.cfg.data
@@ -110,6 +151,7 @@ class Trainer:
             "format_version": ckpt.FORMAT_VERSION,
             "train": {"step": self.step, "epoch": self.loader.epoch, "position": self.loader.position},
             "config": to_dict(self.cfg),
+            "target": self.target_ref,
             "world_size": self.dist.world_size,
             "ranks": ranks,
         }
@@ -160,6 +202,7 @@ class Trainer:
                 f"{path} was written by {saved_world} ranks; this run has {self.dist.world_size}"
             )
         self._check_config(from_dict(client["config"]))
+        self._check_target(client.get("target", {"kind": "pixel"}))
         mine = client["ranks"][self.dist.rank]
         _set_rng_state(mine["rng"])
         self.mask_gen.set_state(mine["mask_gen"])
@@ -180,12 +223,22 @@ class Trainer:
                 f"cannot resume: target.kind was {saved.target.kind!r} in the checkpoint, now {self.cfg.target.kind!r}"
             )
 
+    def _check_target(self, saved: dict) -> None:
+        now = self.target_ref
+        if saved.get("sha256") != now.get("sha256"):
+            raise ckpt.CheckpointError(
+                f"cannot resume: the {now['kind']} teacher changed (checkpoint: {saved.get('path')} sha256 "
+                f"{str(saved.get('sha256'))[:12]}; now: {now.get('path')} sha256 {str(now.get('sha256'))[:12]})"
+            )
+
     # ------------------------------------------------------------------ loop
     def train_step(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-step: mask, targets, forward+backward, and the optimizer at boundaries."""
         n = imgs.shape[0]
         masks = random_masking(n, self.model.num_patches, self.cfg.mask.ratio, self.mask_gen, imgs.device)
+        self.timer.start("teacher")
         targets = self.target(imgs, masks)
+        self.timer.stop("teacher")
         self.timer.start("fwd_bwd")
         loss, taps, _ = self.engine(imgs.to(self.dtype), masks, targets)
         self.engine.backward(loss)
@@ -203,7 +256,8 @@ class Trainer:
         return lr
 
     def train(self) -> dict:
-        self.build()
+        if not self.built:
+            self.build()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
@@ -258,29 +312,37 @@ class Trainer:
                 break
         imgs = torch.stack(picked).to(self.dist.device)
         path = self.run_dir / "reconstructions.png"
-        save_reconstructions(self.model, imgs, self.cfg.mask.ratio, self.cfg.target.norm_pix, path, self.cfg.seed)
+        save_reconstructions(
+            self.model, imgs, self.cfg.mask.ratio, self.cfg.target.norm_pix, path, self.cfg.seed, self.target
+        )
         log.info("wrote %s", path)
 
     def _log(self, lr: float, seconds: float, steps: int) -> None:
+        """One metrics line: the only place that reads values back from the device."""
         loss, taps = self.meter.mean_across_ranks()
         phases = self.timer.collect()
-        imgs = steps * self.cfg.data.global_batch
+        seconds = max(seconds, 1e-9)
+        rate = steps * self.cfg.data.global_batch / seconds
+        share = {k: v / seconds for k, v in phases.items()}  # fraction of wall time per phase
         rec = {
             "step": self.step,
             "epoch": self.step / self.derived.steps_per_epoch,
             "lr": lr,
             "loss": loss,
             **{f"loss_tap{t}": v for t, v in zip(self.model.taps, taps)},
-            "img_per_s": imgs / max(seconds, 1e-9),
+            "img_per_s": rate,
+            "mfu": rate * self.flops.per_image / self.dist.world_size / self.peak if self.peak else None,
             **{f"time_{k}_s": v / max(steps, 1) for k, v in phases.items()},
+            **{f"share_{k}": v for k, v in share.items()},
             "peak_mem_gb": peak_memory_gb(self.dist.device),
         }
         self.metrics.write(rec)
         tap_txt = " ".join(f"t{t}={v:.4f}" for t, v in zip(self.model.taps, taps))
+        mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         log.info(
-            "step %d/%d ep %.2f lr %.3g loss %.4f [%s] %.1f img/s data %.0f%%",
-            self.step, self.derived.stop_step, rec["epoch"], lr, loss, tap_txt, rec["img_per_s"],
-            100 * phases.get("data_wait", 0.0) / max(seconds, 1e-9),
+            "step %d/%d ep %.2f lr %.3g loss %.4f [%s] %.1f img/s%s data %.0f%% teacher %.0f%%",
+            self.step, self.derived.stop_step, rec["epoch"], lr, loss, tap_txt, rate, mfu,
+            100 * share.get("data_wait", 0.0), 100 * share.get("teacher", 0.0),
         )  # fmt: skip
 
 

@@ -35,28 +35,55 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def _heat(values: torch.Tensor, visible: torch.Tensor, grid: int) -> np.ndarray:
+    """Per-patch values in [-1, 1] -> [grid, grid, 3] uint8 (blue low, red high; visible patches gray)."""
+    v = ((values.float().clamp(-1, 1) + 1) / 2).view(grid, grid, 1)
+    rgb = torch.cat([v, 0.25 * torch.ones_like(v), 1 - v], dim=-1)
+    rgb = torch.where(visible.view(grid, grid, 1) > 0, torch.full_like(rgb, 0.5), rgb)
+    return (rgb.numpy() * 255).round().astype(np.uint8)
+
+
 @torch.no_grad()
 def reconstruction_panels(
-    model: DeepMIM, imgs: torch.Tensor, masks: MaskState, norm_pix: bool
+    model: DeepMIM, imgs: torch.Tensor, masks: MaskState, norm_pix: bool, target=None
 ) -> tuple[list[str], list[list[np.ndarray]]]:
-    """Column titles and, per image, the panels [input, masked, recon tap t1, ..., recon tap tT]."""
+    """Column titles and, per image, the panels [input, masked, (generator,) tap t1, ..., tap tT].
+
+    Pixel and mixed targets show reconstructions (masked patches predicted, visible ones pasted);
+    CLIP feature targets show, per masked patch, the cosine similarity between the decoder's
+    prediction and the teacher's feature.
+    """
     p = model.patch_size
     dtype = next(model.parameters()).dtype
     preds = model.predict(imgs.to(dtype), masks).float()  # [T, N, L, P]
     patches = patchify(imgs.float(), p)
     m = masks.mask.unsqueeze(-1)
-    gray = torch.zeros_like(patches)  # 0 in normalized space = the dataset mean color
-    masked = unpatchify(patches * (1 - m) + gray * m, p)
+    masked = unpatchify(patches * (1 - m), p)  # 0 in normalized space = the dataset mean color
+    kind = getattr(target, "kind", "pixel")
+    extra = None
+    if kind == "clip":
+        feats = target(imgs, masks)[0].float()  # [N, L, C]
+        sims = torch.nn.functional.cosine_similarity(preds, feats[None], dim=-1)  # [T, N, L]
+    elif kind == "mixed":
+        extra = target.generate(imgs, masks)  # [N, L, P] in the generator's space
+    grid = round(masks.mask.shape[1] ** 0.5)
     rows = []
     for i in range(imgs.shape[0]):
+        sl = slice(i, i + 1)
         row = [_to_uint8(imgs[i]), _to_uint8(masked[i])]
+        if extra is not None:
+            rec = to_pixels(extra[sl], imgs[sl], p, target.generator_norm_pix)
+            row.append(_to_uint8(unpatchify(rec * m[sl] + patches[sl] * (1 - m[sl]), p)[0]))
         for t in range(preds.shape[0]):
-            rec = to_pixels(preds[t, i : i + 1], imgs[i : i + 1], p, norm_pix)
-            rec = rec * m[i : i + 1] + patches[i : i + 1] * (1 - m[i : i + 1])
-            row.append(_to_uint8(unpatchify(rec, p)[0]))
+            if kind == "clip":
+                row.append(_heat(sims[t, i].cpu(), 1 - masks.mask[i].cpu(), grid))
+                continue
+            rec = to_pixels(preds[t, sl], imgs[sl], p, norm_pix)
+            row.append(_to_uint8(unpatchify(rec * m[sl] + patches[sl] * (1 - m[sl]), p)[0]))
         rows.append(row)
-    titles = ["input", "masked"] + [f"block {t}" for t in model.taps]
-    return titles, rows
+    cols = ["input", "masked"] + (["generator"] if extra is not None else [])
+    cols += [f"{'cos ' if kind == 'clip' else ''}block {t}" for t in model.taps]
+    return cols, rows
 
 
 def save_grid(titles: list[str], rows: list[list[np.ndarray]], path: str | Path, tile: int = 128) -> None:
@@ -79,13 +106,13 @@ def save_grid(titles: list[str], rows: list[list[np.ndarray]], path: str | Path,
 
 
 def save_reconstructions(
-    model: DeepMIM, imgs: torch.Tensor, ratio: float, norm_pix: bool, path: str | Path, seed: int = 0
+    model: DeepMIM, imgs: torch.Tensor, ratio: float, norm_pix: bool, path: str | Path, seed: int = 0, target=None
 ) -> None:
     """imgs: [N, 3, H, W] ImageNet-normalized, on the model's device."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=imgs.device).manual_seed(seed)
     masks = random_masking(imgs.shape[0], model.num_patches, ratio, gen, imgs.device)
-    titles, rows = reconstruction_panels(model, imgs, masks, norm_pix)
+    titles, rows = reconstruction_panels(model, imgs, masks, norm_pix, target)
     save_grid(titles, rows, path)
     model.train(was_training)

@@ -64,3 +64,27 @@ def test_resumed_run_matches_a_straight_run(demo_shards, tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"], (ra, rb)
+
+
+def test_compile_and_activation_checkpointing_under_zero2(demo_shards, tmp_path):
+    """Regional compile (aot_eager: graph capture and AOT autograd without a C++ toolchain) plus
+    checkpointing of every encoder and decoder block trains like the eager run and resumes."""
+    eager, fast = tmp_path / "eager", tmp_path / "fast"
+    train(eager, demo_shards, 4, "--set", "log.reconstructions=false")
+    opts = ("--set", "engine.compile=true", "--set", "engine.compile_backend=aot_eager",
+            "--set", "engine.act_ckpt_encoder=1", "--set", "engine.act_ckpt_decoder=1",
+            "--set", "log.reconstructions=false")  # fmt: skip
+    out = train(fast, demo_shards, 3, *opts)
+    assert "torch.compile:" in out.stdout + out.stderr and "blocks compiled" in out.stdout + out.stderr
+    out = train(fast, demo_shards, 4, *opts)
+    assert "resumed from" in out.stdout + out.stderr
+    for a, b in zip(metrics(eager), metrics(fast)):
+        assert abs(a["loss"] - b["loss"]) <= 2e-2 * abs(a["loss"]), (a["loss"], b["loss"])
+
+
+def test_compile_failure_falls_back_to_eager(demo_shards, tmp_path):
+    out = train(tmp_path / "r", demo_shards, 2, "--set", "engine.compile=true", "--set",
+                "engine.compile_backend=no_such_backend", "--set", "log.reconstructions=false")  # fmt: skip
+    text = out.stdout + out.stderr
+    assert "torch.compile failed, running eager instead" in text and "no_such_backend" in text
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2]

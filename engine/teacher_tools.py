@@ -1,0 +1,81 @@
+"""Make teacher weight files with random values, in the real layouts.
+
+No weights can be downloaded here, so tests and CPU demos build CLIP visual towers with random
+values in exactly the layout OpenAI's ``clip.load(...).state_dict()`` or timm produce. A random
+teacher exercises the whole DeepMIM-CLIP path; it is not a useful teacher.
+
+    python -m engine.teacher_tools random-clip OUT.pt [--width 64] [--layers 2] [--patch 8]
+        [--grid 8] [--out-dim 32] [--layout openai|timm] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from engine.teachers import ClipArch, openai_to_timm
+
+
+def random_openai_clip(arch: ClipArch, seed: int = 0, with_text_tower: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w, s = arch.width, 0.02
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * s
+
+    sd = {
+        "visual.conv1.weight": rnd(w, 3, arch.patch, arch.patch),
+        "visual.class_embedding": rnd(w),
+        "visual.positional_embedding": rnd(arch.grid**2 + 1, w),
+        "visual.ln_pre.weight": 1 + rnd(w),
+        "visual.ln_pre.bias": rnd(w),
+        "visual.ln_post.weight": 1 + rnd(w),
+        "visual.ln_post.bias": rnd(w),
+        "visual.proj": rnd(w, arch.out_dim),
+    }
+    for i in range(arch.layers):
+        b = f"visual.transformer.resblocks.{i}."
+        sd.update({
+            b + "ln_1.weight": 1 + rnd(w), b + "ln_1.bias": rnd(w),
+            b + "attn.in_proj_weight": rnd(3 * w, w), b + "attn.in_proj_bias": rnd(3 * w),
+            b + "attn.out_proj.weight": rnd(w, w), b + "attn.out_proj.bias": rnd(w),
+            b + "ln_2.weight": 1 + rnd(w), b + "ln_2.bias": rnd(w),
+            b + "mlp.c_fc.weight": rnd(4 * w, w), b + "mlp.c_fc.bias": rnd(4 * w),
+            b + "mlp.c_proj.weight": rnd(w, 4 * w), b + "mlp.c_proj.bias": rnd(w),
+        })  # fmt: skip
+    if with_text_tower:  # a full CLIP state dict also holds the text tower; the loader ignores it
+        sd.update(
+            {"token_embedding.weight": rnd(10, w), "logit_scale": torch.tensor(4.6), "text_projection": rnd(w, w)}
+        )
+    return sd
+
+
+def random_timm_clip(arch: ClipArch, seed: int = 0) -> dict[str, torch.Tensor]:
+    sd, _ = openai_to_timm(random_openai_clip(arch, seed, with_text_tower=False))
+    return sd
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rc = sub.add_parser("random-clip", help="random CLIP visual-tower weights")
+    rc.add_argument("out")
+    rc.add_argument("--width", type=int, default=64)
+    rc.add_argument("--layers", type=int, default=2)
+    rc.add_argument("--patch", type=int, default=8)
+    rc.add_argument("--grid", type=int, default=8)
+    rc.add_argument("--out-dim", type=int, default=32)
+    rc.add_argument("--layout", choices=("openai", "timm"), default="openai")
+    rc.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    arch = ClipArch(args.width, args.layers, args.patch, args.grid, args.out_dim)
+    sd = random_openai_clip(arch, args.seed) if args.layout == "openai" else random_timm_clip(arch, args.seed)
+    torch.save(sd, args.out)
+    print(f"wrote random CLIP weights ({args.layout} layout, width {args.width}, {args.layers} layers) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Frozen teachers that run inside the training step.
+
+* ``ClipTeacher``: a CLIP ViT visual tower (timm's VisionTransformer in CLIP form: pre-norm,
+  QuickGELU, no patch bias) whose targets are ``ln_post`` + projection applied to every token.
+  Weights come from a local file in the OpenAI layout (the ``visual.*`` keys of
+  ``clip.load(...).state_dict()``, or OpenAI's TorchScript archive itself) or in timm's layout.
+  The architecture (width, depth, patch, grid, output width) is read from the weights.
+* The MAE mixed-target generator: an MAE encoder + decoder, loaded from one of this project's
+  own checkpoints (any pixel-target run; its final decoder is used) or from the official MAE
+  layout (a ``model`` dict with ``decoder_*`` entries).
+
+Loaders are strict: a missing or unexpected key is an error that names the keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
+from engine.checkpoint import newest_complete
+from engine.model import DeepMIM
+from engine.registry import VariantSpec, get_variant, list_variants
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TeacherError(ValueError):
+    """Teacher weights are missing, malformed, or do not fit the student."""
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"teacher weights {path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if zipfile.is_zipfile(path):  # OpenAI ships CLIP as a TorchScript archive
+            try:
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            except Exception:
+                pass
+        raise TeacherError(f"teacher weights {path}: cannot read ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict):
+        raise TeacherError(f"teacher weights {path}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
+# ------------------------------------------------------------------------------------------- CLIP
+
+
+@dataclass(frozen=True)
+class ClipArch:
+    width: int
+    layers: int
+    patch: int
+    grid: int
+    out_dim: int
+
+    @property
+    def heads(self) -> int:
+        return max(1, self.width // 64)  # OpenAI CLIP's rule for visual towers (1 for toy widths)
+
+
+def _count_blocks(keys, prefix: str) -> int:
+    idx = {int(k[len(prefix) :].split(".")[0]) for k in keys if k.startswith(prefix)}
+    if idx != set(range(len(idx))) or not idx:
+        raise TeacherError(f"transformer blocks under {prefix!r} are missing or not numbered 0..n-1")
+    return len(idx)
+
+
+def openai_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ClipArch]:
+    """OpenAI CLIP keys (``visual.*``; text-tower keys are ignored) -> timm VisionTransformer keys."""
+    vis = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    need = ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight", "ln_post.weight", "proj")
+    missing = [k for k in need if k not in vis]
+    if missing:
+        raise TeacherError(f"OpenAI CLIP weights lack visual.{missing}")
+    out: dict[str, torch.Tensor] = {}
+    simple = {
+        "conv1.weight": "patch_embed.proj.weight",
+        "ln_pre.weight": "norm_pre.weight",
+        "ln_pre.bias": "norm_pre.bias",
+        "ln_post.weight": "norm.weight",
+        "ln_post.bias": "norm.bias",
+    }
+    block_map = {
+        "ln_1": "norm1",
+        "ln_2": "norm2",
+        "attn.in_proj_weight": "attn.qkv.weight",
+        "attn.in_proj_bias": "attn.qkv.bias",
+        "attn.out_proj": "attn.proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
+    for k, v in vis.items():
+        if k in simple:
+            out[simple[k]] = v
+        elif k == "class_embedding":
+            out["cls_token"] = v.reshape(1, 1, -1)
+        elif k == "positional_embedding":
+            out["pos_embed"] = v.unsqueeze(0)
+        elif k == "proj":
+            out["head.weight"] = v.t().contiguous()
+        elif k.startswith("transformer.resblocks."):
+            rest = k[len("transformer.resblocks.") :]
+            i, name = rest.split(".", 1)
+            for src, dst in block_map.items():
+                if name.startswith(src):
+                    name = dst + name[len(src) :]
+                    break
+            out[f"blocks.{i}.{name}"] = v
+        else:
+            out[k] = v  # unknown: left as is so the strict load names it
+    return out, clip_arch_timm(out)
+
+
+def clip_arch_timm(sd: dict[str, torch.Tensor]) -> ClipArch:
+    for k in ("patch_embed.proj.weight", "pos_embed", "head.weight"):
+        if k not in sd:
+            raise TeacherError(f"timm CLIP weights lack {k!r}")
+    w = sd["patch_embed.proj.weight"]
+    tokens = sd["pos_embed"].shape[1] - 1
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise TeacherError(f"CLIP position embedding has {tokens} patch tokens, not a square grid")
+    return ClipArch(
+        width=w.shape[0],
+        layers=_count_blocks(sd, "blocks."),
+        patch=w.shape[-1],
+        grid=grid,
+        out_dim=sd["head.weight"].shape[0],
+    )
+
+
+class ClipTeacher(nn.Module):
+    """CLIP visual tower that maps ImageNet-normalized crops to per-patch features [N, L, C]."""
+
+    def __init__(self, arch: ClipArch, grid: int | None = None):
+        super().__init__()
+        from timm.layers import LayerNorm
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.arch = arch
+        self.grid = grid or arch.grid  # the student's patch grid; the teacher's input is resized to it
+        self.vit = VisionTransformer(
+            img_size=self.grid * arch.patch,
+            patch_size=arch.patch,
+            embed_dim=arch.width,
+            depth=arch.layers,
+            num_heads=arch.heads,
+            pre_norm=True,
+            norm_layer=partial(LayerNorm, eps=1e-5),
+            act_layer="quick_gelu",
+            num_classes=arch.out_dim,
+        )
+        # ImageNet -> CLIP normalization as one affine map on the device: x * scale + shift.
+        i_mean, i_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        c_mean, c_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+        self.register_buffer("scale", (i_std / c_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((i_mean - c_mean) / c_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.arch.out_dim
+
+    def load_timm_state(self, sd: dict[str, torch.Tensor]) -> None:
+        from timm.layers import resample_abs_pos_embed
+
+        sd = dict(sd)
+        sd.setdefault("head.bias", torch.zeros(self.arch.out_dim))  # OpenAI's projection has no bias
+        if self.grid != self.arch.grid:
+            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], [self.grid, self.grid], num_prefix_tokens=1)
+        a = self.arch
+        strict_load(self.vit, sd, f"CLIP weights (read as width {a.width}, {a.layers} layers, patch {a.patch})")
+
+    def renormalize(self, imgs: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalized -> CLIP-normalized, on the device: [N, 3, H, W] -> same."""
+        return torch.addcmul(self.shift.to(imgs.dtype), imgs, self.scale.to(imgs.dtype))
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: [N, 3, H, W] ImageNet-normalized (the student's crop, unmasked) -> [N, L, C]."""
+        x = self.renormalize(imgs.to(self.scale.dtype))
+        size = self.grid * self.arch.patch
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        tokens = self.vit.forward_features(x)  # [N, 1+L, width], ln_post applied
+        return self.vit.head(tokens[:, 1:])  # projection on every patch token; cls excluded
+
+
+def load_clip_teacher(path: str | Path, grid: int | None = None) -> ClipTeacher:
+    """Build a frozen CLIP teacher from a local weights file in the OpenAI or timm layout."""
+    sd = _load_file(path)
+    if isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if any(k.startswith("visual.") for k in sd):
+        sd, arch = openai_to_timm(sd)
+    elif "patch_embed.proj.weight" in sd:
+        arch = clip_arch_timm(sd)
+    else:
+        raise TeacherError(
+            f"{path}: not CLIP weights in the OpenAI layout (visual.* keys) or timm's layout (patch_embed.*, blocks.*)"
+        )
+    teacher = ClipTeacher(arch, grid)
+    teacher.load_timm_state(sd)
+    return freeze(teacher)
+
+
+def strict_load(model: nn.Module, sd: dict, what: str) -> None:
+    """load_state_dict that names every missing, unexpected or wrongly shaped key in one error."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(sd))
+    unexpected = sorted(set(sd) - set(ours))
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(ours[k].shape)}" for k in sorted(set(ours) & set(sd))
+             if ours[k].shape != sd[k].shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        raise TeacherError(
+            f"{what} do not fit the architecture: missing {missing[:6]}, unexpected {unexpected[:6]}, "
+            f"wrong shape {wrong[:6]}"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+# ----------------------------------------------------------------------------- MAE generator
+
+
+@dataclass
+class Generator:
+    model: DeepMIM  # one tap: the final decoder
+    norm_pix: bool | None  # what its decoder was trained to predict (None: unknown)
+    source: str
+
+
+def _variant_for(dim: int, depth: int, patch: int) -> VariantSpec:
+    for name in list_variants():
+        spec = get_variant(name)
+        if (spec.dim, spec.depth, spec.patch_size) == (dim, depth, patch):
+            return spec
+    raise TeacherError(f"no registered encoder variant has width {dim}, depth {depth}, patch {patch}")
+
+
+def _own_checkpoint_file(path: Path) -> Path | None:
+    if path.is_dir() and (path / "mp_rank_00_model_states.pt").is_file():
+        return path / "mp_rank_00_model_states.pt"
+    for root in (path / "checkpoints", path):
+        if root.is_dir():
+            newest = newest_complete(root)
+            if newest is not None:
+                return newest / "mp_rank_00_model_states.pt"
+    return None
+
+
+def load_generator(path: str | Path, img_size: int) -> Generator:
+    """An MAE generator from our own run/checkpoint folder or an official MAE checkpoint file."""
+    path = Path(path)
+    own = _own_checkpoint_file(path) if path.is_dir() else None
+    if path.is_dir() and own is None:
+        raise TeacherError(f"generator {path}: no complete checkpoint found in this folder")
+    if own is not None:
+        return _load_own_generator(own, img_size)
+    return _load_official_generator(path, img_size)
+
+
+def _load_own_generator(file: Path, img_size: int) -> Generator:
+    from engine.config import from_dict
+
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    cfg = from_dict(state["config"])
+    if cfg.target.kind != "pixel":
+        raise TeacherError(
+            f"generator {file}: trained with target.kind={cfg.target.kind!r}; a pixel-target run is needed"
+        )
+    spec = get_variant(cfg.model.arch)
+    size = cfg.model.img_size or spec.img_size
+    if size != img_size:
+        raise TeacherError(f"generator {file}: image size {size} differs from the student's {img_size}")
+    taps = list(cfg.model.taps) or list(spec.default_taps)
+    final = len(taps) - 1
+    model = _generator_model(spec, size, cfg.model.decoder_dim, cfg.model.decoder_depth, cfg.model.decoder_heads)
+    sd = {}
+    for k, v in state["module"].items():
+        # keep the encoder and the final decoder's slice of every stacked decoder parameter
+        if k.startswith("decoders.") and k != "decoders.pos_embed":
+            v = v[final : final + 1]
+        sd[k] = v
+    strict_load(model, sd, f"generator weights in {file}")
+    return Generator(freeze(model), cfg.target.norm_pix, str(file))
+
+
+def _generator_model(spec: VariantSpec, size: int, dim: int, depth: int, heads: int) -> DeepMIM:
+    return DeepMIM(spec, size, [spec.depth], dim, depth, heads, pred_dim=3 * spec.patch_size**2)
+
+
+def official_mae_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official MAE keys (encoder in timm layout + ``decoder_*``) -> our single-tap DeepMIM keys."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("decoder_blocks."):
+            i, name = k[len("decoder_blocks.") :].split(".", 1)
+            name = name.replace("attn.qkv", "qkv").replace("attn.proj", "proj").replace("mlp.fc", "fc")
+            out[f"decoders.blocks.{i}.{name}"] = v.unsqueeze(0)
+        elif k.startswith(("decoder_embed.", "decoder_norm.", "decoder_pred.")):
+            head, leaf = k.split(".", 1)
+            out[f"decoders.{head[len('decoder_') :]}.{leaf}"] = v.unsqueeze(0)
+        elif k == "mask_token":
+            out["decoders.mask_token"] = v.reshape(1, -1)
+        elif k == "decoder_pos_embed":
+            out["decoders.pos_embed"] = v
+        else:
+            out[f"encoder.{k}"] = v
+    return out
+
+
+def _load_official_generator(path: Path, img_size: int) -> Generator:
+    raw = _load_file(path)
+    sd = raw.get("model", raw)
+    if "decoder_embed.weight" not in sd:
+        raise TeacherError(
+            f"generator {path}: no decoder weights (decoder_embed.*); the MAE checkpoint must include the decoder, "
+            "e.g. mae_pretrain_vit_base_full.pth or mae_visualize_vit_base.pth"
+        )
+    pw = sd["patch_embed.proj.weight"]
+    depth = _count_blocks(sd, "blocks.")
+    spec = _variant_for(pw.shape[0], depth, pw.shape[-1])
+    size = math.isqrt(sd["pos_embed"].shape[1] - 1) * spec.patch_size
+    if size != img_size:
+        raise TeacherError(f"generator {path}: image size {size} differs from the student's {img_size}")
+    dec_dim = sd["decoder_embed.weight"].shape[0]
+    model = _generator_model(spec, size, dec_dim, _count_blocks(sd, "decoder_blocks."), 16)  # MAE: 16 heads
+    strict_load(model, official_mae_to_ours(sd), f"generator weights in {path}")
+    return Generator(freeze(model), None, str(path))
