@@ -76,7 +76,11 @@ def build(out: str | Path, per_class: int = 48, size: int = 96, seed: int = 0, q
     rng = np.random.default_rng(seed)
     counts = {}
     for name, load in PHOTOS.items():
-        photo = load()
+        try:
+            photo = load()
+        except Exception as err:  # an older scikit-image may fetch some photos from the network
+            log.warning("photo %r is not available offline (%s); skipping this class", name, err)
+            continue
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(random_crops(photo, per_class, size, rng)):
@@ -84,6 +88,8 @@ def build(out: str | Path, per_class: int = 48, size: int = 96, seed: int = 0, q
             img.save(buf, format="JPEG", quality=quality)
             (folder / f"{name}_{i:04d}.jpg").write_bytes(buf.getvalue())
         counts[name] = per_class
+    if len(counts) < 2:
+        raise RuntimeError("fewer than two bundled photos could be loaded; is scikit-image installed?")
     log.info("wrote %d images in %d classes to %s", sum(counts.values()), len(counts), out)
     return counts
 

@@ -99,6 +99,8 @@ class LogConfig:
     interval: int = 50  # optimizer steps between metric lines (the only host-device syncs)
     level: str = "INFO"
     reconstructions: bool = True  # write reconstructions.png at the end of a run
+    # CUDA only: count host-device syncs inside train_step on steps that do not log (should be 0)
+    sync_debug: bool = False
 
 
 @dataclass

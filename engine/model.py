@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import Config, ConfigError
 from engine.decoders import DecoderStack
-from engine.losses import reconstruction_losses
+from engine.losses import LOSSES
 from engine.registry import VariantSpec, get_variant
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +243,7 @@ class DeepMIM(nn.Module):
         self.spec = spec
         self.taps = list(taps)
         self.loss_kind = loss_kind
+        self.loss_fn = LOSSES[loss_kind]  # replaced by a compiled version when compile is on
         weights = torch.tensor(tap_weights if tap_weights else [1.0] * len(taps), dtype=torch.float32)
         if weights.numel() != len(taps):
             raise ConfigError(f"target.weights has {weights.numel()} values for {len(taps)} taps {self.taps}")
@@ -278,7 +279,7 @@ class DeepMIM(nn.Module):
         losses [T], predictions [T, N, L, P]). The loss lives in forward so that DeepSpeed and
         torch.compile see the whole model step."""
         preds = self.predict(imgs, masks)
-        taps = reconstruction_losses(self.loss_kind, preds, targets, masks.mask)
+        taps = self.loss_fn(preds, targets, masks.mask)
         return (taps * self.tap_weights).sum(), taps, preds
 
 

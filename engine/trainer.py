@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,21 @@ class Trainer:
         self.timer.stop("optimizer")
         return loss.detach(), taps.detach()
 
+    def _train_step_counting_syncs(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """train_step under CUDA's sync debug mode; synchronizing calls are counted, not fatal."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = self.train_step(imgs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        self.sync_count += len(syncs)
+        if syncs and not self.sync_examples:
+            self.sync_examples = [f"{w.filename}:{w.lineno}" for w in syncs[:5]]
+        return out
+
     def _set_lr(self) -> float:
         d = self.derived
         lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps, self.cfg.schedule.min_lr)
@@ -271,6 +287,8 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.dist.is_main)
         self.timer = PhaseTimer(self.dist.device)
         self.meter = LossMeter()
+        self.sync_check = self.cfg.log.sync_debug and self.dist.device.type == "cuda"
+        self.sync_count, self.sync_examples = 0, []
         self.engine.train()
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.derived.total_steps)
         last_save = self.step
@@ -280,9 +298,14 @@ class Trainer:
             fetch = time.perf_counter()
             for micro, batch in enumerate(self.loader):
                 self.timer.add_host("data_wait", time.perf_counter() - fetch)
-                loss, taps = self.train_step(batch.img)
+                boundary = (micro + 1) % self.derived.grad_accum == 0
+                logs = boundary and ((self.step + 1) % self.cfg.log.interval == 0 or self.step + 1 == stop)
+                if self.sync_check and not logs:
+                    loss, taps = self._train_step_counting_syncs(batch.img)
+                else:
+                    loss, taps = self.train_step(batch.img)
                 self.meter.add(loss, taps)
-                if (micro + 1) % self.derived.grad_accum == 0:
+                if boundary:
                     self.step += 1
                     window_steps += 1
                     if self.step % self.cfg.log.interval == 0 or self.step == stop:
@@ -336,6 +359,9 @@ class Trainer:
             **{f"share_{k}": v for k, v in share.items()},
             "peak_mem_gb": peak_memory_gb(self.dist.device),
         }
+        if self.sync_check:
+            rec["host_syncs_non_logging_steps"] = self.sync_count
+            rec["host_sync_sites"] = self.sync_examples
         self.metrics.write(rec)
         tap_txt = " ".join(f"t{t}={v:.4f}" for t, v in zip(self.model.taps, taps))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""

@@ -1,0 +1,73 @@
+"""Turn benchmark JSON files into Markdown tables (for the README and the closing notes).
+
+python -m bench.report bench/results/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _fmt(v, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def model_step_table(d: dict) -> list[str]:
+    ver = d["versions"]
+    title = (
+        f"**Model step** ({d['device']}, torch {ver['torch']}, deepspeed {ver.get('deepspeed')}, {d['date'][:10]}; "
+        f"{d['precision']}; compile backend {d['compile_backend']})"
+    )
+    cols = ["model", "target", "path", "engine", "micro-batch", "img/s", "step ms", "MFU", "peak GB", "note"]
+    lines = [title, "", _row(cols), _row(["---"] * len(cols))]
+    for r in d["results"]:
+        head = [r["arch"].replace("deepmim_vit_", ""), r["target"], r["config"], r["engine"], r.get("batch", "-")]
+        if r.get("status") != "ok":
+            lines.append(_row([*head, "-", "-", "-", "-", r.get("status")]))
+            continue
+        note = "compile fell back to eager" if r.get("compile_fallback") else ""
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        stats = [f"{r['img_per_s']:.0f}", f"{r['step_ms']:.1f}", mfu, _fmt(r.get("peak_mem_gb"), ".1f"), note]
+        lines.append(_row(head + stats))
+    if d.get("ratios"):
+        lines += ["", _row(["measured in the same run", "ratio"]), _row(["---", "---"])]
+        lines += [_row([k, f"{x:.2f}"]) for k, x in d["ratios"].items()]
+    return lines
+
+
+def simple_table(d: dict) -> list[str]:
+    titles = {"data_pipeline": "Data pipeline", "gpu_decode": "JPEG decoding", "end_to_end": "End to end"}
+    lines = [f"**{titles[d['benchmark']]}** ({d['device']}, {d['date'][:10]})", ""]
+    if d["benchmark"] == "end_to_end":
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in d["shares"].items())
+        mfu = f", MFU {d['mfu']:.1%}" if d.get("mfu") else ""
+        return [
+            *lines,
+            f"{d['preset']} on {d['nprocs']} processes: {d['img_per_s']:.0f} img/s{mfu}; time shares: {shares}",
+        ]
+    keys = [k for k in d["results"][0] if k != "status"]
+    lines += [_row(keys), _row(["---"] * len(keys))]
+    for r in d["results"]:
+        lines.append(_row([_fmt(r.get(k)) if isinstance(r.get(k), float) else r.get(k, "-") for k in keys]))
+    lines += [f"\n{k}: {v:.2f}" for k, v in d.get("ratios", {}).items()]
+    return lines
+
+
+def render(paths: list[str]) -> str:
+    out = []
+    for p in sorted(paths):
+        d = json.loads(Path(p).read_text())
+        if "benchmark" not in d:
+            continue
+        out += (model_step_table(d) if d["benchmark"] == "model_step" else simple_table(d)) + [""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render(sys.argv[1:]))
