@@ -41,7 +41,8 @@ def compile_blocks(modules: list[nn.Module], backend: str, mode: str) -> int:
         kwargs["mode"] = mode
     for b in blocks:
         b.compile(**kwargs)
-    # StackedBlock.one (the reference path) is a separate method and stays eager on purpose.
+        if hasattr(b, "one"):  # the per-decoder reference path of a StackedBlock (t is a guard: T variants)
+            b.one = torch.compile(b.one, **kwargs)
     for m in modules:  # the fused loss over all taps: one generated kernel chain instead of ~8 passes
         for sub in m.modules():
             if hasattr(sub, "loss_fn") and not hasattr(sub.loss_fn, "_torchdynamo_orig_callable"):
@@ -53,6 +54,8 @@ def uncompile_blocks(modules: list[nn.Module]) -> None:
     for m in modules:
         for b in block_modules(m):
             b._compiled_call_impl = None
+            if "one" in vars(b):  # drop the compiled instance attribute; the class method remains
+                del b.one
         for sub in m.modules():
             orig = getattr(getattr(sub, "loss_fn", None), "_torchdynamo_orig_callable", None)
             if orig is not None:

@@ -49,6 +49,12 @@ def resolve_ds_config(cfg: Config, derived: Derived) -> dict:
         ds[key] = value
     if not ds.get("bf16", {}).get("enabled", False):
         log.warning("%s: bf16 is not enabled; training runs in fp32", cfg.engine.ds_config)
+    zero = ds.get("zero_optimization", {})
+    if ds.get("gradient_clipping", 0.0) > 0 and not zero.get("compute_grad_norm", True):
+        raise ConfigError(
+            f"{cfg.engine.ds_config}: gradient_clipping > 0 needs zero_optimization.compute_grad_norm=true "
+            "(the recipe, like MAE's, does not clip: the norm is then not computed, which saves a pass and a sync)"
+        )
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

@@ -38,7 +38,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: list[float], eps: float
 ) -> torch.optim.Optimizer:
-    fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=(betas[0], betas[1]), eps=eps, fused=fused or None
-    )
+    # fused (CPU and CUDA): one kernel per step, and it honours ``found_inf`` (engine.guard)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(betas[0], betas[1]), eps=eps, fused=True)

@@ -21,6 +21,7 @@ from engine.config import Config, Derived, derive, from_dict, to_dict
 from engine.dist import DistInfo
 from engine.ds_setup import initialize, model_dtype, resolve_ds_config
 from engine.flops import FlopCount, flops_for_model, peak_flops
+from engine.guard import NonFiniteGuard
 from engine.model import DeepMIM, build_model, random_masking, resolve_img_size, resolve_taps
 from engine.optim import build_optimizer
 from engine.registry import get_variant
@@ -88,6 +89,7 @@ class Trainer:
         o = self.cfg.optim
         optimizer = build_optimizer(self.model, self.derived.lr, o.weight_decay, o.betas, o.eps)
         self.engine = initialize(self.model, optimizer, self.ds_config)
+        self.guard = NonFiniteGuard(self.engine.optimizer, self.dist.device)
         teacher = getattr(self.target, "module", None)
         if teacher is not None:  # frozen, outside the optimizer and ZeRO; same device, engine dtype
             teacher.to(self.dist.device, self.dtype)
@@ -242,6 +244,7 @@ class Trainer:
         self.timer.stop("teacher")
         self.timer.start("fwd_bwd")
         loss, taps, _ = self.engine(imgs.to(self.dtype), masks, targets)
+        self.guard.observe_loss(loss)
         self.engine.backward(loss)
         self.timer.stop("fwd_bwd")
         self.timer.start("optimizer")
