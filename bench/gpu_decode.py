@@ -49,8 +49,8 @@ def bench_nvimgcodec(jpegs: list[bytes], batch: int, rounds: int, roi: bool, siz
     streams = [nvimgcodec.CodeStream(j) for j in jpegs]
     boxes = rrc_boxes([(s.height, s.width) for s in streams]) if roi else None
     if roi:  # decode only the crop box (what DALI's decoders.image_random_crop does)
-        streams = [nvimgcodec.CodeStream(j, region=nvimgcodec.Region(t, left, t + h, left + w))
-                   for j, (t, left, h, w) in zip(jpegs, boxes)]  # fmt: skip
+        streams = [s.get_sub_code_stream(region=nvimgcodec.Region(t, left, t + h, left + w))
+                   for s, (t, left, h, w) in zip(streams, boxes)]  # fmt: skip
 
     def one_round() -> int:
         n = 0

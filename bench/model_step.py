@@ -34,7 +34,7 @@ from bench.common import Budget, free_memory, header, is_oom, sync, time_steps, 
 from engine.compile import try_compile
 from engine.flops import flops_for_model, peak_flops
 from engine.model import DeepMIM, random_masking
-from engine.optim import param_groups
+from engine.optim import build_optimizer, param_groups
 from engine.registry import get_variant
 from engine.targets import ClipTarget, PixelTarget
 from engine.teachers import ClipArch, ClipTeacher, freeze
@@ -70,23 +70,23 @@ class PlainStep:
 
 
 class DeepSpeedStep:
-    """The same step through a DeepSpeed ZeRO-2 bf16 engine (world of one)."""
+    """The same step through the trainer's DeepSpeed set-up: ds_configs/zero2_bf16.json (ZeRO-2,
+    bf16), the fused AdamW and the non-finite guard, in a world of one."""
 
     def __init__(self, model: torch.nn.Module, batch: int, lr: float = 1e-4):
-        import deepspeed
+        from engine.ds_setup import initialize, load_ds_config
+        from engine.guard import NonFiniteGuard
 
         _init_dist()
-        opt = torch.optim.AdamW(
-            param_groups(model, 0.05), lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available() or None
-        )
-        zero = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}
-        zero.update(reduce_bucket_size=200_000_000, allgather_bucket_size=200_000_000)
-        cfg = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1}
-        cfg.update({"bf16": {"enabled": True}, "steps_per_print": 10**9, "zero_optimization": zero})
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        cfg = load_ds_config(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2_bf16.json")
+        cfg.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
+        self.engine = initialize(model, build_optimizer(model, lr, 0.05, [0.9, 0.95], 1e-8), cfg)
+        self.guard = NonFiniteGuard(self.engine.optimizer, next(model.parameters()).device)
 
     def forward(self, model, *args):
-        return self.engine(*args)
+        out = self.engine(*args)
+        self.guard.observe_loss(out[0])
+        return out
 
     def update(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -131,6 +131,7 @@ def build_step(arch: str, target_kind: str, config: str, batch: int, engine: str
     model = DeepMIM(spec, img, list(spec.default_taps), dd, depth, heads, pred_dim,
                     loss_kind="cosine" if target_kind == "clip" else "mse", fused=config.startswith("fused"),
                     act_ckpt_encoder=ckpt, act_ckpt_decoder=ckpt).to(device, dtype)  # fmt: skip
+    model.decoders.set_gemm("loop" if "loop" in config else "bmm")
     model.train()
     stepper = DeepSpeedStep(model, batch) if engine == "deepspeed" else PlainStep(model)
     imgs = torch.randn(batch, 3, img, img, device=device)

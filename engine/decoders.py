@@ -25,7 +25,15 @@ LN_EPS = 1e-6
 
 
 class StackedLinear(nn.Module):
-    """T independent linear layers: weight [T, out, in] (nn.Linear layout per slice), bias [T, out]."""
+    """T independent linear layers: weight [T, out, in] (nn.Linear layout per slice), bias [T, out].
+
+    ``gemm`` picks how the stacked forward multiplies: ``bmm`` is one batched GEMM over T;
+    ``loop`` is T GEMMs with the bias fused in cuBLASLt's epilogue, stacked afterwards. Same
+    weights and results either way; which is faster depends on the GPU and the sizes (see the
+    README's performance section).
+    """
+
+    gemm = "bmm"  # class default; DecoderStack sets it per instance
 
     def __init__(self, num: int, d_in: int, d_out: int):
         super().__init__()
@@ -37,6 +45,8 @@ class StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., in] -> [T, ..., out] with one batched GEMM."""
         num, d_in = x.shape[0], x.shape[-1]
+        if self.gemm == "loop":
+            return torch.stack([F.linear(x[t], self.weight[t], self.bias[t]) for t in range(num)])
         flat = x.reshape(num, -1, d_in)
         out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
         return out.reshape(*x.shape[:-1], self.weight.shape[1])
@@ -128,6 +138,7 @@ class DecoderStack(nn.Module):
         pos_embed: torch.Tensor,
         fused: bool = True,
         act_ckpt_every: int = 0,
+        gemm: str = "bmm",
     ):
         super().__init__()
         if dim % heads:
@@ -142,6 +153,14 @@ class DecoderStack(nn.Module):
         self.blocks = nn.ModuleList([StackedBlock(num, dim, heads) for _ in range(depth)])
         self.norm = StackedLayerNorm(num, dim)
         self.pred = StackedLinear(num, dim, pred_dim)
+        self.set_gemm(gemm)
+
+    def set_gemm(self, gemm: str) -> None:
+        if gemm not in ("bmm", "loop"):
+            raise ValueError(f"decoder gemm {gemm!r}: allowed values are ['bmm', 'loop']")
+        for m in self.modules():
+            if isinstance(m, StackedLinear):
+                m.gemm = gemm
 
     def _ckpt(self, i: int) -> bool:
         return bool(self.act_ckpt_every) and self.training and torch.is_grad_enabled() and i % self.act_ckpt_every == 0

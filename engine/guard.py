@@ -5,7 +5,7 @@ testing every gradient tensor one by one; with ``check_grad_overflow`` off it do
 all. This guard replaces it:
 
 * each micro-step's loss adds ``not isfinite(loss)`` to a device flag;
-* before the ZeRO optimizer steps, one multi-tensor kernel tests every gradient of this rank's
+* before the ZeRO optimizer steps, one multi-tensor norm tests every gradient of this rank's
   partitions (all parameter groups), and the flag is max-all-reduced over the data-parallel
   group (an enqueued collective, not a host sync) so every rank skips or applies together;
 * the flag is handed to torch's fused AdamW as ``found_inf``: the kernel leaves weights,
@@ -42,7 +42,6 @@ class NonFiniteGuard:
         self.loss_bad = torch.zeros((), device=device)
         self.skipped = torch.zeros((), device=device)
         self.consecutive = torch.zeros((), device=device)
-        self._one = torch.ones((), device=device)
         self.inject_grad = False  # tests: poison one gradient before the check
         self._orig_step = zero_optimizer.step
         zero_optimizer.step = self._step
@@ -73,7 +72,9 @@ class NonFiniteGuard:
             self.inject_grad = False
         self.found.copy_(self.loss_bad)
         if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self._one)
+            # One multi-tensor norm kernel over every gradient (bf16 or fp32): NaN/inf show in the norms.
+            norms = torch.stack(torch._foreach_norm(grads)).float()
+            torch.maximum(self.found, (~torch.isfinite(norms).all()).float(), out=self.found)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.found, op=torch.distributed.ReduceOp.MAX, group=self.group)
         self.inner.found_inf = self.found
