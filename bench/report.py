@@ -59,13 +59,24 @@ def simple_table(d: dict) -> list[str]:
     return lines
 
 
+def profile_table(d: dict) -> list[str]:
+    head = (f"**Kernel time per step** ({d['device']}, {d['date'][:10]}; {d['arch']} {d['target']} {d['config']}, "
+            f"batch {d['batch']}: {d['kernel_ms_per_step']:.1f} ms)")  # fmt: skip
+    lines = [head, "", _row(["category", "ms/step", "share"]), _row(["---"] * 3)]
+    total = max(d["kernel_ms_per_step"], 1e-9)
+    lines += [_row([k, f"{v:.1f}", f"{v / total:.0%}"]) for k, v in d["by_category_ms"].items()]
+    return lines
+
+
 def render(paths: list[str]) -> str:
     out = []
     for p in sorted(paths):
         d = json.loads(Path(p).read_text())
         if "benchmark" not in d:
             continue
-        out += (model_step_table(d) if d["benchmark"] == "model_step" else simple_table(d)) + [""]
+        kind = d["benchmark"]
+        table = {"model_step": model_step_table, "profile_step": profile_table}.get(kind, simple_table)
+        out += [*table(d), ""]
     return "\n".join(out)
 
 

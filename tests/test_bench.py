@@ -1,0 +1,55 @@
+"""The benchmark harness runs on CPU (dry run) and writes the JSON the README tables come from."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.report import render
+from tests.conftest import ROOT, cpu_env
+
+
+def test_gpu_check_dry_run_writes_json(tmp_path):
+    env = cpu_env(OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    step = json.loads((tmp_path / "model_step_dryrun.json").read_text())
+    assert step["device"].startswith("cpu") and step["versions"]["torch"] and step["precision"]
+    configs = {(r["target"], r["config"], r["engine"]) for r in step["results"] if r["status"] == "ok"}
+    for target in ("clip", "pixel"):
+        want = {(target, "fused-compile", "plain"), (target, "reference", "plain"), (target, "fused", "deepspeed")}
+        assert want <= configs
+    assert any("vs reference" in k for k in step["ratios"]) and any("deepspeed" in k for k in step["ratios"])
+    for r in step["results"]:
+        assert r["batch"] == 8 and r["img_per_s"] > 0 and r["gflop_per_img"] > 0
+    decode = json.loads((tmp_path / "gpu_decode_dryrun.json").read_text())
+    assert any(r.get("status") == "ok" and r["img_per_s"] > 0 for r in decode["results"])
+    table = render([str(tmp_path / "model_step_dryrun.json"), str(tmp_path / "gpu_decode_dryrun.json")])
+    assert "| model | target | path |" in table and "fused-compile" in table
+
+
+def test_data_pipeline_benchmark(tmp_path, demo_shards):
+    out = tmp_path / "dp.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.data_pipeline", "--shards", str(demo_shards), "--threads", "1",
+                           "--batch", "8", "--batches", "3", "--img-size", "32", "--json", str(out)],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert {r["loader"] for r in d["results"]} == {"dali", "torch"}
+    assert all(r["img_per_s"] > 0 and r["images"] == 24 for r in d["results"])
+    assert "dali/torch at 1 threads" in d["ratios"]
+
+
+def test_committed_gpu_results_render():
+    """The committed H100 JSON files parse and name their device."""
+    results = ROOT / "bench" / "results"
+    files = sorted(str(p) for p in results.glob("*.json"))
+    assert files, "no committed benchmark results"
+    for f in files:
+        assert "H100" in json.loads(Path(f).read_text())["device"]
+    assert "H100" in render(files)
+    assert os.path.exists(results / "README.md")
