@@ -98,7 +98,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.spec = spec
-        self.info = read_dataset(spec.shards)
+        self.info = read_dataset(spec.shards, spec.view or None)
         lo, hi = rank_range(self.info.num_samples, spec.rank, spec.world_size)
         min_slice = self.info.num_samples // spec.world_size
         if spec.micro_steps_per_epoch * spec.micro_batch > min_slice:
@@ -110,9 +110,10 @@ class DaliLoader:
         self.position = 0  # micro-batches already yielded in the current epoch
         checkpoint = None
         if state is not None:
-            if state.get("kind") != "dali":
-                raise DataError(f"loader state is for {state.get('kind')!r}, not 'dali'")
-            self.epoch, self.position, checkpoint = state["epoch"], state["position"], state["dali"]
+            # A state without a DALI checkpoint (another loader kind, another world size) keeps the
+            # epoch and the position in it; the order of this epoch's remaining samples differs.
+            self.epoch, self.position = state["epoch"], state["position"]
+            checkpoint = state.get("dali") if state.get("kind") == "dali" else None
         tars = [str(self.info.tar(s)) for s in self.info.shards]
         idxs = [str(self.info.idx(s)) for s in self.info.shards]
         self._pipe = build_pipeline(spec, tars, idxs, hi - lo, checkpoint)

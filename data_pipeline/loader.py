@@ -50,25 +50,38 @@ class LoaderSpec:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     shuffle_buffer: int = 4096
+    view: str = ""  # preflight view folder (filtered index files); empty = the shard folder as is
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     root: Path
     shards: tuple[str, ...]  # shard names without extension, in manifest order
-    num_samples: int
+    num_samples: int  # usable samples (after a preflight view, the bad ones are excluded)
     num_classes: int
+    total_samples: int = 0  # samples in the manifest
+    index_paths: dict = field(default_factory=dict)  # shard -> filtered index file (preflight view)
+    shard_sizes: dict = field(default_factory=dict)  # shard -> samples in the manifest
 
     def tar(self, name: str) -> Path:
         return self.root / f"{name}.tar"
 
     def idx(self, name: str) -> Path:
-        return self.root / f"{name}.idx"
+        return Path(self.index_paths.get(name, self.root / f"{name}.idx"))
 
 
-def read_dataset(root: str | Path) -> DatasetInfo:
-    """Shard list from ``dataset.json``, sample count from the Parquet manifest's metadata."""
-    root = Path(root)
+def read_dataset(root: str | Path, view: str | Path | None = None) -> DatasetInfo:
+    """Shard list from ``dataset.json``, sample count from the Parquet manifest's metadata; with
+    ``view`` (a preflight folder), the filtered shard list, index files and count."""
+    info = _read_manifest_info(Path(root))
+    if view is None:
+        return info
+    v = json.loads((Path(view) / "view.json").read_text())
+    return DatasetInfo(info.root, tuple(v["shards"]), v["num_samples"], info.num_classes, v["total_samples"],
+                       dict(v["index_paths"]), info.shard_sizes)  # fmt: skip
+
+
+def _read_manifest_info(root: Path) -> DatasetInfo:
     meta_path, manifest = root / "dataset.json", root / "manifest.parquet"
     if not meta_path.is_file() or not manifest.is_file():
         raise DataError(
@@ -79,13 +92,13 @@ def read_dataset(root: str | Path) -> DatasetInfo:
 
     meta = json.loads(meta_path.read_text())
     num = pq.ParquetFile(manifest).metadata.num_rows
+    sizes: dict[str, int] = {}
+    for s in pq.read_table(manifest, columns=["shard"]).column("shard").to_pylist():
+        sizes[s] = sizes.get(s, 0) + 1
     if num != meta["num_samples"]:
         raise DataError(f"{root}: manifest has {num} rows but dataset.json says {meta['num_samples']}")
     shards = tuple(meta["shards"])
-    missing = [s for s in shards if not (root / f"{s}.tar").is_file()]
-    if missing:
-        raise DataError(f"{root}: shard(s) listed in dataset.json are missing: {missing[:5]}")
-    return DatasetInfo(root, shards, num, int(meta.get("num_classes", 0)))
+    return DatasetInfo(root, shards, num, int(meta.get("num_classes", 0)), num, {}, sizes)
 
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:

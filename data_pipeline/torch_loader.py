@@ -61,7 +61,7 @@ class ShardSamples(Dataset):
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        info = read_dataset(spec.shards)
+        info = read_dataset(spec.shards, spec.view or None)
         self.entries: list[tuple[str, str, int, int, int, int]] = []  # shard, key, jpg off, size, cls off, size
         for name in info.shards:
             for s in read_index(info.idx(name)):
@@ -125,6 +125,14 @@ class EpochSampler(Sampler):
         return (self.spec.micro_steps_per_epoch - self.start) * self.spec.micro_batch
 
 
+def _ignore_preemption_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves and stops cleanly."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _collate(items: list[tuple[torch.Tensor, int, str]]) -> Batch:
     imgs, labels, keys = zip(*items)
     return Batch(img=torch.stack(imgs), label=torch.tensor(labels, dtype=torch.int64), keys=list(keys))
@@ -142,9 +150,7 @@ class TorchLoader:
                 f"{spec.micro_steps_per_epoch} micro-batches of {spec.micro_batch} exceed {min_slice} samples"
             )
         self.epoch, self.position = 0, 0
-        if state is not None:
-            if state.get("kind") != "torch":
-                raise DataError(f"loader state is for {state.get('kind')!r}, not 'torch'")
+        if state is not None:  # epoch and position are all the state this loader needs
             self.epoch, self.position = state["epoch"], state["position"]
         self.device = torch.device("cuda", spec.device_id) if spec.device_id is not None else torch.device("cpu")
 
@@ -161,6 +167,7 @@ class TorchLoader:
             # spawn: never fork a process that may hold CUDA or DALI threads
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=bool(workers),
+            worker_init_fn=_ignore_preemption_signals if workers else None,
             prefetch_factor=4 if workers else None,
         )
 

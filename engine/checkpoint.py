@@ -15,6 +15,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,9 +84,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def apply_retention(root: str | Path, keep_last: int, keep_every_steps: int = 0) -> list[Path]:
-    """Delete complete checkpoints beyond the newest ``keep_last`` (keeping multiples of
-    ``keep_every_steps``) and partial ones older than the newest complete checkpoint."""
+def apply_retention(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last`` (never those whose marker says
+    ``keep``: the every-N-epochs ones) and partial ones older than the newest complete checkpoint."""
     root = Path(root)
     complete = list_checkpoints(root)
     if not complete:
@@ -95,7 +97,7 @@ def apply_retention(root: str | Path, keep_last: int, keep_every_steps: int = 0)
     for p in list_checkpoints(root, complete_only=False):
         step = step_of(p.name)
         partial = not (p / MARKER).is_file()
-        if p in keep or (keep_every_steps and step % keep_every_steps == 0 and not partial):
+        if p in keep or (not partial and read_marker(p).get("keep", False)):
             continue
         if partial and step >= newest_step:
             continue  # could be a save in flight by another process; never touch
@@ -109,3 +111,24 @@ def read_marker(path: Path) -> dict:
         return json.loads((path / MARKER).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable {MARKER} ({err})") from None
+
+
+def to_universal(tag_dir: Path, out_root: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and
+    Adam moments), which loads on any number of ranks. Idempotent; the result carries the
+    original's completeness marker."""
+    target = out_root / tag_dir.name
+    if (target / MARKER).is_file():
+        return target
+    tmp = out_root / (tag_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
+           "--num_merge_workers", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+    shutil.copy2(tag_dir / MARKER, tmp / MARKER)
+    os.replace(tmp, target)
+    return target

@@ -91,7 +91,26 @@ class DataConfig:
 class CheckpointConfig:
     interval: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 3
+    keep_every_epochs: int = 0  # also keep one checkpoint at the end of every N-th epoch (0 = off)
     resume: str = "auto"  # auto (newest complete checkpoint in run_dir) | never | <checkpoint dir>
+    on_signal: bool = True  # SIGTERM/SIGUSR1: finish the step, save, exit 0 (RUN_DIR/PREEMPTED)
+
+
+@dataclass
+class FaultConfig:
+    max_bad_steps: int = 3  # this many consecutive non-finite steps -> roll back to the last checkpoint
+    max_rollbacks: int = 3  # more rollbacks than this in one process -> stop with an error
+    data_checks: str = "markers"  # start-up data checks: index | markers | decode
+    max_bad_sample_share: float = 0.001  # stop when more of the samples than this are unreadable
+
+
+@dataclass
+class DebugConfig:
+    """Fault drills for tests and for rehearsing recovery; all empty in real runs."""
+
+    nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these optimizer steps
+    nan_grad_steps: list[int] = field(default_factory=list)  # poison one gradient at these steps
+    pause_before_marker_s: float = 0.0  # hold a save open before its completeness marker
 
 
 @dataclass
@@ -101,6 +120,7 @@ class LogConfig:
     reconstructions: bool = True  # write reconstructions.png at the end of a run
     # CUDA only: count host-device syncs inside train_step on steps that do not log (should be 0)
     sync_debug: bool = False
+    sample_keys: bool = False  # write every rank's sample keys per step to RUN_DIR/sample_keys/
 
 
 @dataclass
@@ -131,6 +151,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +290,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be > 0")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
     _check(cfg.log.interval > 0, f"log.interval={cfg.log.interval}: must be > 0")
+    f = cfg.fault
+    _check(f.max_bad_steps >= 1, f"fault.max_bad_steps={f.max_bad_steps}: must be >= 1")
+    _check(f.max_rollbacks >= 0, f"fault.max_rollbacks={f.max_rollbacks}: must be >= 0")
+    _one_of("fault.data_checks", f.data_checks, ("index", "markers", "decode"))
+    _check(0 <= f.max_bad_sample_share < 1, f"fault.max_bad_sample_share={f.max_bad_sample_share}: must be in [0, 1)")
+    _check(cfg.checkpoint.keep_every_epochs >= 0, "checkpoint.keep_every_epochs: must be >= 0")
     e = cfg.engine
     _check(
         e.act_ckpt_encoder >= 0, f"engine.act_ckpt_encoder={e.act_ckpt_encoder}: 0 (off) or k >= 1 (every k-th block)"
@@ -348,3 +376,51 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
         warmup_steps=warmup,
         stop_step=stop,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming with a changed config
+
+# A checkpoint cannot be continued under these: the weights, the targets or the data would not mean
+# what they meant.
+INCOMPATIBLE = ("model.arch", "model.img_size", "model.taps", "model.decoder_dim", "model.decoder_depth",
+                "model.decoder_heads", "target.kind", "target.feature_dim")  # fmt: skip
+# These only change bookkeeping, speed or logging: a resume with them changed is the same run.
+HARMLESS_PREFIXES = ("log.", "checkpoint.", "engine.", "debug.", "preset", "run_dir", "data.num_threads",
+                     "data.decode_device", "data.micro_batch", "data.loader", "model.fused_decoders",
+                     "fault.")  # fmt: skip
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare_for_resume(saved: Config, now: Config) -> tuple[list[str], list[str], list[str]]:
+    """(incompatible, training-changing, harmless) differences, each as 'field: old -> new'."""
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(now))
+    errors, changes, harmless = [], [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        if key in INCOMPATIBLE:
+            errors.append(line)
+        elif key.startswith(HARMLESS_PREFIXES):
+            harmless.append(line)
+        else:
+            changes.append(line)
+    return errors, changes, harmless
+
+
+def fingerprint(cfg: Config) -> str:
+    """Hash of every field that shapes the training (all but the harmless ones)."""
+    import hashlib
+
+    flat = {k: v for k, v in _flatten(to_dict(cfg)).items() if not k.startswith(HARMLESS_PREFIXES)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]

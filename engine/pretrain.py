@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.checkpoint import CheckpointError
     from engine.dist import setup_distributed, setup_logging
     from engine.teachers import TeacherError
-    from engine.trainer import Trainer
+    from engine.trainer import NonFiniteError, Trainer
 
     dist = setup_distributed()
     setup_logging(dist.rank, cfg.log.level)
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         # Start-up and resume problems: one clear line instead of a traceback per rank.
         log.error("%s: %s", type(err).__name__, err)
         return 2
+    except NonFiniteError as err:
+        log.error("NonFiniteError: %s", err)
+        return 3
     log.info("done: %s", result)
     return 0
 

@@ -1,11 +1,18 @@
 """The training loop. ``Trainer.train()`` owns the order (build, resume, loop, save);
-``train_step`` is short and returns tensors; build steps are small named methods."""
+``train_step`` is short and returns tensors; build steps are small named methods.
+
+Fault handling lives here too, because it is about the order of things: resuming exactly (the
+loader, RNG and mask-generator states of every rank are in the checkpoint), reacting to the
+guard's lagged flags (roll back after K non-finite steps, stop cleanly on SIGTERM/SIGUSR1), and
+refusing to resume under an incompatible config.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -13,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline import preflight
 from data_pipeline.eval_reader import center_crop, iter_raw
 from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
 from engine import checkpoint as ckpt
 from engine.compile import try_compile
-from engine.config import Config, Derived, derive, from_dict, to_dict
+from engine.config import Config, Derived, compare_for_resume, derive, fingerprint, from_dict, to_dict
 from engine.dist import DistInfo
 from engine.ds_setup import initialize, model_dtype, resolve_ds_config
 from engine.flops import FlopCount, flops_for_model, peak_flops
@@ -33,6 +41,10 @@ from engine.visualize import save_reconstructions
 log = logging.getLogger(__name__)
 
 
+class NonFiniteError(RuntimeError):
+    """Training cannot continue without NaN/inf weights; it stops instead of continuing silently."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo):
         self.cfg = cfg
@@ -40,13 +52,20 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0  # optimizer steps done
-        self.epoch = 0
+        self.rollbacks = 0
         self.derived: Derived | None = None
         self.built = False
+        self.resume_from: Path | None = None
+        self.resume_world: int | None = None
+        self.loader = None
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
-        self._build_data_info()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        self._find_resume()
+        self._build_data()
         self._build_target()
         self._build_model()
         self._build_engine()
@@ -55,8 +74,34 @@ class Trainer:
         _seed_everything(self.cfg.seed + self.dist.rank)
         self.built = True
 
-    def _build_data_info(self) -> None:
-        self.dataset = read_dataset(self.cfg.data.shards)
+    def _find_resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return
+        if mode == "auto":
+            self.resume_from = ckpt.newest_complete(self.ckpt_dir)
+        else:
+            path = Path(mode)
+            if not (path / ckpt.MARKER).is_file():
+                raise ckpt.CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
+            self.resume_from = path
+        if self.resume_from is not None:
+            self.resume_world = ckpt.read_marker(self.resume_from)["world_size"]
+
+    def _build_data(self) -> None:
+        """Preflight (shared by all ranks) -> the sample list every rank trains on -> batch maths."""
+        raw = read_dataset(self.cfg.data.shards)
+        view_dir = self.run_dir / "data_view"
+        self.dataset = preflight.run(
+            raw, self.cfg.fault.data_checks, view_dir, self.dist.rank, self.dist.world_size,
+            lambda obj: _all_gather(obj, self.dist.world_size), _barrier,
+        )  # fmt: skip
+        self.bad_samples = self.dataset.total_samples - self.dataset.num_samples
+        if self.bad_samples:
+            log.warning("data: %d of %d samples skipped as unreadable (listed in %s)", self.bad_samples,
+                        self.dataset.total_samples, view_dir / "bad_samples.json")  # fmt: skip
+        preflight.check_threshold(self.dataset, self.cfg.fault.max_bad_sample_share, view_dir)
+        self.view_dir = view_dir
         self.derived = derive(self.cfg, self.dist.world_size, self.dataset.num_samples)
         d = self.derived
         log.info(
@@ -84,6 +129,8 @@ class Trainer:
 
     def _build_engine(self) -> None:
         self.ds_config = resolve_ds_config(self.cfg, self.derived)
+        if self.resume_world is not None and self.resume_world != self.dist.world_size:
+            self.ds_config["checkpoint"] = {"load_universal": True}  # elastic resume, see resume()
         self.dtype = model_dtype(self.ds_config)
         self.model.to(self.dist.device)
         o = self.cfg.optim
@@ -97,8 +144,10 @@ class Trainer:
         if self.cfg.engine.compile:
             self._compile()
         self.flops = self._count_flops()
-        self.peak = peak_flops(torch.cuda.get_device_name(self.dist.device), self.cfg.engine.peak_tflops) if (
-            self.dist.device.type == "cuda") else None  # fmt: skip
+        on_gpu = self.dist.device.type == "cuda"
+        self.peak = (
+            peak_flops(torch.cuda.get_device_name(self.dist.device), self.cfg.engine.peak_tflops) if on_gpu else None
+        )
         log.info("model FLOPs per image: %.1f GFLOP (%s)", self.flops.per_image / 1e9,
                  ", ".join(f"{k} {v:.0%}" for k, v in self.flops.shares().items()))  # fmt: skip
 
@@ -143,6 +192,7 @@ class Trainer:
             crop_scale=(d.crop_scale[0], d.crop_scale[1]),
             crop_ratio=(d.crop_ratio[0], d.crop_ratio[1]),
             shuffle_buffer=d.shuffle_buffer,
+            view=str(self.view_dir),
         )
 
     # ------------------------------------------------------------------ state
@@ -152,79 +202,112 @@ class Trainer:
         ranks = _all_gather(mine, self.dist.world_size)
         return {
             "format_version": ckpt.FORMAT_VERSION,
-            "train": {"step": self.step, "epoch": self.loader.epoch, "position": self.loader.position},
+            "train": {
+                "step": self.step,
+                "epoch": self.loader.epoch,
+                "position": self.loader.position,
+                "steps_per_epoch": self.derived.steps_per_epoch,
+                "grad_accum": self.derived.grad_accum,
+                "skipped_updates": self.guard.state_dict()["skipped"],
+                "rollbacks": self.rollbacks,
+            },
             "config": to_dict(self.cfg),
+            "config_fingerprint": fingerprint(self.cfg),
             "target": self.target_ref,
             "world_size": self.dist.world_size,
             "ranks": ranks,
         }
 
-    def save(self) -> Path:
+    def _check_finite_weights(self) -> None:
+        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        if not bool(torch.isfinite(torch.stack(norms).float()).all()):  # one sync, at save time only
+            raise NonFiniteError(f"weights are not finite at step {self.step}; not saving them")
+
+    def save(self, keep: bool = False) -> Path:
+        self._check_finite_weights()
+        self._flush_keys()  # before the marker: a complete checkpoint never lacks its steps' keys
         tag = ckpt.tag_for(self.step)
         state = self._client_state()
         t0 = time.perf_counter()
+        error = None
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # disk full, permissions, a file in the way: never half-succeed
+            error = err
+        if _any_rank(error is not None, self.dist.device):
             raise ckpt.CheckpointError(
-                f"saving checkpoint {tag} failed ({err}); earlier checkpoints in {self.ckpt_dir} are untouched"
-            ) from err
-        _barrier()
+                f"saving checkpoint {tag} failed ({error or 'on another rank'}); the earlier checkpoints in "
+                f"{self.ckpt_dir} are untouched and the newest complete one is used on resume"
+            ) from error
         path = self.ckpt_dir / tag
+        if self.cfg.debug.pause_before_marker_s:
+            time.sleep(self.cfg.debug.pause_before_marker_s)  # fault drill: a window to kill a save in
         if self.dist.is_main:
-            ckpt.mark_complete(
-                path, {"step": self.step, "epoch": self.loader.epoch, "world_size": self.dist.world_size}
-            )
+            info = {"step": self.step, "epoch": self.loader.epoch, "world_size": self.dist.world_size, "keep": keep}
+            ckpt.mark_complete(path, info)
             ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         _barrier()
-        log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
-        return path
-
-    def _resume_path(self) -> Path | None:
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return None
-        if mode == "auto":
-            return ckpt.newest_complete(self.ckpt_dir)
-        path = Path(mode)
-        if not (path / ckpt.MARKER).is_file():
-            raise ckpt.CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
+        log.info("saved checkpoint %s in %.1fs%s", path, time.perf_counter() - t0, " (kept)" if keep else "")
         return path
 
     def resume(self) -> dict | None:
-        """Load the checkpoint to resume from; returns this rank's loader state (or None)."""
-        path = self._resume_path()
+        """Load the checkpoint found at build time; returns this rank's loader state (or None)."""
+        path = self.resume_from
         if path is None:
             return None
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        elastic = self.resume_world != self.dist.world_size
+        load_path = path
+        if elastic:
+            if self.dist.is_main:
+                log.warning("elastic resume: %s was written by %d ranks, this run has %d; converting it to a "
+                            "universal checkpoint", path, self.resume_world, self.dist.world_size)  # fmt: skip
+                ckpt.to_universal(path, self.ckpt_dir / "universal")
+            _barrier()
+            load_path = self.ckpt_dir / "universal" / path.name
+        _, client = self.engine.load_checkpoint(
+            str(load_path.parent), tag=load_path.name, load_lr_scheduler_states=False
+        )
         if client is None:
             raise ckpt.CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
-        saved_world = client["world_size"]
-        if saved_world != self.dist.world_size:
-            raise ckpt.CheckpointError(
-                f"{path} was written by {saved_world} ranks; this run has {self.dist.world_size}"
-            )
         self._check_config(from_dict(client["config"]))
         self._check_target(client.get("target", {"kind": "pixel"}))
-        mine = client["ranks"][self.dist.rank]
-        _set_rng_state(mine["rng"])
-        self.mask_gen.set_state(mine["mask_gen"])
-        self.step = client["train"]["step"]
-        self.epoch = client["train"]["epoch"]
-        log.info(
-            "resumed from %s: step %d, epoch %d, position %d", path, self.step, self.epoch, client["train"]["position"]
-        )
-        return mine["loader"]
+        train = client["train"]
+        self.step = train["step"]
+        self.guard.load_state_dict({"skipped": train.get("skipped_updates", 0.0)})
+        ranks = client["ranks"]
+        if elastic:
+            loader_state = self._elastic_loader_state(train)
+            if self.dist.rank < len(ranks):
+                _set_rng_state(ranks[self.dist.rank]["rng"])
+        else:
+            mine = ranks[self.dist.rank]
+            _set_rng_state(mine["rng"])
+            self.mask_gen.set_state(mine["mask_gen"])
+            loader_state = mine["loader"]
+        self._truncate_keys(self.step)
+        log.info("resumed from %s: step %d, epoch %d, position %d", path, self.step, train["epoch"], train["position"])
+        return loader_state
+
+    def _elastic_loader_state(self, train: dict) -> dict:
+        """Same epoch and the same number of optimizer steps into it; the remaining samples of
+        this one epoch come in another order (the ranks' slices changed)."""
+        steps_in_epoch = train["position"] // train["grad_accum"]
+        position = min(steps_in_epoch, self.derived.steps_per_epoch) * self.derived.grad_accum
+        log.warning("elastic resume: epoch %d continues at step %d of %d with accumulation %d (was %d)",
+                    train["epoch"], steps_in_epoch, self.derived.steps_per_epoch, self.derived.grad_accum,
+                    train["grad_accum"])  # fmt: skip
+        return {"kind": "none", "epoch": train["epoch"], "position": position}
 
     def _check_config(self, saved: Config) -> None:
-        for field in ("arch", "taps", "decoder_dim", "decoder_depth", "decoder_heads", "img_size"):
-            a, b = getattr(saved.model, field), getattr(self.cfg.model, field)
-            if a != b:
-                raise ckpt.CheckpointError(f"cannot resume: model.{field} was {a!r} in the checkpoint, now {b!r}")
-        if saved.target.kind != self.cfg.target.kind:
+        errors, changes, harmless = compare_for_resume(saved, self.cfg)
+        if errors:
             raise ckpt.CheckpointError(
-                f"cannot resume: target.kind was {saved.target.kind!r} in the checkpoint, now {self.cfg.target.kind!r}"
+                "cannot resume: incompatible config change(s): " + "; ".join(errors) + " (start a new run_dir instead)"
             )
+        for line in changes:
+            log.warning("resuming with a changed setting that alters training: %s", line)
+        for line in harmless:
+            log.info("resuming with a changed setting: %s", line)
 
     def _check_target(self, saved: dict) -> None:
         now = self.target_ref
@@ -244,10 +327,13 @@ class Trainer:
         self.timer.stop("teacher")
         self.timer.start("fwd_bwd")
         loss, taps, _ = self.engine(imgs.to(self.dtype), masks, targets)
+        if self.step + 1 in self.cfg.debug.nan_loss_steps:
+            loss = loss * float("nan")  # fault drill
         self.guard.observe_loss(loss)
         self.engine.backward(loss)
         self.timer.stop("fwd_bwd")
         self.timer.start("optimizer")
+        self.guard.inject_grad = self.step + 1 in self.cfg.debug.nan_grad_steps
         self.engine.step()
         self.timer.stop("optimizer")
         return loss.detach(), taps.detach()
@@ -278,9 +364,7 @@ class Trainer:
         if not self.built:
             self.build()
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
-        _barrier()
         loader_state = self.resume()
         stop = self.derived.stop_step
         if self.step >= stop:
@@ -292,8 +376,20 @@ class Trainer:
         self.meter = LossMeter()
         self.sync_check = self.cfg.log.sync_debug and self.dist.device.type == "cuda"
         self.sync_count, self.sync_examples = 0, []
+        self._open_keys()
+        self._install_signal_handlers()
         self.engine.train()
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.derived.total_steps)
+        outcome = self._loop(stop)
+        if outcome == "preempted":
+            return {"step": self.step, "complete": False, "preempted": True}
+        if self.dist.is_main:
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+            if self.cfg.log.reconstructions:
+                self._save_reconstructions()
+        return {"step": self.step, "complete": self.step >= stop}
+
+    def _loop(self, stop: int) -> str:
         last_save = self.step
         window_start, window_steps = time.perf_counter(), 0
         lr = self._set_lr()
@@ -308,25 +404,119 @@ class Trainer:
                 else:
                     loss, taps = self.train_step(batch.img)
                 self.meter.add(loss, taps)
+                self._record_keys(micro, batch.keys)
                 if boundary:
                     self.step += 1
                     window_steps += 1
-                    if self.step % self.cfg.log.interval == 0 or self.step == stop:
+                    if logs:
                         self._log(lr, time.perf_counter() - window_start, window_steps)
                         window_start, window_steps = time.perf_counter(), 0
-                    if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
+                    action = self._react_to_flags()
+                    if action == "preempt":
+                        if last_save != self.step:
+                            self.save()
+                        if self.dist.is_main:
+                            (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
+                        log.warning("stopped by a signal at step %d; checkpoint saved; exiting 0", self.step)
+                        return "preempted"
+                    if action == "rolled_back":
+                        last_save = self.step
+                    elif self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
                         self.save()
                         last_save = self.step
                     if self.step >= stop:
                         break
                     lr = self._set_lr()
                 fetch = time.perf_counter()
+            else:  # the epoch ended
+                every = self.cfg.checkpoint.keep_every_epochs
+                if every and self.loader.epoch % every == 0 and self.step < stop:
+                    self.save(keep=True)
+                    last_save = self.step
         if last_save != self.step:
             self.save()
-        if self.cfg.log.reconstructions and self.dist.is_main:
-            self._save_reconstructions()
-        return {"step": self.step, "complete": self.step >= stop}
+        return "done"
 
+    def _react_to_flags(self) -> str | None:
+        """Act on the guard's flags of ``lag`` steps ago (identical on every rank)."""
+        flags = self.guard.latest()
+        if flags is None:
+            return None
+        if flags.bad:
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d skipped so far, %d in a row)",
+                        flags.step, flags.skipped_total, flags.consecutive_bad)  # fmt: skip
+        if flags.consecutive_bad >= self.cfg.fault.max_bad_steps:
+            self._rollback(flags.consecutive_bad)
+            return "rolled_back"
+        if flags.stop:
+            return "preempt"
+        return None
+
+    def _rollback(self, bad: int) -> None:
+        """Reload weights and optimizer state of the newest complete checkpoint; the data loader
+        keeps its position, so the offending batches are stepped past, not replayed."""
+        path = ckpt.newest_complete(self.ckpt_dir)
+        if path is None:
+            raise NonFiniteError(
+                f"{bad} consecutive non-finite steps at step {self.step} and no checkpoint to roll back to"
+            )
+        if ckpt.read_marker(path)["world_size"] != self.dist.world_size:
+            raise NonFiniteError(f"{bad} consecutive non-finite steps; the newest checkpoint {path} is from another "
+                                 "world size and cannot be rolled back to in this process")  # fmt: skip
+        if self.rollbacks >= self.cfg.fault.max_rollbacks:
+            raise NonFiniteError(
+                f"{bad} consecutive non-finite steps at step {self.step} after {self.rollbacks} rollbacks "
+                f"(fault.max_rollbacks); stopping instead of training on"
+            )
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        self.rollbacks += 1
+        self.guard.reset_consecutive()
+        log.warning("rolled back to %s after %d consecutive non-finite steps (rollback %d); data continues past "
+                    "the offending batches", path, bad, self.rollbacks)  # fmt: skip
+        self.step = client["train"]["step"]
+        self.meter = LossMeter()  # the skipped steps' NaN losses are not part of any average
+
+    def _install_signal_handlers(self) -> None:
+        if not self.cfg.checkpoint.on_signal:
+            return
+
+        def handler(signum, _frame) -> None:
+            if not self.guard.stop_requested:
+                log.warning(
+                    "received %s: finishing the current step, then saving and exiting", signal.Signals(signum).name
+                )
+            self.guard.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------ sample keys (exact-resume audits)
+    def _keys_path(self) -> Path:
+        return self.run_dir / "sample_keys" / f"rank{self.dist.rank}.tsv"
+
+    def _open_keys(self) -> None:
+        self._keys_buf: list[str] = []
+        if self.cfg.log.sample_keys:
+            self._keys_path().parent.mkdir(parents=True, exist_ok=True)
+
+    def _record_keys(self, micro: int, keys: list[str]) -> None:
+        if self.cfg.log.sample_keys:
+            self._keys_buf.append(f"{self.step + 1}\t{micro}\t{','.join(keys)}\n")
+
+    def _flush_keys(self) -> None:
+        if self.cfg.log.sample_keys and getattr(self, "_keys_buf", None):
+            with open(self._keys_path(), "a") as f:
+                f.writelines(self._keys_buf)
+            self._keys_buf = []
+
+    def _truncate_keys(self, step: int) -> None:
+        """Drop key lines of steps after the checkpoint: those steps are about to be redone."""
+        path = self._keys_path()
+        if self.cfg.log.sample_keys and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines(keepends=True) if int(ln.split("\t", 1)[0]) <= step]
+            path.write_text("".join(kept))
+
+    # ------------------------------------------------------------------ logging and figures
     def _save_reconstructions(self, count: int = 6) -> None:
         """reconstructions.png from one center-cropped image of each of the first classes."""
         picked, seen = [], set()
@@ -350,6 +540,7 @@ class Trainer:
         seconds = max(seconds, 1e-9)
         rate = steps * self.cfg.data.global_batch / seconds
         share = {k: v / seconds for k, v in phases.items()}  # fraction of wall time per phase
+        flags = self.guard.latest()
         rec = {
             "step": self.step,
             "epoch": self.step / self.derived.steps_per_epoch,
@@ -361,6 +552,9 @@ class Trainer:
             **{f"time_{k}_s": v / max(steps, 1) for k, v in phases.items()},
             **{f"share_{k}": v for k, v in share.items()},
             "peak_mem_gb": peak_memory_gb(self.dist.device),
+            "skipped_updates": flags.skipped_total if flags else 0,
+            "rollbacks": self.rollbacks,
+            "bad_samples": self.bad_samples,
         }
         if self.sync_check:
             rec["host_syncs_non_logging_steps"] = self.sync_count
@@ -405,6 +599,15 @@ def _all_gather(obj, world_size: int) -> list:
     out = [None] * world_size
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a rare, deliberate sync)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor(1.0 if flag else 0.0, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _barrier() -> None:
