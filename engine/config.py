@@ -111,6 +111,7 @@ class DebugConfig:
     nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these optimizer steps
     nan_grad_steps: list[int] = field(default_factory=list)  # poison one gradient at these steps
     pause_before_marker_s: float = 0.0  # hold a save open before its completeness marker
+    step_sleep_s: float = 0.0  # slow every optimizer step down (to interrupt runs at a chosen point)
 
 
 @dataclass

@@ -86,7 +86,11 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
             self.resume_from = path
         if self.resume_from is not None:
-            self.resume_world = ckpt.read_marker(self.resume_from)["world_size"]
+            marker = ckpt.read_marker(self.resume_from)
+            self.resume_world = marker["world_size"]
+            self.resume_marker = marker
+            if "config" in marker:  # refuse an incompatible config before building anything
+                self._check_config(from_dict(marker["config"]))
 
     def _build_data(self) -> None:
         """Preflight (shared by all ranks) -> the sample list every rank trains on -> batch maths."""
@@ -120,6 +124,8 @@ class Trainer:
         if self.target_ref["kind"] != "pixel":
             log.info("target %s from %s (sha256 %s...)", self.target_ref["kind"], self.target_ref["path"],
                      self.target_ref["sha256"][:12])  # fmt: skip
+        if self.resume_from is not None and "target" in self.resume_marker:
+            self._check_target(self.resume_marker["target"])
 
     def _build_model(self) -> None:
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
@@ -244,6 +250,8 @@ class Trainer:
             time.sleep(self.cfg.debug.pause_before_marker_s)  # fault drill: a window to kill a save in
         if self.dist.is_main:
             info = {"step": self.step, "epoch": self.loader.epoch, "world_size": self.dist.world_size, "keep": keep}
+            # the config travels in the marker too, so a resume can refuse it before loading anything
+            info.update(config=to_dict(self.cfg), config_fingerprint=fingerprint(self.cfg), target=self.target_ref)
             ckpt.mark_complete(path, info)
             ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         _barrier()
@@ -269,8 +277,6 @@ class Trainer:
         )
         if client is None:
             raise ckpt.CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
-        self._check_config(from_dict(client["config"]))
-        self._check_target(client.get("target", {"kind": "pixel"}))
         train = client["train"]
         self.step = train["step"]
         self.guard.load_state_dict({"skipped": train.get("skipped_updates", 0.0)})
@@ -327,14 +333,18 @@ class Trainer:
         self.timer.stop("teacher")
         self.timer.start("fwd_bwd")
         loss, taps, _ = self.engine(imgs.to(self.dtype), masks, targets)
-        if self.step + 1 in self.cfg.debug.nan_loss_steps:
-            loss = loss * float("nan")  # fault drill
+        if self.step + 1 in self._nan_loss_pending:  # fault drill (once per step number)
+            loss = loss * float("nan")
         self.guard.observe_loss(loss)
         self.engine.backward(loss)
         self.timer.stop("fwd_bwd")
         self.timer.start("optimizer")
-        self.guard.inject_grad = self.step + 1 in self.cfg.debug.nan_grad_steps
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.guard.inject_grad = boundary and self.step + 1 in self._nan_grad_pending
         self.engine.step()
+        if boundary:
+            self._nan_loss_pending.discard(self.step + 1)
+            self._nan_grad_pending.discard(self.step + 1)
         self.timer.stop("optimizer")
         return loss.detach(), taps.detach()
 
@@ -376,6 +386,8 @@ class Trainer:
         self.meter = LossMeter()
         self.sync_check = self.cfg.log.sync_debug and self.dist.device.type == "cuda"
         self.sync_count, self.sync_examples = 0, []
+        self._nan_loss_pending = set(self.cfg.debug.nan_loss_steps)
+        self._nan_grad_pending = set(self.cfg.debug.nan_grad_steps)
         self._open_keys()
         self._install_signal_handlers()
         self.engine.train()
@@ -395,9 +407,10 @@ class Trainer:
         lr = self._set_lr()
         while self.step < stop:
             fetch = time.perf_counter()
-            for micro, batch in enumerate(self.loader):
+            for batch in self.loader:
                 self.timer.add_host("data_wait", time.perf_counter() - fetch)
-                boundary = (micro + 1) % self.derived.grad_accum == 0
+                micro = self.loader.position  # 1-based index of this micro-batch in the epoch
+                boundary = micro % self.derived.grad_accum == 0
                 logs = boundary and ((self.step + 1) % self.cfg.log.interval == 0 or self.step + 1 == stop)
                 if self.sync_check and not logs:
                     loss, taps = self._train_step_counting_syncs(batch.img)
@@ -408,6 +421,8 @@ class Trainer:
                 if boundary:
                     self.step += 1
                     window_steps += 1
+                    if self.cfg.debug.step_sleep_s:
+                        time.sleep(self.cfg.debug.step_sleep_s)
                     if logs:
                         self._log(lr, time.perf_counter() - window_start, window_steps)
                         window_start, window_steps = time.perf_counter(), 0

@@ -1,0 +1,232 @@
+"""Crash-proof, exact resume and fault handling under the real launcher (2 CPU ranks, ZeRO-2, bf16)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import MARKER, list_checkpoints, read_marker
+from tests.conftest import ROOT, cpu_env, deepspeed_cmd, free_port, run_deepspeed
+from tests.test_faults_unit import corrupt_jpeg, truncate_tar
+
+pytestmark = pytest.mark.launcher
+
+BASE = ("--preset", "deepmim_test_pixel", "--set", "log.reconstructions=false", "--set", "log.sample_keys=true")
+
+
+def args(run: Path, shards: Path, steps: int, *extra: str) -> list[str]:
+    return [*BASE, "--run-dir", str(run), "--set", f"data.shards={shards}", "--set", f"schedule.max_steps={steps}",
+            *extra]  # fmt: skip
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(run: Path) -> tuple[dict, list[torch.Tensor]]:
+    """Module weights and every rank's fp32 master partition + Adam moments of the newest checkpoint."""
+    ck = list_checkpoints(run / "checkpoints")[-1]
+    module = torch.load(ck / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    optim = []
+    for f in sorted(ck.glob("*optim_states.pt")):
+        osd = torch.load(f, weights_only=False)["optimizer_state_dict"]
+        optim += list(osd["single_partition_of_fp32_groups"])
+        for st in osd["base_optimizer_state"]["state"].values():
+            optim += [st["exp_avg"], st["exp_avg_sq"]]
+    return module, optim
+
+
+def keys(run: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((run / "sample_keys").glob("*.tsv"))}
+
+
+def start(run: Path, shards: Path, steps: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(deepspeed_cmd(2, *args(run, shards, steps, *extra)), cwd=ROOT, env=cpu_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
+def wait_for(cond, timeout: float = 240.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def complete(run: Path, step: int) -> bool:
+    return (run / "checkpoints" / f"step_{step:08d}" / MARKER).is_file()
+
+
+def test_sigkill_then_auto_resume_is_bitwise_identical(demo_shards, tmp_path):
+    """N straight steps vs k steps, SIGKILL of every process, auto-resume for the rest: the same
+    final weights, optimizer state and per-rank sample keys, bit for bit."""
+    n = 16
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_deepspeed(2, *args(straight, demo_shards, n, "--set", "checkpoint.interval=4"))
+    proc = start(killed, demo_shards, n, "--set", "checkpoint.interval=4", "--set", "debug.step_sleep_s=0.25")
+    wait_for(lambda: complete(killed, 8))
+    kill_group(proc)
+    assert not complete(killed, n), "the run finished before it was killed"
+    run_deepspeed(2, *args(killed, demo_shards, n, "--set", "checkpoint.interval=4"))
+    m1, o1 = final_state(straight)
+    m2, o2 = final_state(killed)
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert len(o1) == len(o2) and all(torch.equal(a, b) for a, b in zip(o1, o2))
+    k1, k2 = keys(straight), keys(killed)
+    assert set(k1) == {"rank0.tsv", "rank1.tsv"} and k1 == k2
+    assert len(k1["rank0.tsv"].splitlines()) == n  # one line per micro-step (accumulation 1)
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(killed)][-n:]
+
+
+def test_kill_during_save_uses_the_previous_checkpoint(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, demo_shards, 12, "--set", "checkpoint.interval=4", "--set", "debug.pause_before_marker_s=30")
+    partial = run / "checkpoints" / "step_00000008"
+    wait_for(lambda: (partial / "mp_rank_00_model_states.pt").is_file() or complete(run, 8), timeout=300)
+    kill_group(proc)
+    assert (partial / "mp_rank_00_model_states.pt").is_file() and not (partial / MARKER).is_file()
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000004"]
+    out = run_deepspeed(2, *args(run, demo_shards, 12, "--set", "checkpoint.interval=4"))
+    text = out.stdout + out.stderr
+    assert "resumed from" in text and "step_00000004" in text
+    assert complete(run, 12) and complete(run, 8)  # step 8 redone and completed this time
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_exits_zero(demo_shards, tmp_path, sig):
+    run = tmp_path / "run"
+    slow = ("--set", "debug.step_sleep_s=0.2", "--set", "checkpoint.interval=1000")
+    cmd = ["bash", "launchers/pretrain.sh", "--gpus", "2", "--master-port", str(free_port()), "--",
+           *args(run, demo_shards, 200, *slow)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert time.monotonic() - t0 < 60
+    stopped = int((run / "PREEMPTED").read_text())
+    assert 3 <= stopped < 200 and complete(run, stopped)
+    assert f"received {sig.name}" in out and "checkpoint saved; exiting 0" in out
+    if sig == signal.SIGTERM:  # and the run goes on from there
+        out = run_deepspeed(2, *args(run, demo_shards, stopped + 2))
+        assert f"step_{stopped:08d}" in out.stdout + out.stderr
+        assert not (run / "PREEMPTED").exists()
+
+
+def test_injected_nan_is_skipped_then_rolled_back(demo_shards, tmp_path):
+    """A NaN gradient at step 3: that update is skipped. NaN losses at steps 6-8 (three in a row,
+    fault.max_bad_steps=3): skipped, then a rollback to the step-4 checkpoint, and the run
+    finishes with finite weights."""
+    run = tmp_path / "run"
+    out = run_deepspeed(2, *args(run, demo_shards, 10, "--set", "checkpoint.interval=2", "--set", "log.interval=1",
+                                 "--set", "debug.nan_grad_steps=3", "--set", "debug.nan_loss_steps=6,7,8"))  # fmt: skip
+    text = out.stdout + out.stderr
+    assert "step 3: non-finite loss or gradient; update skipped (1 skipped so far, 1 in a row)" in text
+    assert "rolled back to" in text and "step_00000004" in text
+    rows = metrics(run)
+    assert rows[-1]["step"] == 10 and rows[-1]["rollbacks"] == 1 and rows[-1]["skipped_updates"] == 4
+    module, optim = final_state(run)
+    assert all(torch.isfinite(v.float()).all() for v in module.values())
+    assert all(torch.isfinite(t).all() for t in optim)
+
+
+def test_corrupt_data_is_skipped_and_counted(demo_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    names = json.loads((shards / "dataset.json").read_text())["shards"]
+    corrupt_jpeg(shards, names[0])
+    lost = truncate_tar(shards, names[-1], keep_samples=2)
+    run = tmp_path / "run"
+    run_deepspeed(2, *args(run, shards, 12, "--set", "fault.max_bad_sample_share=0.1"))
+    rows = metrics(run)
+    assert rows[-1]["step"] == 12 and rows[-1]["bad_samples"] == 1 + lost
+    bad = json.loads((run / "data_view" / "bad_samples.json").read_text())
+    assert len(bad) == 1 + lost and {b["shard"] for b in bad} == {names[0], names[-1]}
+    # the same faults above the default threshold (0.1%) stop the run before training, with the reason
+    out = run_deepspeed(2, *args(tmp_path / "run2", shards, 12), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "above fault.max_bad_sample_share=0.100%" in text and "step 1/" not in text
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(demo_shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("base") / "run"
+    run_deepspeed(2, *args(run, demo_shards, 4, "--set", "checkpoint.interval=4"))
+    return run
+
+
+def test_elastic_resume_from_two_ranks_to_one(two_rank_run, demo_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run, run)
+    out = run_deepspeed(1, *args(run, demo_shards, 8))
+    text = out.stdout + out.stderr
+    assert "elastic resume" in text and "accumulation 2" in text
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["global_batch"] == 8  # the global batch is kept, accumulation re-derived
+    straight = tmp_path / "straight"
+    run_deepspeed(2, *args(straight, demo_shards, 8))
+    assert [r["lr"] for r in rows] == [r["lr"] for r in metrics(straight)]  # same schedule position
+    assert read_marker(list_checkpoints(run / "checkpoints")[-1])["world_size"] == 1
+    assert all(abs(a["loss"] - b["loss"]) < 0.5 * b["loss"] for a, b in zip(rows[4:], metrics(straight)[4:]))
+
+
+def test_config_guard_refuses_incompatible_and_logs_harmless(two_rank_run, demo_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run, run)
+    out = run_deepspeed(2, *args(run, demo_shards, 6, "--set", "model.taps=3,4"), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "incompatible config change" in text and "model.taps: [] -> [3, 4]" in text
+    out = run_deepspeed(2, *args(run, demo_shards, 6, "--set", "log.interval=2", "--set", "optim.base_lr=2e-4"))
+    text = out.stdout + out.stderr
+    assert "resuming with a changed setting: log.interval: 1 -> 2" in text
+    assert "resuming with a changed setting that alters training: optim.base_lr" in text
+
+
+def test_two_nodes_on_one_machine(demo_shards, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    run = tmp_path / "run"
+    procs = []
+    for node in (0, 1):
+        cmd = deepspeed_cmd(1, *args(run, demo_shards, 4))
+        i = cmd.index("--num_gpus")
+        cmd[i : i + 2] = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                          "--master_addr", "127.0.0.1"]  # fmt: skip
+        cmd[cmd.index("--master_port") + 1] = port
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "2 ranks x micro-batch 4" in outs[0]
+    marker = read_marker(run / "checkpoints" / "step_00000004")
+    assert marker["world_size"] == 2
+    assert len(list((run / "checkpoints" / "step_00000004").glob("*optim_states.pt"))) == 2
+
+
+def test_save_failure_is_clear_and_keeps_earlier_checkpoints(demo_shards, tmp_path):
+    """A file where the step-6 checkpoint folder must go makes DeepSpeed's save fail for real."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000006").write_text("in the way")
+    out = run_deepspeed(2, *args(run, demo_shards, 8, "--set", "checkpoint.interval=3"), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "saving checkpoint step_00000006 failed" in text
+    assert "earlier checkpoints" in text
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000003"]
