@@ -65,3 +65,9 @@ def run_deepspeed(
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m engine.pretrain`` in one process (a world of one, no launcher): for start-up checks."""
+    return subprocess.run([sys.executable, "-m", "engine.pretrain", *args], cwd=ROOT, env=cpu_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip

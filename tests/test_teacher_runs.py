@@ -15,7 +15,7 @@ from engine.config import from_dict
 from engine.model import build_model, random_masking
 from engine.teacher_tools import random_openai_clip
 from engine.teachers import ClipArch, load_generator
-from tests.conftest import ROOT, cpu_env, run_deepspeed
+from tests.conftest import ROOT, cpu_env, run_deepspeed, run_single
 
 pytestmark = pytest.mark.launcher
 
@@ -98,9 +98,9 @@ def test_teacher_stays_frozen_during_training(demo_shards, clip_file, tmp_path):
     ],
 )
 def test_teacher_problems_stop_before_training(demo_shards, clip_file, tmp_path, extra, message):
-    out = run_deepspeed(
-        2, "--preset", "deepmim_test_clip", "--run-dir", str(tmp_path / "r"), "--set", f"data.shards={demo_shards}",
-        "--set", f"target.teacher={clip_file}", *extra, check=False,
+    out = run_single(
+        "--preset", "deepmim_test_clip", "--run-dir", str(tmp_path / "r"), "--set", f"data.shards={demo_shards}",
+        "--set", f"target.teacher={clip_file}", *extra,
     )  # fmt: skip
     text = out.stdout + out.stderr
     assert out.returncode != 0 and message in text and "TeacherError" in text
@@ -112,9 +112,9 @@ def test_wrong_architecture_for_the_weights(demo_shards, tmp_path):
     sd = random_openai_clip(CLIP)
     sd["visual.transformer.resblocks.0.mlp.c_fc.weight"] = torch.zeros(7, 32)
     torch.save(sd, tmp_path / "bad.pt")
-    out = run_deepspeed(
-        1, "--preset", "deepmim_test_clip", "--run-dir", str(tmp_path / "r"), "--set", f"data.shards={demo_shards}",
-        "--set", f"target.teacher={tmp_path / 'bad.pt'}", check=False,
+    out = run_single(
+        "--preset", "deepmim_test_clip", "--run-dir", str(tmp_path / "r"), "--set", f"data.shards={demo_shards}",
+        "--set", f"target.teacher={tmp_path / 'bad.pt'}",
     )  # fmt: skip
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "TeacherError" in text and "mlp.fc1.weight" in text
