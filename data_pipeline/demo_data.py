@@ -110,3 +110,30 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def build_digits(out: str | Path, size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
+    """scikit-learn's labeled handwritten digits (1797 images, 8x8, 10 classes), upscaled
+    (bicubic) to ``size`` px RGB JPEGs, split into ``out/train/<digit>/`` and ``out/val/<digit>/``
+    with the same class balance. Deterministic under the seed."""
+    from sklearn.datasets import load_digits
+
+    out = Path(out)
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    counts = {"train": 0, "val": 0}
+    for label in range(10):
+        idx = np.flatnonzero(d.target == label)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = round(len(idx) * val_fraction)
+        for split, part in (("val", idx[:n_val]), ("train", idx[n_val:])):
+            folder = out / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                pixels = (d.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+                img = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=95)
+                (folder / f"digit_{i:04d}.jpg").write_bytes(buf.getvalue())
+                counts[split] += 1
+    return counts

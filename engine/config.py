@@ -122,6 +122,9 @@ class LogConfig:
     # CUDA only: count host-device syncs inside train_step on steps that do not log (should be 0)
     sync_debug: bool = False
     sample_keys: bool = False  # write every rank's sample keys per step to RUN_DIR/sample_keys/
+    progress: bool = True  # tqdm bar on rank 0 (step, epoch, img/s, loss, ETA)
+    tensorboard: bool = True  # RUN_DIR/tensorboard: losses per tap, lr, speed, time shares, memory, MFU
+    figure_interval: int = 0  # steps between reconstruction / similarity figures (0 = only at the end)
 
 
 @dataclass
@@ -291,6 +294,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be > 0")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
     _check(cfg.log.interval > 0, f"log.interval={cfg.log.interval}: must be > 0")
+    _check(cfg.log.figure_interval >= 0, f"log.figure_interval={cfg.log.figure_interval}: must be >= 0")
     f = cfg.fault
     _check(f.max_bad_steps >= 1, f"fault.max_bad_steps={f.max_bad_steps}: must be >= 1")
     _check(f.max_rollbacks >= 0, f"fault.max_rollbacks={f.max_rollbacks}: must be >= 0")

@@ -7,9 +7,7 @@ steps, so steps that do not log never wait for the device.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -80,20 +78,6 @@ class LossMeter:
         values = vec.tolist()
         self.total, self.taps, self.count = None, None, 0
         return values[0], values[1:]
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, path: str | Path, enabled: bool):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -31,11 +31,12 @@ from engine.ds_setup import initialize, model_dtype, resolve_ds_config
 from engine.flops import FlopCount, flops_for_model, peak_flops
 from engine.guard import NonFiniteGuard
 from engine.model import DeepMIM, build_model, random_masking, resolve_img_size, resolve_taps
+from engine.monitor import KeyAudit, RunMonitor
 from engine.optim import build_optimizer
 from engine.registry import get_variant
 from engine.schedule import lr_at
 from engine.targets import build_target
-from engine.telemetry import LossMeter, MetricsWriter, PhaseTimer, peak_memory_gb
+from engine.telemetry import LossMeter, PhaseTimer, peak_memory_gb
 from engine.visualize import save_reconstructions
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class Trainer:
 
     def save(self, keep: bool = False) -> Path:
         self._check_finite_weights()
-        self._flush_keys()  # before the marker: a complete checkpoint never lacks its steps' keys
+        self.keys.flush()  # before the marker: a complete checkpoint never lacks its steps' keys
         tag = ckpt.tag_for(self.step)
         state = self._client_state()
         t0 = time.perf_counter()
@@ -290,7 +291,7 @@ class Trainer:
             _set_rng_state(mine["rng"])
             self.mask_gen.set_state(mine["mask_gen"])
             loader_state = mine["loader"]
-        self._truncate_keys(self.step)
+        self.keys.truncate(self.step)
         log.info("resumed from %s: step %d, epoch %d, position %d", path, self.step, train["epoch"], train["position"])
         return loader_state
 
@@ -375,31 +376,40 @@ class Trainer:
             self.build()
         if self.dist.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        self.keys = KeyAudit(self.run_dir, self.dist.rank, self.cfg.log.sample_keys)
         loader_state = self.resume()
         stop = self.derived.stop_step
         if self.step >= stop:
             log.info("run already complete: step %d of %d; nothing to do", self.step, stop)
             return {"step": self.step, "complete": True}
         self.loader = make_loader(self.cfg.data.loader, self._loader_spec(), loader_state)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.dist.is_main)
+        self.monitor = RunMonitor(
+            self.cfg, self.run_dir, self.dist.is_main, self.step, stop, self.derived.steps_per_epoch
+        )
         self.timer = PhaseTimer(self.dist.device)
         self.meter = LossMeter()
         self.sync_check = self.cfg.log.sync_debug and self.dist.device.type == "cuda"
         self.sync_count, self.sync_examples = 0, []
         self._nan_loss_pending = set(self.cfg.debug.nan_loss_steps)
         self._nan_grad_pending = set(self.cfg.debug.nan_grad_steps)
-        self._open_keys()
         self._install_signal_handlers()
         self.engine.train()
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.derived.total_steps)
-        outcome = self._loop(stop)
-        if outcome == "preempted":
-            return {"step": self.step, "complete": False, "preempted": True}
+        try:
+            outcome = self._loop(stop)
+            if outcome == "preempted":
+                result = {"step": self.step, "complete": False, "preempted": True}
+            else:
+                if self.dist.is_main:
+                    (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+                    if self.cfg.log.reconstructions:
+                        self._save_figure(self.run_dir / "reconstructions.png")
+                result = {"step": self.step, "complete": self.step >= stop}
+        finally:
+            self.monitor.close()
         if self.dist.is_main:
-            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
-            if self.cfg.log.reconstructions:
-                self._save_reconstructions()
-        return {"step": self.step, "complete": self.step >= stop}
+            log.info("summary\n%s", self.monitor.summary(result))
+        return result
 
     def _loop(self, stop: int) -> str:
         last_save = self.step
@@ -417,10 +427,11 @@ class Trainer:
                 else:
                     loss, taps = self.train_step(batch.img)
                 self.meter.add(loss, taps)
-                self._record_keys(micro, batch.keys)
+                self.keys.record(self.step + 1, micro, batch.keys)
                 if boundary:
                     self.step += 1
                     window_steps += 1
+                    self.monitor.step(self.step)
                     if self.cfg.debug.step_sleep_s:
                         time.sleep(self.cfg.debug.step_sleep_s)
                     if logs:
@@ -434,6 +445,9 @@ class Trainer:
                             (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
                         log.warning("stopped by a signal at step %d; checkpoint saved; exiting 0", self.step)
                         return "preempted"
+                    every = self.cfg.log.figure_interval
+                    if every and self.step % every == 0 and self.dist.is_main:
+                        self._save_figure(self.run_dir / "figures" / f"step_{self.step:08d}.png")
                     if action == "rolled_back":
                         last_save = self.step
                     elif self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
@@ -505,35 +519,10 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
-    # ------------------------------------------------------------------ sample keys (exact-resume audits)
-    def _keys_path(self) -> Path:
-        return self.run_dir / "sample_keys" / f"rank{self.dist.rank}.tsv"
-
-    def _open_keys(self) -> None:
-        self._keys_buf: list[str] = []
-        if self.cfg.log.sample_keys:
-            self._keys_path().parent.mkdir(parents=True, exist_ok=True)
-
-    def _record_keys(self, micro: int, keys: list[str]) -> None:
-        if self.cfg.log.sample_keys:
-            self._keys_buf.append(f"{self.step + 1}\t{micro}\t{','.join(keys)}\n")
-
-    def _flush_keys(self) -> None:
-        if self.cfg.log.sample_keys and getattr(self, "_keys_buf", None):
-            with open(self._keys_path(), "a") as f:
-                f.writelines(self._keys_buf)
-            self._keys_buf = []
-
-    def _truncate_keys(self, step: int) -> None:
-        """Drop key lines of steps after the checkpoint: those steps are about to be redone."""
-        path = self._keys_path()
-        if self.cfg.log.sample_keys and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines(keepends=True) if int(ln.split("\t", 1)[0]) <= step]
-            path.write_text("".join(kept))
-
     # ------------------------------------------------------------------ logging and figures
-    def _save_reconstructions(self, count: int = 6) -> None:
-        """reconstructions.png from one center-cropped image of each of the first classes."""
+    def _save_figure(self, path: Path, count: int = 6) -> None:
+        """Reconstructions (pixel, mixed) or similarity maps (CLIP) of one center-cropped image of
+        each of the first classes; rank 0 only, no collectives (ZeRO-2 keeps full weights per rank)."""
         picked, seen = [], set()
         for _, label, data in iter_raw(self.cfg.data.shards):
             if label not in seen:
@@ -542,10 +531,11 @@ class Trainer:
             if len(picked) == count:
                 break
         imgs = torch.stack(picked).to(self.dist.device)
-        path = self.run_dir / "reconstructions.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_reconstructions(
             self.model, imgs, self.cfg.mask.ratio, self.cfg.target.norm_pix, path, self.cfg.seed, self.target
         )
+        self.monitor.figure(self.step, path)
         log.info("wrote %s", path)
 
     def _log(self, lr: float, seconds: float, steps: int) -> None:
@@ -574,7 +564,7 @@ class Trainer:
         if self.sync_check:
             rec["host_syncs_non_logging_steps"] = self.sync_count
             rec["host_sync_sites"] = self.sync_examples
-        self.metrics.write(rec)
+        self.monitor.record(rec)
         tap_txt = " ".join(f"t{t}={v:.4f}" for t, v in zip(self.model.taps, taps))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         log.info(
