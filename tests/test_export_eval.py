@@ -1,0 +1,115 @@
+"""Export to timm, per-block evaluation, and the run's TensorBoard log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.evaluate import evaluate, knn, linear_probe, load_encoder, render
+from engine.export import export, load_timm_encoder, split_encoder
+from engine.model import MaskedViTEncoder
+from engine.registry import get_variant
+from tests.conftest import ROOT, cpu_env, run_deepspeed
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("export") / "run"
+    run_deepspeed(2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), "--set", f"data.shards={demo_shards}",
+                  "--set", "schedule.max_steps=6", "--set", "log.interval=2", "--set", "log.figure_interval=3")  # fmt: skip
+    return run
+
+
+@pytest.mark.launcher
+def test_export_loads_strictly_into_timm_with_equal_features(trained_run, tmp_path):
+    out = tmp_path / "export"
+    meta = export(trained_run, out)
+    assert meta["source_step"] == 6 and meta["timm_model"] == "vit_tiny_patch16_224"
+    assert meta["dropped_keys"] and all(k.startswith("decoders.") for k in meta["dropped_keys"])
+    weights = load_file(str(out / "encoder.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())  # consolidated fp32 masters
+    # the fp32 masters round to the bf16 weights the model trained with
+    module = torch.load(trained_run / "checkpoints/step_00000006/mp_rank_00_model_states.pt", weights_only=False)[
+        "module"
+    ]
+    assert all(torch.equal(weights[k].to(torch.bfloat16), module[f"encoder.{k}"]) for k in weights)
+    import hashlib
+
+    assert (
+        meta["sha256"]["encoder.safetensors"] == hashlib.sha256((out / "encoder.safetensors").read_bytes()).hexdigest()
+    )
+    timm_model = load_timm_encoder(out)  # strict=True inside
+    ours, _ = load_encoder(export=str(out))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(timm_model.forward_features(x), ours.forward_all(x)[-1], atol=1e-5)
+    # the CLI, and a clear error for a missing step
+    proc = subprocess.run([sys.executable, "-m", "engine.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1 and "no complete checkpoint at step 5" in proc.stderr
+
+
+@pytest.mark.parametrize("arch", ["deepmim_vit_base_patch16", "deepmim_vit_large_patch16", "deepmim_vit_huge_patch14"])
+def test_vit_b_l_h_layouts_load_into_timm(arch, tmp_path):
+    spec = get_variant(arch)
+    torch.manual_seed(0)
+    enc = MaskedViTEncoder(spec, spec.img_size).eval()
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    state["decoders.pred.weight"] = torch.zeros(1)
+    encoder, dropped = split_encoder(state)
+    assert dropped == ["decoders.pred.weight"]
+    save_file(encoder, str(tmp_path / "encoder.safetensors"))
+    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0).eval()
+    model.load_state_dict(load_file(str(tmp_path / "encoder.safetensors")), strict=True)
+    x = torch.randn(1, 3, spec.img_size, spec.img_size)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), enc.forward_all(x)[-1], atol=1e-4)
+
+
+def test_probe_and_knn_on_separable_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    x = np.eye(4)[y] * 3 + rng.normal(0, 0.3, (120, 4))
+    assert linear_probe(x[::2], y[::2], x[1::2], y[1::2]) == 1.0
+    assert knn(x[::2].astype(np.float32), y[::2], x[1::2].astype(np.float32), y[1::2], k=5) == 1.0
+    noise = rng.normal(0, 1, (120, 4))
+    assert linear_probe(noise[::2], y[::2], noise[1::2], y[1::2]) < 0.6
+
+
+@pytest.mark.launcher
+def test_evaluator_gives_one_row_per_block(trained_run, demo_shards):
+    enc, cfg = load_encoder(run=str(trained_run))
+    rows = evaluate(enc, 16, str(demo_shards), str(demo_shards), k=5)
+    assert [r["block"] for r in rows] == [1, 2, 3, 4]
+    assert all(0.0 <= r["linear"] <= 1.0 and 0.0 <= r["knn"] <= 1.0 for r in rows)
+    table = render(rows)
+    assert table.count("\n") == 1 + len(rows)
+    proc = subprocess.run([sys.executable, "-m", "engine.evaluate", "--random", "deepmim_vit_test_patch4",
+                           "--train-shards", str(demo_shards), "--val-shards", str(demo_shards)],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0 and "| 4 |" in proc.stdout and "linear probe" in proc.stdout
+
+
+@pytest.mark.launcher
+def test_tensorboard_and_figures(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    ev.Reload()
+    scalars = set(ev.Tags()["scalars"])
+    for tag in ("loss/total", "loss/block2", "loss/block3", "loss/block4", "optim/lr", "speed/img_per_s",
+                "time/data_wait_share", "memory/peak_gb", "faults/skipped_updates"):  # fmt: skip
+        assert tag in scalars, tag
+    assert [e.step for e in ev.Scalars("loss/total")] == [2, 4, 6]
+    assert "figures/reconstructions" in ev.Tags()["images"]
+    assert sorted(p.name for p in (trained_run / "figures").iterdir()) == ["step_00000003.png", "step_00000006.png"]
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
