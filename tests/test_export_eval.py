@@ -23,8 +23,8 @@ from tests.conftest import ROOT, cpu_env, run_deepspeed
 @pytest.fixture(scope="module")
 def trained_run(demo_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("export") / "run"
-    run_deepspeed(2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), "--set", f"data.shards={demo_shards}",
-                  "--set", "schedule.max_steps=6", "--set", "log.interval=2", "--set", "log.figure_interval=3")  # fmt: skip
+    sets = [f"data.shards={demo_shards}", "schedule.max_steps=6", "log.interval=2", "log.figure_interval=3"]
+    run_deepspeed(2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), *[a for s in sets for a in ("--set", s)])
     return run
 
 
@@ -52,8 +52,8 @@ def test_export_loads_strictly_into_timm_with_equal_features(trained_run, tmp_pa
     with torch.no_grad():
         assert torch.allclose(timm_model.forward_features(x), ours.forward_all(x)[-1], atol=1e-5)
     # the CLI, and a clear error for a missing step
-    proc = subprocess.run([sys.executable, "-m", "engine.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"],
-                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "engine.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
     assert proc.returncode == 1 and "no complete checkpoint at step 5" in proc.stderr
 
 
@@ -87,6 +87,7 @@ def test_probe_and_knn_on_separable_features():
 @pytest.mark.launcher
 def test_evaluator_gives_one_row_per_block(trained_run, demo_shards):
     enc, cfg = load_encoder(run=str(trained_run))
+    assert cfg.model.arch == "deepmim_vit_test_patch4"
     rows = evaluate(enc, 16, str(demo_shards), str(demo_shards), k=5)
     assert [r["block"] for r in rows] == [1, 2, 3, 4]
     assert all(0.0 <= r["linear"] <= 1.0 and 0.0 <= r["knn"] <= 1.0 for r in rows)
