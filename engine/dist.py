@@ -85,3 +85,29 @@ def setup_logging(rank: int, level: str = "INFO", log_file: str | None = None) -
         fh.addFilter(RankFilter(rank))
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+# ---------------------------------------------------------------------- collectives used by the trainer
+
+
+def all_gather_objects(obj, world_size: int) -> list:
+    """Every rank's ``obj`` (small Python objects: loader states, preflight findings)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a rare, deliberate sync)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor(1.0 if flag else 0.0, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import signal
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_pipeline import preflight
@@ -26,7 +24,7 @@ from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
 from engine import checkpoint as ckpt
 from engine.compile import try_compile
 from engine.config import Config, Derived, compare_for_resume, derive, fingerprint, from_dict, to_dict
-from engine.dist import DistInfo
+from engine.dist import DistInfo, all_gather_objects, any_rank, barrier
 from engine.ds_setup import initialize, model_dtype, resolve_ds_config
 from engine.flops import FlopCount, flops_for_model, peak_flops
 from engine.guard import NonFiniteGuard
@@ -34,6 +32,7 @@ from engine.model import DeepMIM, build_model, random_masking, resolve_img_size,
 from engine.monitor import KeyAudit, RunMonitor
 from engine.optim import build_optimizer
 from engine.registry import get_variant
+from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.schedule import lr_at
 from engine.targets import build_target
 from engine.telemetry import LossMeter, PhaseTimer, peak_memory_gb
@@ -64,7 +63,7 @@ class Trainer:
     def build(self) -> None:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
         self._find_resume()
         self._build_data()
         self._build_target()
@@ -72,7 +71,7 @@ class Trainer:
         self._build_engine()
         self.mask_gen = torch.Generator(device=self.dist.device)
         self.mask_gen.manual_seed(self.cfg.seed * 1_000_003 + 7 * self.dist.rank + 1)
-        _seed_everything(self.cfg.seed + self.dist.rank)
+        seed_everything(self.cfg.seed + self.dist.rank)
         self.built = True
 
     def _find_resume(self) -> None:
@@ -99,7 +98,7 @@ class Trainer:
         view_dir = self.run_dir / "data_view"
         self.dataset = preflight.run(
             raw, self.cfg.fault.data_checks, view_dir, self.dist.rank, self.dist.world_size,
-            lambda obj: _all_gather(obj, self.dist.world_size), _barrier,
+            lambda obj: all_gather_objects(obj, self.dist.world_size), barrier,
         )  # fmt: skip
         self.bad_samples = self.dataset.total_samples - self.dataset.num_samples
         if self.bad_samples:
@@ -205,8 +204,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _client_state(self) -> dict:
         """Everything besides weights and optimizer state; per-rank parts gathered to all ranks."""
-        mine = {"loader": self.loader.state_dict(), "rng": _rng_state(), "mask_gen": self.mask_gen.get_state()}
-        ranks = _all_gather(mine, self.dist.world_size)
+        mine = {"loader": self.loader.state_dict(), "rng": rng_state(), "mask_gen": self.mask_gen.get_state()}
+        ranks = all_gather_objects(mine, self.dist.world_size)
         return {
             "format_version": ckpt.FORMAT_VERSION,
             "train": {
@@ -241,7 +240,7 @@ class Trainer:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
         except Exception as err:  # disk full, permissions, a file in the way: never half-succeed
             error = err
-        if _any_rank(error is not None, self.dist.device):
+        if any_rank(error is not None, self.dist.device):
             raise ckpt.CheckpointError(
                 f"saving checkpoint {tag} failed ({error or 'on another rank'}); the earlier checkpoints in "
                 f"{self.ckpt_dir} are untouched and the newest complete one is used on resume"
@@ -255,7 +254,7 @@ class Trainer:
             info.update(config=to_dict(self.cfg), config_fingerprint=fingerprint(self.cfg), target=self.target_ref)
             ckpt.mark_complete(path, info)
             ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
-        _barrier()
+        barrier()
         log.info("saved checkpoint %s in %.1fs%s", path, time.perf_counter() - t0, " (kept)" if keep else "")
         return path
 
@@ -271,7 +270,7 @@ class Trainer:
                 log.warning("elastic resume: %s was written by %d ranks, this run has %d; converting it to a "
                             "universal checkpoint", path, self.resume_world, self.dist.world_size)  # fmt: skip
                 ckpt.to_universal(path, self.ckpt_dir / "universal")
-            _barrier()
+            barrier()
             load_path = self.ckpt_dir / "universal" / path.name
         _, client = self.engine.load_checkpoint(
             str(load_path.parent), tag=load_path.name, load_lr_scheduler_states=False
@@ -285,10 +284,10 @@ class Trainer:
         if elastic:
             loader_state = self._elastic_loader_state(train)
             if self.dist.rank < len(ranks):
-                _set_rng_state(ranks[self.dist.rank]["rng"])
+                set_rng_state(ranks[self.dist.rank]["rng"])
         else:
             mine = ranks[self.dist.rank]
-            _set_rng_state(mine["rng"])
+            set_rng_state(mine["rng"])
             self.mask_gen.set_state(mine["mask_gen"])
             loader_state = mine["loader"]
         self.keys.truncate(self.step)
@@ -572,49 +571,3 @@ class Trainer:
             self.step, self.derived.stop_step, rec["epoch"], lr, loss, tap_txt, rate, mfu,
             100 * share.get("data_wait", 0.0), 100 * share.get("teacher", 0.0),
         )  # fmt: skip
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _all_gather(obj, world_size: int) -> list:
-    if world_size == 1 or not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank (a rare, deliberate sync)."""
-    if not torch.distributed.is_initialized():
-        return flag
-    t = torch.tensor(1.0 if flag else 0.0, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
