@@ -7,6 +7,7 @@ for every process, also across nodes and under SLURM.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -111,3 +112,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def release_shared_memory() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (``/dev/shm/deepspeed_allreduce_buffer_*``).
+
+    DeepSpeed's shared-memory all-reduce on CPU creates one ~70 MB buffer per rank and master port
+    and never unlinks it, so every finished CPU run leaves RAM-backed files behind. Peers mapped the
+    buffer at start-up, so removing its name at exit is safe.
+    """
+    import glob
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return
+    suffixes = {os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")}
+    for s in suffixes:
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{s}"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)

@@ -59,14 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
 
-    from data_pipeline.loader import DataError
-    from engine.checkpoint import CheckpointError
-    from engine.dist import setup_distributed, setup_logging
-    from engine.teachers import TeacherError
-    from engine.trainer import NonFiniteError, Trainer
+    from engine.dist import release_shared_memory, setup_distributed, setup_logging
 
     dist = setup_distributed()
     setup_logging(dist.rank, cfg.log.level)
+    try:
+        return _train(cfg, dist)
+    finally:
+        release_shared_memory()
+
+
+def _train(cfg, dist) -> int:
+    from data_pipeline.loader import DataError
+    from engine.checkpoint import CheckpointError
+    from engine.teachers import TeacherError
+    from engine.trainer import NonFiniteError, Trainer
+
     try:
         result = Trainer(cfg, dist).train()
     except (ConfigError, TeacherError, DataError, CheckpointError) as err:

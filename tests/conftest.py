@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -18,6 +19,20 @@ def make_shards(src: Path, out: Path, *extra: str) -> None:
     from data_pipeline.make_shards import main
 
     assert main([str(src), str(out), "--workers", "1", "--no-progress", *extra]) == 0
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_shared_memory():
+    """DeepSpeed's CPU all-reduce leaves ~70 MB buffers in /dev/shm when a run is killed; remove
+    what a test's runs left behind so a long suite does not fill the machine's RAM."""
+    pattern = "/dev/shm/deepspeed_allreduce_buffer_*"
+    import glob
+
+    before = set(glob.glob(pattern))
+    yield
+    for path in set(glob.glob(pattern)) - before:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 @pytest.fixture(scope="session")
