@@ -16,7 +16,6 @@ the source step and checksums. Then, in the fine-tuning code:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -27,6 +26,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.config import from_dict, to_dict
 from engine.registry import get_variant
+from engine.teachers import file_sha256
 
 log = logging.getLogger("engine.export")
 
@@ -92,7 +92,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
         "encoder_keys": len(encoder),
         "dropped_keys": sorted(dropped),
         "dropped_note": "decoders are pretraining heads only; teachers are never part of checkpoints",
-        "sha256": {"encoder.safetensors": _sha256(weights)},
+        "sha256": {"encoder.safetensors": file_sha256(weights)},
     }
     (out_dir / "export.json").write_text(json.dumps(meta, indent=2))
     log.info("exported %d encoder tensors (step %d) to %s; dropped %d decoder tensors; load with "
@@ -104,14 +104,6 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
 def _config_from_model_states(path: Path):
     state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return from_dict(state["config"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_timm_encoder(out_dir: str | Path):

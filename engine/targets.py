@@ -17,11 +17,7 @@ def normalized_pixel_target(imgs: torch.Tensor, p: int, norm_pix: bool) -> torch
     MAE uses the unbiased variance (``Tensor.var``'s default); we keep it to match its numbers.
     """
     target = patchify(imgs.float(), p)
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
-    return target
+    return patch_normalize(target) if norm_pix else target
 
 
 class PixelTarget:
