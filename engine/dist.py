@@ -54,11 +54,6 @@ def setup_distributed(timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
-def single_process(device: torch.device | None = None) -> DistInfo:
-    """A world of one without torch.distributed (tests, tools)."""
-    return DistInfo(rank=0, local_rank=0, world_size=1, device=device or torch.device("cpu"))
-
-
 class RankFilter(logging.Filter):
     """Lets through records from rank 0, and warnings and errors from every rank."""
 

@@ -30,9 +30,3 @@ def masked_cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
 
 
 LOSSES = {"mse": masked_mse, "cosine": masked_cosine}
-
-
-def reconstruction_losses(kind: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if kind not in LOSSES:
-        raise ValueError(f"loss kind {kind!r}: allowed values are {sorted(LOSSES)}")
-    return LOSSES[kind](pred, target, mask)

@@ -283,13 +283,6 @@ class DeepMIM(nn.Module):
         return (taps * self.tap_weights).sum(), taps, preds
 
 
-def pred_dim_for(cfg: Config, spec: VariantSpec, feature_dim: int | None = None) -> int:
-    """Prediction width: pixels of a patch, or the feature teacher's width."""
-    if feature_dim is not None:
-        return feature_dim
-    return 3 * spec.patch_size**2
-
-
 def build_model(cfg: Config, feature_dim: int | None = None) -> DeepMIM:
     spec = get_variant(cfg.model.arch)
     return DeepMIM(
@@ -299,14 +292,10 @@ def build_model(cfg: Config, feature_dim: int | None = None) -> DeepMIM:
         decoder_dim=cfg.model.decoder_dim,
         decoder_depth=cfg.model.decoder_depth,
         decoder_heads=cfg.model.decoder_heads,
-        pred_dim=pred_dim_for(cfg, spec, feature_dim),
+        pred_dim=feature_dim if feature_dim is not None else 3 * spec.patch_size**2,
         loss_kind="cosine" if cfg.target.kind == "clip" else "mse",
         tap_weights=list(cfg.target.weights) or None,
         fused=cfg.model.fused_decoders,
         act_ckpt_encoder=cfg.engine.act_ckpt_encoder,
         act_ckpt_decoder=cfg.engine.act_ckpt_decoder,
     )
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
