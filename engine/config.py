@@ -112,6 +112,7 @@ class DebugConfig:
     nan_grad_steps: list[int] = field(default_factory=list)  # poison one gradient at these steps
     pause_before_marker_s: float = 0.0  # hold a save open before its completeness marker
     step_sleep_s: float = 0.0  # slow every optimizer step down (to interrupt runs at a chosen point)
+    flag_lag: int = -1  # steps between a fault flag and the reaction; -1 = the device's (2 on GPU, 0 on CPU)
 
 
 @dataclass

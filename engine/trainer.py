@@ -53,6 +53,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0  # optimizer steps done
         self.rollbacks = 0
+        self.stale_flags_through = 0  # guard steps whose flags predate the last rollback
         self.derived: Derived | None = None
         self.built = False
         self.resume_from: Path | None = None
@@ -142,7 +143,8 @@ class Trainer:
         o = self.cfg.optim
         optimizer = build_optimizer(self.model, self.derived.lr, o.weight_decay, o.betas, o.eps)
         self.engine = initialize(self.model, optimizer, self.ds_config)
-        self.guard = NonFiniteGuard(self.engine.optimizer, self.dist.device)
+        lag = self.cfg.debug.flag_lag if self.cfg.debug.flag_lag >= 0 else None
+        self.guard = NonFiniteGuard(self.engine.optimizer, self.dist.device, lag=lag)
         teacher = getattr(self.target, "module", None)
         if teacher is not None:  # frozen, outside the optimizer and ZeRO; same device, engine dtype
             teacher.to(self.dist.device, self.dtype)
@@ -468,8 +470,8 @@ class Trainer:
     def _react_to_flags(self) -> str | None:
         """Act on the guard's flags of ``lag`` steps ago (identical on every rank)."""
         flags = self.guard.latest()
-        if flags is None:
-            return None
+        if flags is None or flags.step <= self.stale_flags_through:
+            return None  # (steps already answered by a rollback; a stop request is repeated by later steps)
         if flags.bad:
             log.warning("step %d: non-finite loss or gradient; update skipped (%d skipped so far, %d in a row)",
                         flags.step, flags.skipped_total, flags.consecutive_bad)  # fmt: skip
@@ -499,6 +501,9 @@ class Trainer:
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         self.rollbacks += 1
         self.guard.reset_consecutive()
+        # Flags of the steps run since the ones that triggered this (the lag) still count the bad
+        # streak from before: acting on them would roll back again at once.
+        self.stale_flags_through = self.guard.steps
         log.warning("rolled back to %s after %d consecutive non-finite steps (rollback %d); data continues past "
                     "the offending batches", path, bad, self.rollbacks)  # fmt: skip
         self.step = client["train"]["step"]
