@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from bench.common import Budget, free_memory, header, is_oom, sync, time_steps, write_json
-from engine.compile import try_compile
-from engine.flops import flops_for_model, peak_flops
-from engine.model import DeepMIM, random_masking
-from engine.optim import build_optimizer, param_groups
-from engine.registry import get_variant
-from engine.targets import ClipTarget, PixelTarget
-from engine.teachers import ClipArch, ClipTeacher, freeze
+from engine.models.compile import try_compile
+from engine.models.flops import flops_for_model, peak_flops
+from engine.models.mim import DeepMIM, random_masking
+from engine.models.param_groups import weight_decay_groups
+from engine.models.registry import get_variant
+from engine.targets.kinds import ClipTarget, PixelTarget
+from engine.targets.teachers import ClipArch, ClipTeacher, freeze
 
 log = logging.getLogger("bench.model_step")
 
@@ -52,7 +52,7 @@ class PlainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone() for p in self.params]
         by_id = {id(p): m for p, m in zip(self.params, self.master)}
-        groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in param_groups(model, 0.05)]
+        groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in weight_decay_groups(model, 0.05)]
         self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=self.master[0].is_cuda or None)
 
     def forward(self, model, *args):
@@ -74,13 +74,14 @@ class DeepSpeedStep:
     bf16), the fused AdamW and the non-finite guard, in a world of one."""
 
     def __init__(self, model: torch.nn.Module, batch: int, lr: float = 1e-4):
-        from engine.ds_setup import initialize, load_ds_config
-        from engine.guard import NonFiniteGuard
+        from engine.loop.ds_setup import initialize, load_ds_config
+        from engine.loop.guard import NonFiniteGuard
 
         _init_dist()
         cfg = load_ds_config(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2_bf16.json")
         cfg.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
-        self.engine = initialize(model, build_optimizer(model, lr, 0.05, [0.9, 0.95], 1e-8), cfg)
+        opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        self.engine = initialize(model, opt, cfg)
         self.guard = NonFiniteGuard(self.engine.optimizer, next(model.parameters()).device)
 
     def forward(self, model, *args):

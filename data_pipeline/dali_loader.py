@@ -1,163 +1,157 @@
-"""NVIDIA DALI input pipeline: WebDataset shards -> MAE augmentation -> NCHW float tensors.
+"""NVIDIA DALI input pipeline: tar shards -> decode of the crop region -> resize -> normalize.
 
-One code path for GPU and CPU: with a GPU, JPEGs are decoded by nvJPEG (``mixed``, ROI decoding
-of only the random crop, hardware decoder where the GPU has one) and resized/normalized on the
-GPU; without one, the same operators run on the CPU (``device_id=None``).
+The sample order and every sample's crop box and flip come from ``data_pipeline.plan`` (pure
+functions of seed, epoch and manifest row), and the JPEG bytes are read by offset from the tar
+shards; an ``external_source`` hands both to DALI, which decodes only the crop region (ROI
+decoding: nvJPEG with the hardware decoder on GPUs that have one, ``mixed``), resizes (bicubic,
+antialiased) and normalizes, on the GPU when there is one and on the CPU otherwise.
 
-Epochs. ``fn.readers.webdataset`` splits the concatenated samples of all shards into
-``world_size`` contiguous slices (``shard_id=rank``) and, as ``stick_to_shard`` is off, moves
-each rank to the next slice every epoch. ``pad_last_batch`` aligns the reader's epochs with
-batch boundaries, so the shuffle buffer never mixes two epochs. Each rank yields exactly
-``micro_steps_per_epoch`` batches (the smallest slice's whole optimizer steps), then reads and
-discards the rest of its slice, so every rank stays on the same epoch.
+Why not ``fn.readers.webdataset``: its shuffle buffer and its split of samples over ranks are
+internal state that only a DALI checkpoint of the same pipeline shape can restore. With the plan
+outside DALI, a resume after any change (world size, micro-batch, loader kind, newly excluded
+samples) still reads every remaining sample exactly once, and both loaders crop alike.
 
-Exact resume. The pipeline runs with ``enable_checkpointing``: its checkpoint (reader position,
-shuffle buffer and the random state of every operator) restores the exact remaining batches.
+Fine-tuning adds DALI's RandAugment (``nvidia.dali.auto_aug.rand_augment``), whose random state
+is DALI's own: the pipeline then runs with ``enable_checkpointing`` and its checkpoint is part of
+the loader state, restored when the layout did not change.
+
+A batch DALI cannot decode is not a crash loop: its samples are checked on the host, the bad ones
+are recorded in the run's data_view folder (skipped, and counted, from the next start), and the
+error names them.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections import deque
 
-import torch
+import numpy as np
 
-from data_pipeline.loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Batch,
-    DataError,
-    LoaderSpec,
-    decode_strings,
-    parse_labels,
-    rank_range,
-    read_dataset,
-)
+from data_pipeline import preflight
+from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Batch, DataError, EpochLoader, LoaderSpec
+from data_pipeline.plan import crop_params
 
 log = logging.getLogger(__name__)
 
-LABEL_BYTES = 12
+
+def parse_rand_augment(policy: str) -> tuple[int, int]:
+    """timm's 'rand-m9-n2-mstd0.5-inc1' -> (n ops, magnitude 0-10). DALI draws no magnitude noise
+    (mstd) and always uses the increasing-severity variants (inc1)."""
+    m = re.fullmatch(r"rand((?:-[a-z]+[0-9.]+)*)", policy)
+    if not m:
+        raise DataError(f"rand_augment={policy!r}: expected timm's form, e.g. 'rand-m9-mstd0.5-inc1'")
+    parts = dict(re.findall(r"-([a-z]+)([0-9.]+)", policy))
+    return int(parts.get("n", 2)), int(float(parts.get("m", 9)))
 
 
-def build_pipeline(spec: LoaderSpec, tars: list[str], idxs: list[str], slice_size: int, checkpoint: str | None):
+class _Source:
+    """DALI's external source: called once per micro-batch, in order, ahead of consumption."""
+
+    def __init__(self, loader: DaliLoader):
+        self.loader = loader
+        self.batches = loader.future_batches()
+        self.pending: deque[np.ndarray] = deque()  # rows of batches handed to DALI, not yet yielded
+
+    def __call__(self):
+        epoch, rows = next(self.batches)
+        self.pending.append(rows)
+        s, t = self.loader.spec, self.loader.table
+        jpgs, anchors, shapes, mirrors = [], [], [], []
+        for i in rows:
+            jpgs.append(np.frombuffer(t.read(i), dtype=np.uint8))
+            x, y, w, h, flip = crop_params(s.seed, epoch, int(i), int(t.width[i]), int(t.height[i]), s.crop_scale,
+                                           s.crop_ratio)  # fmt: skip
+            anchors.append(np.array([x, y], dtype=np.float32))
+            shapes.append(np.array([w, h], dtype=np.float32))
+            mirrors.append(np.array(int(flip), dtype=np.int32))
+        return jpgs, anchors, shapes, mirrors
+
+
+def build_pipeline(spec: LoaderSpec, source: _Source, checkpoint: bytes | None, seed: int):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.decode_device == "gpu"
-    # source_info is "<tar path>:<offset>:<member>"; pad it to a fixed width so it batches.
-    info_bytes = max(len(t.encode()) for t in tars) + 128
+    randaug = bool(spec.rand_augment)
 
     @pipeline_def(
         batch_size=spec.micro_batch,
         num_threads=spec.num_threads,
         device_id=spec.device_id if gpu else None,
-        seed=spec.seed + 7919 * spec.rank,
-        enable_checkpointing=True,
+        seed=seed,
+        enable_checkpointing=randaug,
+        enable_conditionals=randaug,
     )
     def pipe():
-        jpg, cls = fn.readers.webdataset(
-            paths=tars,
-            index_paths=idxs,
-            ext=["jpg", "cls"],
-            missing_component_behavior="error",
-            shard_id=spec.rank,
-            num_shards=spec.world_size,
-            random_shuffle=True,
-            initial_fill=max(1, min(spec.shuffle_buffer, slice_size)),
-            pad_last_batch=True,
-            name="reader",
-        )
-        info = fn.get_property(jpg, key="source_info")  # "<tar path>:<offset>:<member>"
-        img = fn.decoders.image_random_crop(
-            jpg,
-            device="mixed" if gpu else "cpu",
-            output_type=types.RGB,
-            random_area=list(spec.crop_scale),
-            random_aspect_ratio=list(spec.crop_ratio),
-            num_attempts=10,
+        jpg, anchor, shape, mirror = fn.external_source(source=source, num_outputs=4, batch=True)
+        img = fn.decoders.image_slice(
+            jpg, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
             **({"hw_decoder_load": 0.65} if gpu else {}),
-        )
+        )  # fmt: skip
         img = fn.resize(
             img, resize_x=spec.img_size, resize_y=spec.img_size, interp_type=types.INTERP_CUBIC, antialias=True
         )
-        img = fn.crop_mirror_normalize(
-            img,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            mean=[m * 255 for m in IMAGENET_MEAN],
-            std=[s * 255 for s in IMAGENET_STD],
-            mirror=fn.random.coin_flip(probability=0.5),
-        )
-        return img, fn.pad(cls, fill_value=0, shape=[LABEL_BYTES]), fn.pad(info, fill_value=0, shape=[info_bytes])
+        if randaug:
+            from nvidia.dali.auto_aug import rand_augment
 
-    return pipe(checkpoint=checkpoint)
+            n, m = parse_rand_augment(spec.rand_augment)
+            # DALI's magnitude scale has 31 bins where timm's has 11 (0-10): same fraction of the maximum.
+            img = rand_augment.rand_augment(img, n=n, m=round(m * 3), num_magnitude_bins=31, fill_value=128)
+        return fn.crop_mirror_normalize(
+            img, dtype=types.FLOAT, output_layout="CHW", mean=[m * 255 for m in IMAGENET_MEAN],
+            std=[s * 255 for s in IMAGENET_STD], mirror=mirror,
+        )  # fmt: skip
+
+    return pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
 
 
-class DaliLoader:
-    """Rank-local DALI loader with explicit epochs and exact, checkpointable position."""
+class DaliLoader(EpochLoader):
+    """Rank-local DALI loader with explicit epochs and exact, checkpointable positions."""
+
+    kind = "dali"
 
     def __init__(self, spec: LoaderSpec, state: dict | None = None):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.spec = spec
-        self.info = read_dataset(spec.shards, spec.view or None)
-        lo, hi = rank_range(self.info.num_samples, spec.rank, spec.world_size)
-        min_slice = self.info.num_samples // spec.world_size
-        if spec.micro_steps_per_epoch * spec.micro_batch > min_slice:
-            raise DataError(
-                f"{spec.micro_steps_per_epoch} micro-batches of {spec.micro_batch} exceed the smallest rank slice "
-                f"({min_slice} samples)"
-            )
-        self.epoch = 0
-        self.position = 0  # micro-batches already yielded in the current epoch
-        checkpoint = None
-        if state is not None:
-            # A state without a DALI checkpoint (another loader kind, another world size) keeps the
-            # epoch and the position in it; the order of this epoch's remaining samples differs.
-            self.epoch, self.position = state["epoch"], state["position"]
-            checkpoint = state.get("dali") if state.get("kind") == "dali" else None
-        tars = [str(self.info.tar(s)) for s in self.info.shards]
-        idxs = [str(self.info.idx(s)) for s in self.info.shards]
-        self._pipe = build_pipeline(spec, tars, idxs, hi - lo, checkpoint)
-        self._it = DALIGenericIterator(
-            [self._pipe],
-            ["img", "cls", "info"],
-            reader_name="reader",
-            last_batch_policy=LastBatchPolicy.DROP,
-            auto_reset=False,
-            prepare_first_batch=False,
-        )
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.spec.micro_steps_per_epoch
+        super().__init__(spec, state)
+        same = state is not None and self.restored_same_layout and state.get("kind") == "dali"
+        same = same and state.get("micro_batch") == spec.micro_batch and state.get("rank") == spec.rank
+        checkpoint = state.get("dali") if same else None
+        # A fresh pipeline after a resume must not replay the run's first random draws.
+        seed = spec.seed + 7919 * spec.rank + 104_729 * self.epoch + self.samples_consumed()
+        self._source = _Source(self)
+        self._pipe = build_pipeline(spec, self._source, checkpoint, seed % 2**31)
+        self._it = DALIGenericIterator([self._pipe], ["img"], auto_reset=False, prepare_first_batch=False)
 
     def __iter__(self):
-        while self.position < self.spec.micro_steps_per_epoch:
-            out = next(self._it)[0]
-            self.position += 1
-            yield Batch(img=out["img"], label=parse_labels(out["cls"]), keys=_keys(out["info"]))
-        self._finish_epoch()
-
-    def _finish_epoch(self) -> None:
-        # Read out the rest of this rank's slice so the reader sits on the next epoch boundary.
-        # (next() in a loop, not `for`: iter() on a DALI iterator resets it mid-epoch.)
-        while True:
+        for _ in range(self.micro_batches_left()):
             try:
-                next(self._it)
-            except StopIteration:
-                break
-        self._it.reset()
-        self.epoch += 1
-        self.position = 0
+                out = next(self._it)[0]
+            except RuntimeError as err:  # DALI could not decode something in the queue
+                self._fail(err)
+            rows = self._source.pending.popleft()
+            self._advance(len(rows))
+            labels, keys = self.labels_and_keys(rows)
+            img = out["img"]
+            yield Batch(img=img, label=labels.to(img.device), keys=keys, rows=rows)
+        self._next_epoch()
+
+    def _fail(self, err: Exception) -> None:
+        rows = np.concatenate(list(self._source.pending)) if self._source.pending else np.array([], dtype=np.int64)
+        found = preflight.find_undecodable(self.table, rows)
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        if not found:  # the host decodes them all: DALI alone cannot; leave out the batch at its head
+            head = self._source.pending[0] if self._source.pending else rows
+            found = [(int(i), f"DALI could not decode the batch holding it ({reason})") for i in head]
+        path = preflight.record_runtime_bad(self.spec.view, self.spec.rank, self.table, found)
+        names = ", ".join(f"{self.table.key(i)} ({why})" for i, why in found[:5])
+        raise DataError(
+            f"rank {self.spec.rank}: DALI failed on sample(s) {names}{' ...' if len(found) > 5 else ''}; recorded in "
+            f"{path}: restart the run (same command) and they are skipped and counted"
+        ) from err
 
     def state_dict(self) -> dict:
-        return {"kind": "dali", "epoch": self.epoch, "position": self.position, "dali": self._it.checkpoints()[0]}
-
-
-def _keys(info: torch.Tensor) -> list[str]:
-    """source_info strings -> '<shard>/<key>' (e.g. 'shard-000003/n01440764__n01440764_10026')."""
-    keys = []
-    for s in decode_strings(info):
-        path, _, member = s.rpartition(":")
-        shard = path.rsplit(":", 1)[0].rsplit("/", 1)[-1].removesuffix(".tar")
-        keys.append(f"{shard}/{member.rsplit('.', 1)[0]}")
-    return keys
+        state = super().state_dict()
+        if self.spec.rand_augment:
+            state["dali"] = self._it.checkpoints()[0]
+        return state

@@ -1,7 +1,7 @@
 """Deterministic reading of a shard folder: every sample once, in manifest order, center-cropped.
 
 For evaluation (feature extraction, probes) and figures, where augmentation must not vary. Reads
-samples by tar offset through the DALI index files, like the fallback loader.
+samples by tar offset through the manifest, like the loaders.
 """
 
 from __future__ import annotations
@@ -13,22 +13,18 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, read_dataset
-from data_pipeline.wds_index import read_index
+from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.table import read_table
 
 
 def iter_raw(shards: str) -> Iterator[tuple[str, int, bytes]]:
-    """Yields (shard/key, label, JPEG bytes) for every sample."""
-    info = read_dataset(shards)
-    for name in info.shards:
-        with open(info.tar(name), "rb") as f:
-            for s in read_index(info.idx(name)):
-                jpg, cls = s.component("jpg"), s.component("cls")
-                f.seek(jpg.offset)
-                data = f.read(jpg.size)
-                f.seek(cls.offset)
-                label = int(f.read(cls.size).decode())
-                yield f"{name}/{s.key}", label, data
+    """Yields (shard/key, label, JPEG bytes) for every sample, in manifest order."""
+    table = read_table(shards)
+    try:
+        for i in range(len(table)):
+            yield table.key(i), int(table.label[i]), table.read(i)
+    finally:
+        table.close()
 
 
 def center_crop(data: bytes, size: int, crop_fraction: float = 0.875) -> torch.Tensor:

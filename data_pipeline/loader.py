@@ -1,13 +1,15 @@
 """The training loader interface shared by the DALI pipeline and the PyTorch fallback.
 
 A loader yields ``Batch`` objects for one rank. Its contract:
-* every rank yields exactly ``micro_steps_per_epoch`` micro-batches per epoch (the number that
-  ``engine.config.derive`` computes from the manifest), so ranks never disagree on step counts;
-* iterating a loader runs the rest of the current epoch and then moves to the next one: epoch
-  boundaries are explicit (``loader.epoch``), and a loader restored from ``state_dict`` in the
-  middle of an epoch continues with exactly the batches it would have produced;
-* within an epoch, the ranks' samples are disjoint and together cover the dataset once, minus
-  the ``dropped_per_epoch`` samples that do not fill a whole optimizer step on every rank.
+* the order of samples and the crop of each sample are pure functions of the seed, the epoch and
+  the manifest row (``data_pipeline.plan``), identical for both loaders;
+* every rank yields the same number of micro-batches per epoch, so ranks never disagree on step
+  counts; epoch boundaries are explicit (``loader.epoch``);
+* within an epoch, the ranks' samples are disjoint and together cover the usable samples once,
+  minus fewer than one global batch plus the world size left out (a different few each epoch);
+* ``state_dict()`` records positions in samples, so a loader restored from it continues with
+  exactly the remaining samples, even when the world size, the micro-batch, the loader kind or
+  the set of excluded samples changed in between.
 
 Data pipelines take rank and world size as arguments and never read the environment.
 """
@@ -15,24 +17,32 @@ Data pipelines take rank and world size as arguments and never read the environm
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from data_pipeline.plan import Phase, RankStream, rank_range, rank_stream
+from data_pipeline.table import DataError, SampleTable, read_table
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Batch", "DataError", "DatasetView", "EpochLoader", "LoaderSpec",
+           "make_loader", "rank_range", "read_dataset"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """The shard folder is missing, incomplete or inconsistent."""
 
 
 @dataclass
 class Batch:
     img: torch.Tensor  # [N, 3, H, W] float32, ImageNet-normalized, on the loader's output device
     label: torch.Tensor  # [N] int64 (-1 for unlabeled data)
-    keys: list[str] = field(default_factory=list)  # sample keys, for exact-resume checks and logs
+    keys: list[str] = field(default_factory=list)  # '<shard>/<key>', for exact-resume checks and logs
+    rows: np.ndarray | None = None  # manifest rows of the samples
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class LoaderSpec:
     rank: int
     world_size: int
     micro_batch: int
-    micro_steps_per_epoch: int
+    samples_per_rank_step: int  # micro_batch x accumulation: the unit every rank's share is cut in
     img_size: int
     seed: int
     num_threads: int = 4
@@ -49,61 +59,142 @@ class LoaderSpec:
     device_id: int | None = None  # CUDA device for outputs and GPU decoding
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    shuffle_buffer: int = 4096
-    view: str = ""  # preflight view folder (filtered index files); empty = the shard folder as is
+    rand_augment: str = ""  # timm-style policy ("rand-m9-mstd0.5-inc1"); empty = MAE's crop + flip only
+    excluded: tuple[int, ...] = ()  # manifest rows not to read (unreadable; from the start-up check)
+    view: str = ""  # run's data_view folder: where samples that fail at run time are recorded
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    root: Path
-    shards: tuple[str, ...]  # shard names without extension, in manifest order
-    num_samples: int  # usable samples (after a preflight view, the bad ones are excluded)
-    num_classes: int
-    total_samples: int = 0  # samples in the manifest
-    index_paths: dict = field(default_factory=dict)  # shard -> filtered index file (preflight view)
-    shard_sizes: dict = field(default_factory=dict)  # shard -> samples in the manifest
+@dataclass
+class DatasetView:
+    """A shard folder's samples and the rows left out of training (the start-up check's verdict)."""
+
+    table: SampleTable
+    excluded: tuple[int, ...] = ()
+
+    @property
+    def root(self) -> Path:
+        return self.table.root
+
+    @property
+    def shards(self) -> tuple[str, ...]:
+        return self.table.shards
+
+    @property
+    def total_samples(self) -> int:
+        return len(self.table)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.table) - len(self.excluded)
+
+    @property
+    def num_classes(self) -> int:
+        return self.table.num_classes
+
+    def shard_size(self, name: str) -> int:
+        return len(self.table.rows_of(name))
 
     def tar(self, name: str) -> Path:
-        return self.root / f"{name}.tar"
+        return self.table.tar(name)
 
     def idx(self, name: str) -> Path:
-        return Path(self.index_paths.get(name, self.root / f"{name}.idx"))
+        return self.table.idx(name)
 
 
-def read_dataset(root: str | Path, view: str | Path | None = None) -> DatasetInfo:
-    """Shard list from ``dataset.json``, sample count from the Parquet manifest's metadata; with
-    ``view`` (a preflight folder), the filtered shard list, index files and count."""
-    info = _read_manifest_info(Path(root))
+def read_dataset(root: str | Path, view: str | Path | None = None) -> DatasetView:
+    """The samples of a shard folder; with ``view`` (a start-up check's folder), minus the rows it excluded."""
+    table = read_table(root)
     if view is None:
-        return info
+        return DatasetView(table)
     v = json.loads((Path(view) / "view.json").read_text())
-    return DatasetInfo(info.root, tuple(v["shards"]), v["num_samples"], info.num_classes, v["total_samples"],
-                       dict(v["index_paths"]), info.shard_sizes)  # fmt: skip
+    return DatasetView(table, tuple(v["excluded"]))
 
 
-def _read_manifest_info(root: Path) -> DatasetInfo:
-    meta_path, manifest = root / "dataset.json", root / "manifest.parquet"
-    if not meta_path.is_file() or not manifest.is_file():
-        raise DataError(
-            f"{root} is not a finished shard folder (dataset.json and manifest.parquet are required); "
-            "create it with: python -m data_pipeline.make_shards SRC OUT"
-        )
-    import pyarrow.parquet as pq
+class EpochLoader:
+    """Epochs, phases and positions; subclasses turn lists of manifest rows into image batches."""
 
-    meta = json.loads(meta_path.read_text())
-    num = pq.ParquetFile(manifest).metadata.num_rows
-    sizes: dict[str, int] = {}
-    for s in pq.read_table(manifest, columns=["shard"]).column("shard").to_pylist():
-        sizes[s] = sizes.get(s, 0) + 1
-    if num != meta["num_samples"]:
-        raise DataError(f"{root}: manifest has {num} rows but dataset.json says {meta['num_samples']}")
-    shards = tuple(meta["shards"])
-    return DatasetInfo(root, shards, num, int(meta.get("num_classes", 0)), num, {}, sizes)
+    kind = "base"
+
+    def __init__(self, spec: LoaderSpec, state: dict | None = None):
+        self.spec = spec
+        self.table = read_table(spec.shards)
+        self.n = len(self.table)
+        self.excluded = tuple(sorted(spec.excluded))
+        self.epoch = 0
+        self.phases = [Phase(spec.world_size, 0, self.excluded)]
+        self.restored_same_layout = False
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        phases = [Phase.from_state(p) for p in state["phases"]]
+        last = phases[-1]
+        if last.world == self.spec.world_size and last.excluded == self.excluded:
+            self.phases = phases  # same layout: continue the phase
+            self.restored_same_layout = True
+        else:  # another world size or newly excluded rows: a new phase over what is left of this epoch
+            self.phases = [*phases, Phase(self.spec.world_size, 0, self.excluded)]
+            log.warning(
+                "data: epoch %d continues as phase %d (was %d ranks, %d excluded rows; now %d ranks, %d): the "
+                "samples not yet read this epoch are split anew, none repeated", self.epoch, len(self.phases),
+                last.world, len(last.excluded), self.spec.world_size, len(self.excluded),
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ plan
+    def stream(self, epoch: int | None = None, phases: list[Phase] | None = None) -> RankStream:
+        s = self.spec
+        return rank_stream(s.seed, self.epoch if epoch is None else epoch, self.n, phases or self.phases, s.rank,
+                           s.samples_per_rank_step)  # fmt: skip
+
+    def future_batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(epoch, rows) of every micro-batch from the current position on, across epochs."""
+        epoch, phases = self.epoch, list(self.phases)
+        while True:
+            st = self.stream(epoch, phases)
+            mb = self.spec.micro_batch
+            for k in range(len(st.rows) // mb):
+                yield epoch, st.rows[k * mb : (k + 1) * mb]
+            epoch, phases = epoch + 1, [Phase(self.spec.world_size, 0, self.excluded)]
+
+    @property
+    def position(self) -> int:
+        """Micro-batches of the current phase taken so far (counted in this run's micro-batch)."""
+        return self.phases[-1].consumed // self.spec.micro_batch
+
+    def micro_batches_left(self) -> int:
+        return len(self.stream().rows) // self.spec.micro_batch
+
+    def _advance(self, samples: int) -> None:
+        last = self.phases[-1]
+        self.phases[-1] = Phase(last.world, last.consumed + samples, last.excluded)
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.phases = [Phase(self.spec.world_size, 0, self.excluded)]
+
+    def labels_and_keys(self, rows: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+        return torch.from_numpy(self.table.label[rows]), [self.table.key(i) for i in rows]
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "epoch": self.epoch, "phases": [p.to_state() for p in self.phases],
+                "rank": self.spec.rank, "micro_batch": self.spec.micro_batch}  # fmt: skip
+
+    def samples_consumed(self) -> int:
+        return self.phases[-1].consumed
 
 
-def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of this rank's contiguous slice: DALI readers split samples the same way."""
-    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+def make_loader(kind: str, spec: LoaderSpec, state: dict | None = None) -> EpochLoader:
+    """Build the configured loader ("dali" or "torch"), optionally restored from ``state``."""
+    if kind == "dali":
+        from data_pipeline.dali_loader import DaliLoader
+
+        return DaliLoader(spec, state)
+    if kind == "torch":
+        from data_pipeline.torch_loader import TorchLoader
+
+        return TorchLoader(spec, state)
+    raise DataError(f"data.loader={kind!r}: allowed values are ['dali', 'torch']")
 
 
 def parse_labels(padded: torch.Tensor) -> torch.Tensor:
@@ -116,22 +207,3 @@ def parse_labels(padded: torch.Tensor) -> torch.Tensor:
     power = torch.where(digit, n_digits - pos, torch.zeros_like(b))
     value = (torch.where(digit, b - 48, torch.zeros_like(b)) * torch.pow(10, power)).sum(dim=1)
     return torch.where(neg, -value, value)
-
-
-def decode_strings(padded: torch.Tensor) -> list[str]:
-    """[N, W] uint8, zero-padded -> N Python strings."""
-    arr = padded.cpu().numpy()
-    return [bytes(row[row > 0]).decode("utf-8", "replace") for row in arr]
-
-
-def make_loader(kind: str, spec: LoaderSpec, state: dict | None = None):
-    """Build the configured loader ("dali" or "torch"), optionally restored from ``state``."""
-    if kind == "dali":
-        from data_pipeline.dali_loader import DaliLoader
-
-        return DaliLoader(spec, state)
-    if kind == "torch":
-        from data_pipeline.torch_loader import TorchLoader
-
-        return TorchLoader(spec, state)
-    raise DataError(f"data.loader={kind!r}: allowed values are ['dali', 'torch']")

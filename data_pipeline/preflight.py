@@ -1,19 +1,21 @@
 """Start-up checks of a shard folder, shared by all ranks, that turn data faults into counted skips.
 
-Run once at start-up (and on every resume), before any loader is built:
+Run once at start-up (and on every resume), before any loader is built. Per shard:
 
 * a missing or unreadable tar: all of its samples are skipped;
-* a missing or malformed index file: rebuilt from the tar when the tar is readable;
-* a truncated tar: samples whose bytes lie past the end of the file are skipped;
-* ``checks=markers`` (default): every JPEG must start with SOI and have EOI near its end, and
-  every label must parse; ``checks=decode`` also decodes each image (slow; for suspect data);
-  ``checks=index`` only reads the index files and compares them with the tar sizes.
+* the counts of the manifest, the index file and the tar (its headers walked) are compared and a
+  disagreement is reported with the shard's name; the loaders read the manifest, so a manifest row
+  whose bytes are not where it says in the tar (phantom rows, a truncated tar) is skipped, and tar
+  members the manifest does not list are ignored;
+* ``checks=markers`` (default): every JPEG must start with SOI and have EOI near its end, and the
+  label stored in the tar must equal the manifest's; ``checks=decode`` also decodes each image
+  (slow; for suspect data); ``checks=index`` only compares manifest offsets with the tar size;
+* samples that failed to decode during an earlier run of this run folder (recorded by the loaders
+  in ``RUN_DIR/data_view/runtime_bad_rank*.json``) are skipped without any decode pass.
 
-Ranks split the shards between them, exchange their findings, and all build the same filtered
-view: the same sample list on every rank, so the step counts stay equal. The view (filtered
-index files for the shards that needed it, plus ``view.json`` and ``bad_samples.json``) is
-written under the run folder and read by both loaders. Above ``max_bad_share`` of the samples,
-start-up stops with a message that names the file listing them.
+Ranks split the shards between them, exchange their findings, and all train on the same list of
+excluded rows, so the step counts stay equal. ``bad_samples.json`` lists every skipped sample with
+its reason; above ``max_bad_share`` of the samples, start-up stops with a message naming that file.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_pipeline.loader import DataError, DatasetInfo, read_dataset
-from data_pipeline.wds_index import Component, IndexedSample, IndexError_, read_index, write_index
+import numpy as np
+
+from data_pipeline.loader import DataError, DatasetView
+from data_pipeline.table import SampleTable
+from data_pipeline.wds_index import Component, IndexedSample, IndexError_, read_index
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +47,11 @@ class BadSample:
     reason: str
     rank: int = 0  # the rank that found it
     count: int = 1  # samples lost (a whole unreadable shard counts all of its samples)
-
-
-@dataclass
-class ShardResult:
-    shard: str
-    good: list[IndexedSample]
-    bad: list[BadSample]
-    rebuilt: bool  # the index had to be rebuilt or filtered: a new index file is needed
+    rows: tuple[int, ...] = ()  # manifest rows
 
 
 def scan_tar_index(tar_path: Path) -> list[IndexedSample]:
-    """Rebuild DALI index entries by walking the tar (stops quietly at a truncated end)."""
+    """Index entries rebuilt by walking the tar headers (stops quietly at a truncated end)."""
     samples: list[IndexedSample] = []
     current: list[Component] = []
     last_key = None
@@ -76,123 +74,161 @@ def scan_tar_index(tar_path: Path) -> list[IndexedSample]:
     return samples
 
 
-def _jpeg_ok(f, comp: Component) -> str | None:
-    if comp.size < 4:
+def _jpeg_ok(fd: int, offset: int, size: int) -> str | None:
+    if size < 4:
         return "JPEG too small"
-    f.seek(comp.offset)
-    head = f.read(2)
-    if head != b"\xff\xd8":
+    if os.pread(fd, 2, offset) != b"\xff\xd8":
         return "corrupt JPEG (no SOI marker)"
-    tail_len = min(comp.size, 1024)
-    f.seek(comp.offset + comp.size - tail_len)
-    if b"\xff\xd9" not in f.read(tail_len):
+    tail_len = min(size, 1024)
+    if b"\xff\xd9" not in os.pread(fd, tail_len, offset + size - tail_len):
         return "corrupt or truncated JPEG (no EOI marker)"
     return None
 
 
-def _decode_ok(data: bytes) -> str | None:
+def decode_error(data: bytes) -> str | None:
+    """Full decode with PIL (every byte of entropy data); the reason when it fails."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()
-    except Exception as err:
-        return f"JPEG does not decode ({type(err).__name__})"
+    except Exception as err:  # PIL raises many types
+        return f"JPEG does not decode ({type(err).__name__}: {str(err)[:120]})"
     return None
 
 
-def check_shard(info: DatasetInfo, name: str, checks: str, rank: int = 0) -> ShardResult:
-    tar, idx = info.tar(name), info.idx(name)
+def check_shard(table: SampleTable, name: str, checks: str, rank: int = 0) -> list[BadSample]:
+    """The bad samples of one shard (manifest rows), and warnings for count disagreements."""
+    rows = table.rows_of(name)
+    tar = table.tar(name)
     try:
         size = tar.stat().st_size
-        with open(tar, "rb") as f:
-            f.read(1)
+        fd = os.open(tar, os.O_RDONLY)
     except OSError as err:
-        lost = info.shard_sizes.get(name, 0)
-        return ShardResult(
-            name, [], [BadSample(name, "*", f"tar unreadable ({err.strerror or err})", rank, lost)], True
-        )
-    rebuilt = False
+        return [BadSample(name, "*", f"tar unreadable ({err.strerror or err})", rank, len(rows),
+                          tuple(int(r) for r in rows))]  # fmt: skip
     try:
-        entries = read_index(idx)
+        return _check_rows(table, name, rows, checks, rank, size, fd)
+    finally:
+        os.close(fd)
+
+
+def _check_rows(table, name, rows, checks, rank, size, fd) -> list[BadSample]:
+    walked = {s.key: s for s in scan_tar_index(table.tar(name))} if checks != "index" else None
+    try:
+        n_index = len(read_index(table.idx(name)))
     except IndexError_ as err:
-        log.warning("rank %d: %s; rebuilding it from %s", rank, err, tar.name)
-        entries, rebuilt = scan_tar_index(tar), True
-    good, bad = [], []
-    with open(tar, "rb") as f:
-        for s in entries:
-            reason = None
-            if any(c.offset + c.size > size for c in s.components):
-                reason = "truncated tar (sample extends past the end of the file)"
-            elif {"jpg", "cls"} - {c.ext for c in s.components}:
-                reason = "sample lacks its .jpg or .cls file"
-            elif checks in ("markers", "decode"):
-                jpg, cls = s.component("jpg"), s.component("cls")
-                reason = _jpeg_ok(f, jpg)
-                if reason is None:
-                    f.seek(cls.offset)
-                    try:
-                        int(f.read(cls.size).decode())
-                    except (UnicodeDecodeError, ValueError):
-                        reason = "label is not an integer"
-                if reason is None and checks == "decode":
-                    f.seek(jpg.offset)
-                    reason = _decode_ok(f.read(jpg.size))
-            if reason:
-                bad.append(BadSample(name, s.key, reason, rank))
-            else:
-                good.append(s)
-    return ShardResult(name, good, bad, rebuilt or bool(bad))
+        n_index = None
+        log.warning("rank %d: %s (the loaders read the manifest; index files are for other tools)", rank, err)
+    counts = {"manifest": len(rows), "index": n_index, "tar": len(walked) if walked is not None else None}
+    known = [v for v in counts.values() if v is not None]
+    if len(set(known)) > 1:
+        log.warning("rank %d: shard %s: the manifest lists %d samples, the index %s, the tar %s; samples the "
+                    "manifest lists but the tar does not hold are skipped, tar members the manifest does not list "
+                    "are ignored", rank, name, counts["manifest"], counts["index"], counts["tar"])  # fmt: skip
+    bad = []
+    for r in rows:
+        key, off, n = table.keys[int(r)].as_py(), int(table.offset[r]), int(table.size[r])
+        reason = None
+        if off + n > size:
+            reason = "truncated tar (sample extends past the end of the file)"
+        elif walked is not None:
+            s = walked.get(key)
+            comps = {c.ext: c for c in s.components} if s is not None else {}
+            if "jpg" not in comps:
+                reason = "in the manifest but not in the tar"
+            elif (comps["jpg"].offset, comps["jpg"].size) != (off, n):
+                reason = f"the manifest's byte range {off}+{n} is not the tar member's"
+            elif "cls" not in comps:
+                reason = "sample lacks its .cls file"
+        if reason is None and checks in ("markers", "decode"):
+            reason = _jpeg_ok(fd, off, n)
+            if reason is None:
+                cls = comps["cls"]
+                if os.pread(fd, cls.size, cls.offset).decode(errors="replace").strip() != str(int(table.label[r])):
+                    reason = f"label in the tar differs from the manifest's ({int(table.label[r])})"
+        if reason is None and checks == "decode":
+            reason = decode_error(os.pread(fd, n, off))
+        if reason:
+            bad.append(BadSample(name, key, reason, rank, 1, (int(r),)))
+    return bad
+
+
+# ------------------------------------------------------------------------------ run-time faults
+
+
+def find_undecodable(table: SampleTable, rows: np.ndarray) -> list[tuple[int, str]]:
+    """(row, reason) of the samples among ``rows`` that do not decode (or cannot be read)."""
+    found = []
+    for i in np.unique(np.asarray(rows, dtype=np.int64)):
+        try:
+            reason = decode_error(table.read(int(i)))
+        except (OSError, DataError) as err:
+            reason = f"cannot be read ({err})"
+        if reason:
+            found.append((int(i), reason))
+    return found
+
+
+def record_runtime_bad(view_dir: str | Path, rank: int, table: SampleTable, found: list[tuple[int, str]]) -> Path:
+    """Append samples that failed during training to this rank's record in the run's data_view."""
+    folder = Path(view_dir) if view_dir else table.root
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"runtime_bad_rank{rank}.json"
+    old = json.loads(path.read_text()) if path.is_file() else []
+    old += [{"row": i, "key": table.key(i), "reason": why} for i, why in found]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(old, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def _runtime_bad(out_dir: Path, table: SampleTable) -> list[BadSample]:
+    found = []
+    for path in sorted(out_dir.glob("runtime_bad_rank*.json")):
+        for item in json.loads(path.read_text()):
+            row = int(item["row"])
+            if row < len(table) and table.key(row) == item["key"]:  # the same data as when it was recorded
+                shard, _, key = item["key"].partition("/")
+                found.append(BadSample(shard, key, "failed at run time: " + item["reason"], -1, 1, (row,)))
+    return found
+
+
+# ------------------------------------------------------------------------------ all ranks
 
 
 def run(
-    info: DatasetInfo,
+    info: DatasetView,
     checks: str,
     out_dir: Path,
     rank: int,
     world_size: int,
     gather: Callable[[object], list],
     barrier: Callable[[], None],
-) -> DatasetInfo:
+) -> DatasetView:
     """Check this rank's share of the shards, agree with the other ranks, and return the view
     every rank trains on. ``gather(obj)`` returns the list of every rank's ``obj``."""
     if checks not in CHECKS:
         raise DataError(f"fault.data_checks={checks!r}: allowed values are {list(CHECKS)}")
-    mine = [check_shard(info, name, checks, rank) for name in info.shards[rank::world_size]]
-    for r in mine:
-        for b in r.bad[:20]:
-            log.warning("rank %d: skipping %s/%s: %s", rank, b.shard, b.key, b.reason)
-    # Only shards that need a new index travel; their good entries come along.
-    changed = [(r.shard, r.good, r.bad) for r in mine if r.rebuilt]
-    everything = [item for part in gather(changed) for item in part]
-    bad = [b for _, _, bs in everything for b in bs]
-    new_index = {shard: good for shard, good, _ in everything}
+    table = info.table
+    mine = [b for name in table.shards[rank::world_size] for b in check_shard(table, name, checks, rank)]
+    for b in mine[:20]:
+        log.warning("rank %d: skipping %s/%s: %s", rank, b.shard, b.key, b.reason)
+    bad = [b for part in gather(mine) for b in part] + _runtime_bad(out_dir, table)
+    excluded = tuple(sorted({r for b in bad for r in b.rows}))
     if rank == 0:
-        _write_view(info, out_dir, new_index, bad)
+        _write_view(info, out_dir, excluded, bad)
     barrier()
-    return read_dataset(info.root, view=out_dir)
+    return DatasetView(table, excluded)
 
 
-def _write_view(
-    info: DatasetInfo, out_dir: Path, new_index: dict[str, list[IndexedSample]], bad: list[BadSample]
-) -> None:
+def _write_view(info: DatasetView, out_dir: Path, excluded: tuple[int, ...], bad: list[BadSample]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    index_paths, shards = {}, []
-    for name in info.shards:
-        if name in new_index:
-            if not new_index[name]:
-                continue  # nothing usable left in this shard
-            path = out_dir / f"{name}.idx"
-            write_index(path.with_suffix(".idx.tmp"), new_index[name])
-            os.replace(path.with_suffix(".idx.tmp"), path)
-            index_paths[name] = str(path)
-        shards.append(name)
-    total = info.num_samples
-    usable = total - sum(b.count for b in bad)
-    (out_dir / "bad_samples.json").write_text(json.dumps([asdict(b) for b in bad], indent=1))
-    view = {"shards": shards, "index_paths": index_paths, "num_samples": usable, "total_samples": total,
-            "bad_samples": total - usable, "bad_by_rank": _by_rank(bad)}  # fmt: skip
+    listing = [{k: v for k, v in asdict(b).items() if k != "rows"} for b in bad]
+    (out_dir / "bad_samples.json").write_text(json.dumps(listing, indent=1))
+    view = {"shards": list(info.shards), "num_samples": info.total_samples - len(excluded),
+            "total_samples": info.total_samples, "bad_samples": len(excluded), "bad_by_rank": _by_rank(bad),
+            "excluded": list(excluded)}  # fmt: skip
     tmp = out_dir / "view.json.tmp"
     tmp.write_text(json.dumps(view, indent=1))
     os.replace(tmp, out_dir / "view.json")
@@ -205,7 +241,7 @@ def _by_rank(bad: list[BadSample]) -> dict[str, int]:
     return out
 
 
-def check_threshold(view: DatasetInfo, max_share: float, where: Path) -> None:
+def check_threshold(view: DatasetView, max_share: float, where: Path) -> None:
     bad = view.total_samples - view.num_samples
     if view.total_samples and bad / view.total_samples > max_share:
         raise DataError(

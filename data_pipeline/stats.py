@@ -18,6 +18,9 @@ def compute(out: str | Path) -> dict:
     import pyarrow.parquet as pq
 
     out = Path(out)
+    for need in ("manifest.parquet", "dataset.json"):
+        if not (out / need).is_file():
+            raise FileNotFoundError(f"{need} is missing")
     t = pq.read_table(out / "manifest.parquet").to_pydict()
     meta = json.loads((out / "dataset.json").read_text())
     n = len(t["key"])
@@ -70,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--json", action="store_true", help="print the full statistics as JSON")
     args = ap.parse_args(argv)
-    s = compute(args.out)
+    try:
+        s = compute(args.out)
+    except (OSError, ValueError, KeyError) as err:
+        print(
+            f"stats: {args.out}: cannot read the shard folder ({type(err).__name__}: {err}); is it a finished "
+            "make_shards output (manifest.parquet, dataset.json)?",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps(s, indent=2) if args.json else render(s))
     return 0
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from data_pipeline.make_shards import checksum
-from data_pipeline.preflight import _decode_ok, scan_tar_index
+from data_pipeline.preflight import decode_error, scan_tar_index
 from data_pipeline.wds_index import IndexError_, read_index
 
 log = logging.getLogger("verify")
@@ -42,6 +42,9 @@ def verify_shard(args: tuple[str, str, list[dict], bool]) -> list[str]:
         elif rec.get("tar_checksum") != checksum(data):
             problems.append(f"{name}: tar checksum differs from the one recorded when it was written")
     walked = {s.key: s for s in scan_tar_index(tar)}
+    last = max((c.offset + c.size for s in walked.values() for c in s.components), default=0)
+    if last > len(data) or (rows and not walked):
+        problems.append(f"{name}: the tar ends early ({len(data)} bytes): truncated")
     try:
         indexed = {s.key: s for s in read_index(idx)}
     except IndexError_ as err:
@@ -58,7 +61,12 @@ def verify_shard(args: tuple[str, str, list[dict], bool]) -> list[str]:
         if s is None:
             problems.append(f"{name}/{key}: in the manifest but not in the tar")
             continue
-        jpg, cls = s.component("jpg"), s.component("cls")
+        comps = {c.ext: c for c in s.components}
+        if "jpg" not in comps or "cls" not in comps:
+            missing = sorted({"jpg", "cls"} - set(comps))
+            problems.append(f"{name}/{key}: the tar holds no .{' or .'.join(missing)} for it (truncated tar?)")
+            continue
+        jpg, cls = comps["jpg"], comps["cls"]
         if (jpg.offset, jpg.size) != (row["offset"], row["size"]):
             problems.append(f"{name}/{key}: at {jpg.offset}+{jpg.size}, manifest says {row['offset']}+{row['size']}")
             continue
@@ -68,7 +76,7 @@ def verify_shard(args: tuple[str, str, list[dict], bool]) -> list[str]:
         if data[cls.offset : cls.offset + cls.size].decode(errors="replace") != str(row["label"]):
             problems.append(f"{name}/{key}: label differs from the manifest ({row['label']})")
         if decode:
-            reason = _decode_ok(payload)
+            reason = decode_error(payload)
             if reason:
                 problems.append(f"{name}/{key}: {reason}")
     extra = sorted(set(walked) - listed)

@@ -144,6 +144,7 @@ class EngineConfig:
 
 @dataclass
 class Config:
+    task: str = "pretrain"  # pretrain | finetune | linprobe (set by the preset; decides which sections matter)
     preset: str = ""
     run_dir: str = "runs/default"
     seed: int = 0
@@ -265,6 +266,7 @@ def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
 def validate(cfg: Config) -> None:
     """Check values that do not need the model registry, the data or the world size."""
     m, d, o, s = cfg.model, cfg.data, cfg.optim, cfg.schedule
+    _one_of("task", cfg.task, ("pretrain", "finetune", "linprobe"))
     _check(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio={cfg.mask.ratio}: must be in the open interval (0, 1)")
     _one_of("target.kind", cfg.target.kind, ("pixel", "mixed", "clip"))
     _one_of("data.loader", d.loader, ("dali", "torch"))
@@ -389,7 +391,7 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
 
 # A checkpoint cannot be continued under these: the weights, the targets or the data would not mean
 # what they meant.
-INCOMPATIBLE = ("model.arch", "model.img_size", "model.taps", "model.decoder_dim", "model.decoder_depth",
+INCOMPATIBLE = ("task", "model.arch", "model.img_size", "model.taps", "model.decoder_dim", "model.decoder_depth",
                 "model.decoder_heads", "target.kind", "target.feature_dim")  # fmt: skip
 # These only change bookkeeping, speed or logging: a resume with them changed is the same run.
 HARMLESS_PREFIXES = ("log.", "checkpoint.", "engine.", "debug.", "preset", "run_dir", "data.num_threads",
@@ -430,3 +432,24 @@ def fingerprint(cfg: Config) -> str:
 
     flat = {k: v for k, v in _flatten(to_dict(cfg)).items() if not k.startswith(HARMLESS_PREFIXES)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolved(cfg: Config, derived: Derived | None = None, num_samples: int | None = None) -> dict[str, Any]:
+    """What the user set (``config``) and, separately, what follows from it (``derived``): the
+    values a preset leaves at 0 or empty (image size, taps, lr) and, when the world size and the
+    dataset are known, the batch arithmetic and schedule lengths."""
+    from engine.models.registry import get_variant
+
+    spec = get_variant(cfg.model.arch)
+    out: dict[str, Any] = {
+        "img_size": cfg.model.img_size or spec.img_size,
+        "patch_size": spec.patch_size,
+        "lr": cfg.optim.lr if cfg.optim.lr > 0 else cfg.optim.base_lr * cfg.data.global_batch / 256,
+    }
+    if cfg.task == "pretrain":
+        out["taps"] = list(cfg.model.taps) or list(spec.default_taps)
+    if derived is not None:
+        out.update(dataclasses.asdict(derived))
+        if num_samples is not None:
+            out["num_samples"] = num_samples
+    return {"config": to_dict(cfg), "derived": out}

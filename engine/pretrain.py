@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from engine.config import ConfigError, apply_overrides, to_dict, validate
+from engine.config import ConfigError, apply_overrides, resolved, validate
 from engine.presets import get_preset, list_presets
 
 log = logging.getLogger("engine.pretrain")
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
+        print(json.dumps(resolved(cfg), indent=2))
         return 0
 
-    from engine.dist import release_shared_memory, setup_distributed, setup_logging
+    from engine.loop.dist import release_shared_memory, setup_distributed, setup_logging
 
     dist = setup_distributed()
     setup_logging(dist.rank, cfg.log.level)
@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg, dist) -> int:
     from data_pipeline.loader import DataError
-    from engine.checkpoint import CheckpointError
-    from engine.teachers import TeacherError
-    from engine.trainer import NonFiniteError, Trainer
+    from engine.loop.checkpoint import CheckpointError
+    from engine.loop.trainer import NonFiniteError, Trainer
+    from engine.targets.teachers import TeacherError
+    from engine.tasks.pretrain import PretrainTask
 
     try:
-        result = Trainer(cfg, dist).train()
+        result = Trainer(cfg, dist, PretrainTask()).train()
     except (ConfigError, TeacherError, DataError, CheckpointError) as err:
         # Start-up and resume problems: one clear line instead of a traceback per rank.
         log.error("%s: %s", type(err).__name__, err)

@@ -6,7 +6,7 @@ Data: scikit-learn's handwritten digits (1797 labeled 8x8 images, shipped offlin
 64 px, split 80/20 into train and val shards. Each seed pretrains ``mae_tiny_pixel`` (one 4-block
 decoder on block 6) and ``deepmim_tiny_pixel`` (2-block decoders on blocks 3, 4, 5 and 6) with the
 same encoder, batch, schedule (a full warm-up + cosine schedule of ``--epochs`` epochs) and
-step count on 2 CPU ranks, then ``engine.evaluate`` measures a
+step count on 2 CPU ranks, then ``engine.tools.evaluate`` measures a
 linear probe and k-NN on every block's features. A randomly initialized encoder is the floor.
 Writes a Markdown table (mean and spread over seeds) with the exact command.
 """
@@ -63,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
                 "--set", "log.reconstructions=false",
                 "--set", "log.progress=false"], env)  # fmt: skip
             rows_path = run / "probe.json"
-            sh([py, "-m", "engine.evaluate", "--run", str(run), "--train-shards", str(data / "train_shards"),
+            sh([py, "-m", "engine.tools.evaluate", "--run", str(run), "--train-shards", str(data / "train_shards"),
                 "--val-shards", str(data / "val_shards"), "--json", str(rows_path)], env)  # fmt: skip
             results[name].append(json.loads(rows_path.read_text()))
         rand = work / f"random_seed{seed}.json"
         shards = ["--train-shards", str(data / "train_shards"), "--val-shards", str(data / "val_shards")]
-        sh([py, "-m", "engine.evaluate", "--random", "deepmim_vit_tiny_patch8", *shards, "--json", str(rand)], env)
+        sh(
+            [py, "-m", "engine.tools.evaluate", "--random", "deepmim_vit_tiny_patch8", *shards, "--json", str(rand)],
+            env,
+        )
         results["random init"].append(json.loads(rand.read_text()))
     minutes = (time.time() - t0) / 60
     last = json.loads((work / f"mae_tiny_pixel_seed{seeds[0]}" / "metrics.jsonl").read_text().splitlines()[-1])

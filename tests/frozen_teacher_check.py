@@ -8,9 +8,10 @@ import sys
 import torch
 
 from engine.config import apply_overrides, validate
-from engine.dist import setup_distributed
+from engine.loop.dist import setup_distributed
+from engine.loop.trainer import Trainer
 from engine.presets import get_preset
-from engine.trainer import Trainer
+from engine.tasks.pretrain import PretrainTask
 
 
 def main(preset: str, run_dir: str, *overrides: str) -> None:
@@ -18,11 +19,11 @@ def main(preset: str, run_dir: str, *overrides: str) -> None:
     cfg.run_dir = run_dir
     apply_overrides(cfg, list(overrides))
     validate(cfg)
-    trainer = Trainer(cfg, setup_distributed())
+    trainer = Trainer(cfg, setup_distributed(), PretrainTask())
     trainer.build()
-    teacher = trainer.target.module
+    teacher = trainer.task.target.module
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student_before = trainer.model.decoders.pred.weight.detach().clone()
+    student_before = trainer.task.module.decoders.pred.weight.detach().clone()
     teacher_ids = {id(p) for p in teacher.parameters()}
     in_optimizer = {id(p) for g in trainer.engine.optimizer.param_groups for p in g["params"]}
     assert not teacher_ids & in_optimizer, "teacher parameters are in the optimizer"
@@ -32,7 +33,9 @@ def main(preset: str, run_dir: str, *overrides: str) -> None:
     assert all(p.grad is None for p in teacher.parameters()), "teacher received gradients"
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "teacher weights changed"
-    assert not torch.equal(student_before, trainer.model.decoders.pred.weight.detach()), "the student did not train"
+    assert not torch.equal(student_before, trainer.task.module.decoders.pred.weight.detach()), (
+        "the student did not train"
+    )
     print("OK")
 
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from engine.config import Config, ConfigError, apply_overrides, derive, from_dict, to_dict, validate
-from engine.ds_setup import resolve_ds_config
+from engine.loop.ds_setup import resolve_ds_config
+from engine.loop.schedule import lr_at
 from engine.presets import get_preset, list_presets
-from engine.schedule import lr_at
 from tests.conftest import ROOT
 
 
@@ -145,5 +145,10 @@ def test_cli_errors_are_clear():
 def test_print_config():
     proc = run_cli("--preset", "deepmim_tiny_pixel", "--set", "optim.base_lr=3e-4", "--print-config")
     assert proc.returncode == 0
-    cfg = json.loads(proc.stdout)
+    out = json.loads(proc.stdout)
+    cfg, derived = out["config"], out["derived"]
     assert cfg["optim"]["base_lr"] == 3e-4 and cfg["preset"] == "deepmim_tiny_pixel"
+    # the values the preset leaves at 0 or empty, resolved, apart from what was set
+    assert cfg["model"]["taps"] == [] and derived["taps"] == [3, 4, 5, 6]
+    assert cfg["model"]["img_size"] == 0 and derived["img_size"] == 64
+    assert cfg["optim"]["lr"] == 0.0 and derived["lr"] == 3e-4 * 32 / 256

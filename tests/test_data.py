@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline.loader import LoaderSpec, make_loader, parse_labels, rank_range, read_dataset
+from data_pipeline.loader import LoaderSpec, make_loader, rank_range, read_dataset
 from data_pipeline.make_shards import plan_shards
 from data_pipeline.sources import SourceItem, sample_key
 from data_pipeline.wds_index import read_index
@@ -89,14 +89,6 @@ def test_sample_keys_are_webdataset_safe():
     assert "." not in sample_key("cls/a.b.c.jpg")
 
 
-def test_label_parsing():
-    rows = [b"7", b"123", b"-1", b"0"]
-    padded = torch.zeros(4, 12, dtype=torch.uint8)
-    for i, r in enumerate(rows):
-        padded[i, : len(r)] = torch.tensor(list(r), dtype=torch.uint8)
-    assert parse_labels(padded).tolist() == [7, 123, -1, 0]
-
-
 def test_rank_ranges_partition_the_data():
     for n, w in ((72, 2), (73, 2), (10, 3), (5, 5)):
         ranges = [rank_range(n, r, w) for r in range(w)]
@@ -105,8 +97,8 @@ def test_rank_ranges_partition_the_data():
         assert {e - s for s, e in ranges} <= {n // w, n // w + 1}
 
 
-def spec(root: Path, rank: int, world: int, micro: int, steps: int, **kw) -> LoaderSpec:
-    return LoaderSpec(str(root), rank, world, micro, steps, img_size=32, seed=3, num_threads=1, **kw)
+def spec(root: Path, rank: int, world: int, micro: int, accum: int = 1, **kw) -> LoaderSpec:
+    return LoaderSpec(str(root), rank, world, micro, micro * accum, img_size=32, seed=3, num_threads=1, **kw)
 
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
@@ -114,7 +106,7 @@ def test_two_ranks_read_every_sample_once_per_epoch(demo_shards, kind):
     rows = manifest(demo_shards)
     world, micro = 2, 4
     steps = (72 // world) // micro  # 9 micro-batches per rank = all 72 samples
-    loaders = [make_loader(kind, spec(demo_shards, r, world, micro, steps)) for r in range(world)]
+    loaders = [make_loader(kind, spec(demo_shards, r, world, micro)) for r in range(world)]
     epochs = []
     for _ in range(2):
         keys = []
@@ -136,7 +128,7 @@ def test_uneven_split_yields_equal_steps_and_no_duplicates(demo_shards):
     """72 samples over 5 ranks: slices of 14 or 15; each rank yields 3 batches of 4."""
     keys = []
     for r in range(5):
-        loader = make_loader("dali", spec(demo_shards, r, 5, 4, 3))
+        loader = make_loader("dali", spec(demo_shards, r, 5, 4))
         batches = list(loader)
         assert len(batches) == 3
         keys += [k for b in batches for k in b.keys]
@@ -146,7 +138,7 @@ def test_uneven_split_yields_equal_steps_and_no_duplicates(demo_shards):
 def test_fallback_matches_dali_shapes_and_dtypes(demo_shards):
     out = {}
     for kind in ("dali", "torch"):
-        batch = next(iter(make_loader(kind, spec(demo_shards, 0, 1, 6, 2))))
+        batch = next(iter(make_loader(kind, spec(demo_shards, 0, 1, 6))))
         out[kind] = batch
         assert batch.img.shape == (6, 3, 32, 32) and batch.img.dtype == torch.float32
         assert batch.label.shape == (6,) and batch.label.dtype == torch.int64
@@ -158,7 +150,7 @@ def test_fallback_matches_dali_shapes_and_dtypes(demo_shards):
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_loader_state_restores_the_exact_remaining_batches(demo_shards, kind):
-    s = spec(demo_shards, 1, 2, 4, 9)
+    s = spec(demo_shards, 1, 2, 4)
     loader = make_loader(kind, s)
     ref, state = [], None
     for epoch in range(2):
@@ -175,7 +167,7 @@ def test_loader_state_restores_the_exact_remaining_batches(demo_shards, kind):
 
 def test_augmentation_is_random_resized_crop_and_flip(demo_shards):
     """Two epochs of the same sample give different crops; outputs keep the photo's colors."""
-    s = spec(demo_shards, 0, 1, 8, 9)
+    s = spec(demo_shards, 0, 1, 8)
     loader = make_loader("dali", s)
     views: dict[str, list[torch.Tensor]] = {}
     for _ in range(2):

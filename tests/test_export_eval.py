@@ -13,10 +13,10 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.evaluate import evaluate, knn, linear_probe, load_encoder, render
-from engine.export import export, load_timm_encoder, split_encoder
-from engine.model import MaskedViTEncoder
-from engine.registry import get_variant
+from engine.models.mim import MaskedViTEncoder
+from engine.models.registry import get_variant
+from engine.tools.evaluate import evaluate, knn, linear_probe, load_encoder, render
+from engine.tools.export import export, load_timm_encoder, split_encoder
 from tests.conftest import ROOT, cpu_env, run_deepspeed
 
 
@@ -52,7 +52,7 @@ def test_export_loads_strictly_into_timm_with_equal_features(trained_run, tmp_pa
     with torch.no_grad():
         assert torch.allclose(timm_model.forward_features(x), ours.forward_all(x)[-1], atol=1e-5)
     # the CLI, and a clear error for a missing step
-    cmd = [sys.executable, "-m", "engine.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"]
+    cmd = [sys.executable, "-m", "engine.tools.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
     assert proc.returncode == 1 and "no complete checkpoint at step 5" in proc.stderr
 
@@ -93,7 +93,7 @@ def test_evaluator_gives_one_row_per_block(trained_run, demo_shards):
     assert all(0.0 <= r["linear"] <= 1.0 and 0.0 <= r["knn"] <= 1.0 for r in rows)
     table = render(rows)
     assert table.count("\n") == 1 + len(rows)
-    proc = subprocess.run([sys.executable, "-m", "engine.evaluate", "--random", "deepmim_vit_test_patch4",
+    proc = subprocess.run([sys.executable, "-m", "engine.tools.evaluate", "--random", "deepmim_vit_test_patch4",
                            "--train-shards", str(demo_shards), "--val-shards", str(demo_shards)],
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0 and "| 4 |" in proc.stdout and "linear probe" in proc.stdout

@@ -11,8 +11,8 @@ import pytest
 from data_pipeline import preflight
 from data_pipeline.loader import DataError, LoaderSpec, make_loader, read_dataset
 from data_pipeline.wds_index import read_index
-from engine.checkpoint import MARKER, apply_retention, list_checkpoints, mark_complete, newest_complete
 from engine.config import Config, compare_for_resume, fingerprint
+from engine.loop.checkpoint import MARKER, apply_retention, list_checkpoints, mark_complete, newest_complete
 
 
 def copy_shards(src: Path, dst: Path) -> Path:
@@ -43,13 +43,15 @@ def run_preflight(root: Path, out: Path, checks: str = "markers", world: int = 1
     """preflight.run as ``world`` ranks would run it: each checks its share of the shards, and the
     exchange (all_gather in training) hands every rank everyone's findings."""
     info = read_dataset(root)
-    parts = []
-    for rank in range(world):
-        results = [preflight.check_shard(info, name, checks, rank) for name in info.shards[rank::world]]
-        parts.append([(r.shard, r.good, r.bad) for r in results if r.rebuilt])
+    parts = [[b for name in info.shards[r::world] for b in preflight.check_shard(info.table, name, checks, r)]
+             for r in range(world)]  # fmt: skip
     views = [preflight.run(info, checks, out, rank, world, lambda _mine: parts, lambda: None) for rank in range(world)]
-    assert all(v == views[0] for v in views)  # every rank trains on the same sample list
+    assert all(v.excluded == views[0].excluded for v in views)  # every rank trains on the same sample list
     return views[0]
+
+
+def loader_spec(root: Path, micro: int = 4, **kw) -> LoaderSpec:
+    return LoaderSpec(str(root), 0, 1, micro, micro, 32, seed=0, num_threads=1, **kw)
 
 
 def test_preflight_skips_and_counts_corrupt_and_truncated(demo_shards, tmp_path):
@@ -57,28 +59,28 @@ def test_preflight_skips_and_counts_corrupt_and_truncated(demo_shards, tmp_path)
     info = read_dataset(root)
     bad_key = corrupt_jpeg(root, info.shards[0], which=2)
     lost = truncate_tar(root, info.shards[-1], keep_samples=3)
-    (root / f"{info.shards[1]}.idx").unlink()  # rebuilt from the tar, nothing lost
+    (root / f"{info.shards[1]}.idx").unlink()  # the loaders read the manifest: nothing lost
     view = run_preflight(root, tmp_path / "view", world=2)
     assert view.total_samples == 72 and view.num_samples == 72 - 1 - lost
     bad = json.loads((tmp_path / "view" / "bad_samples.json").read_text())
     reasons = {(b["shard"], b["key"]): b["reason"] for b in bad}
     assert "EOI" in reasons[(info.shards[0], bad_key)]
-    assert sum("truncated tar" in r for r in reasons.values()) == lost
+    assert sum("truncated tar" in r or "not in the tar" in r for r in reasons.values()) == lost
     meta = json.loads((tmp_path / "view" / "view.json").read_text())
     assert meta["bad_samples"] == 1 + lost and sum(meta["bad_by_rank"].values()) == 1 + lost
-    # the loaders read the view: every usable sample once, none of the bad ones
-    spec = LoaderSpec(str(root), 0, 1, 4, view.num_samples // 4, 32, seed=0, num_threads=1, view=str(tmp_path / "view"))
-    keys = [k for b in make_loader("dali", spec) for k in b.keys]
+    # the loaders leave the excluded rows out: every usable sample once, none of the bad ones
+    keys = [k for b in make_loader("dali", loader_spec(root, excluded=view.excluded)) for k in b.keys]
     assert f"{info.shards[0]}/{bad_key}" not in keys and len(set(keys)) == len(keys) == (view.num_samples // 4) * 4
 
 
 def test_preflight_missing_tar_counts_its_samples(demo_shards, tmp_path):
     root = copy_shards(demo_shards, tmp_path / "shards")
     info = read_dataset(root)
-    gone = info.shard_sizes[info.shards[2]]
+    gone = info.shard_size(info.shards[2])
     (root / f"{info.shards[2]}.tar").unlink()
     view = run_preflight(root, tmp_path / "view")
-    assert view.num_samples == 72 - gone and info.shards[2] not in view.shards
+    assert view.num_samples == 72 - gone
+    assert set(view.excluded) == set(info.table.rows_of(info.shards[2]).tolist())
     with pytest.raises(DataError, match="above fault.max_bad_sample_share=0.100%"):
         preflight.check_threshold(view, 0.001, tmp_path / "view")
     preflight.check_threshold(view, 0.5, tmp_path / "view")  # under a loose threshold: fine
@@ -86,7 +88,7 @@ def test_preflight_missing_tar_counts_its_samples(demo_shards, tmp_path):
 
 def test_preflight_on_clean_data_changes_nothing(demo_shards, tmp_path):
     view = run_preflight(demo_shards, tmp_path / "view", checks="decode")
-    assert view.num_samples == view.total_samples == 72 and view.index_paths == {}
+    assert view.num_samples == view.total_samples == 72 and view.excluded == ()
 
 
 def test_scan_tar_index_equals_the_written_index(demo_shards):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import MARKER, list_checkpoints
+from engine.loop.checkpoint import MARKER, list_checkpoints
 from tests.conftest import run_deepspeed
 
 pytestmark = pytest.mark.launcher
@@ -44,8 +44,14 @@ def test_two_process_zero2_bf16_saves_and_resumes(eager_run, demo_shards, tmp_pa
         assert (p / "mp_rank_00_model_states.pt").is_file()
         # ZeRO-2: one optimizer-state partition per rank
         assert len(list(p.glob("*zero_pp_rank_*_optim_states.pt"))) == 2
-    cfg = json.loads((run / "config.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
+    cfg, derived = saved["config"], saved["derived"]
     assert cfg["data"]["shards"] == str(demo_shards) and cfg["schedule"]["max_steps"] == 6
+    # what the preset leaves at 0 or empty is written out, apart from what was set
+    assert cfg["model"]["taps"] == [] and derived["taps"] == [2, 3, 4]
+    assert cfg["model"]["img_size"] == 0 and derived["img_size"] == 16
+    assert derived["lr"] == cfg["optim"]["base_lr"] * 8 / 256 and derived["grad_accum"] == 1
+    assert derived["world_size"] == 2 and derived["stop_step"] == 6 and derived["num_samples"] == 72
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.config import Config, ConfigError
-from engine.model import (
+from engine.models.mim import (
     DeepMIM,
     build_model,
     gather_tokens,
@@ -17,9 +17,9 @@ from engine.model import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-from engine.optim import param_groups
-from engine.registry import get_variant, list_variants, relative_taps
-from engine.targets import normalized_pixel_target
+from engine.models.param_groups import weight_decay_groups
+from engine.models.registry import get_variant, list_variants, relative_taps
+from engine.targets.kinds import normalized_pixel_target
 
 TINY = [n for n in list_variants() if "tiny" in n or "test" in n]
 
@@ -255,7 +255,7 @@ def test_decoders_are_independent():
 
 def test_weight_decay_groups():
     model = tiny_model()
-    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, 0.05)}
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in weight_decay_groups(model, 0.05)}
     names = {id(p): n for n, p in model.named_parameters()}
     decay = sorted(names[i] for i in groups["decay"])
     no_decay = sorted(names[i] for i in groups["no_decay"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import MARKER, list_checkpoints, read_marker
+from engine.loop.checkpoint import MARKER, list_checkpoints, read_marker
 from tests.conftest import ROOT, cpu_env, deepspeed_cmd, free_port, run_deepspeed
 from tests.test_faults_unit import corrupt_jpeg, truncate_tar
 
@@ -180,11 +180,11 @@ def test_elastic_resume_from_two_ranks_to_one(two_rank_run, demo_shards, tmp_pat
     assert "elastic resume" in text and "accumulation 2" in text
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())["config"]
     assert cfg["data"]["global_batch"] == 8  # the global batch is kept, accumulation re-derived
     # the schedule position is kept: the lr at every step is the 2-rank schedule's
     from engine.config import derive, from_dict
-    from engine.schedule import lr_at
+    from engine.loop.schedule import lr_at
 
     d = derive(from_dict(cfg), 2, 72)
     assert [r["lr"] for r in rows] == [lr_at(s - 1, d.lr, d.warmup_steps, d.total_steps) for s in range(1, 9)]

@@ -96,7 +96,7 @@ def test_quirks_are_converted_or_skipped_with_exact_counts(quirk_tree, tmp_path)
     r, g, b = np.asarray(red).reshape(-1, 3).mean(0)
     assert r > 150 and g < 80 and b < 80  # CMYK converted to the right colors, not inverted
     # every stored image decodes in DALI
-    spec = LoaderSpec(str(out), 0, 1, 4, 2, 32, seed=0, num_threads=1)
+    spec = LoaderSpec(str(out), 0, 1, 4, 4, 32, seed=0, num_threads=1)
     batches = list(make_loader("dali", spec))
     assert sum(len(b.keys) for b in batches) == 8 and all(b.img.shape == (4, 3, 32, 32) for b in batches)
 
@@ -193,7 +193,7 @@ def test_flat_layout_is_unlabeled(demo_tree, tmp_path):
     make_shards(demo_tree / "cat", out, "--layout", "flat")
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(rows) == 8 and {r["label"] for r in rows} == {-1}
-    batch = next(iter(make_loader("dali", LoaderSpec(str(out), 0, 1, 4, 1, 32, seed=0, num_threads=1))))
+    batch = next(iter(make_loader("dali", LoaderSpec(str(out), 0, 1, 4, 4, 32, seed=0, num_threads=1))))
     assert batch.label.tolist() == [-1] * 4
 
 
@@ -215,8 +215,8 @@ def test_every_sample_once_per_epoch_across_ranks(demo_shards, world):
     cfg = Config()
     cfg.data.micro_batch, cfg.data.global_batch = 5, 5 * world
     d = derive(cfg, world, 72)
-    loaders = [make_loader("dali", LoaderSpec(str(demo_shards), r, world, 5, d.micro_steps_per_epoch, 32, seed=9,
-                                              num_threads=1)) for r in range(world)]  # fmt: skip
+    loaders = [make_loader("dali", LoaderSpec(str(demo_shards), r, world, 5, 5, 32, seed=9, num_threads=1))
+               for r in range(world)]  # fmt: skip
     for _ in range(2):
         seen = [k for loader in loaders for b in loader for k in b.keys]
         assert len(seen) == len(set(seen)) == 72 - d.dropped_per_epoch

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from engine.compile import block_modules, try_compile
-from engine.flops import count_flops, flops_for_model, peak_flops
-from engine.model import DeepMIM, random_masking
-from engine.registry import get_variant
-from engine.targets import normalized_pixel_target
-from engine.telemetry import LossMeter, PhaseTimer
+from engine.models.compile import block_modules, try_compile
+from engine.models.flops import count_flops, flops_for_model, peak_flops
+from engine.models.mim import DeepMIM, random_masking
+from engine.models.registry import get_variant
+from engine.observe.telemetry import MetricMeter, PhaseTimer
+from engine.targets.kinds import normalized_pixel_target
 
 
 def model_and_batch(seed: int = 0, dtype=torch.float32, **kw):
@@ -160,7 +160,7 @@ def test_peak_lookup():
 
 
 def test_loss_meter_sums_on_device_and_reads_once():
-    meter = LossMeter()
+    meter = MetricMeter()
     for v in (1.0, 2.0, 3.0):
         meter.add(torch.tensor(v), torch.tensor([v, 2 * v]))
     assert meter.count == 3 and isinstance(meter.total, torch.Tensor)  # still a tensor: nothing read yet

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import list_checkpoints
 from engine.config import from_dict
-from engine.model import build_model, random_masking
-from engine.teacher_tools import random_openai_clip
-from engine.teachers import ClipArch, load_generator
+from engine.loop.checkpoint import list_checkpoints
+from engine.models.mim import build_model, random_masking
+from engine.targets.teachers import ClipArch, load_generator
+from engine.tools.teacher_tools import random_openai_clip
 from tests.conftest import ROOT, cpu_env, run_deepspeed, run_single
 
 pytestmark = pytest.mark.launcher

@@ -8,12 +8,11 @@ import torch.nn.functional as F
 
 from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
 from engine.config import Config
-from engine.losses import masked_cosine, masked_mse
-from engine.model import DeepMIM, patchify, random_masking
-from engine.registry import get_variant
-from engine.targets import MixedTarget, build_target, normalized_pixel_target, progressive_alphas
-from engine.teacher_tools import random_openai_clip, random_timm_clip
-from engine.teachers import (
+from engine.models.mim import DeepMIM, patchify, random_masking
+from engine.models.registry import get_variant
+from engine.targets.kinds import MixedTarget, build_target, normalized_pixel_target, progressive_alphas
+from engine.targets.losses import masked_cosine, masked_mse
+from engine.targets.teachers import (
     CLIP_MEAN,
     CLIP_STD,
     ClipArch,
@@ -21,6 +20,7 @@ from engine.teachers import (
     load_clip_teacher,
     load_generator,
 )
+from engine.tools.teacher_tools import random_openai_clip, random_timm_clip
 
 ARCH = ClipArch(width=64, layers=2, patch=4, grid=4, out_dim=24)
 

@@ -1,7 +1,7 @@
 """What did pretraining learn? A linear probe and a k-NN classifier on the features of every
 encoder block, on labeled shard sets.
 
-    python -m engine.evaluate (--run RUN_DIR [--step N] | --export OUT_DIR | --random ARCH)
+    python -m engine.tools.evaluate (--run RUN_DIR [--step N] | --export OUT_DIR | --random ARCH)
         --train-shards DIR --val-shards DIR [--img-size S] [--json OUT]
 
 Features of block b: the mean over patch tokens of the block's output after a parameter-free
@@ -26,16 +26,16 @@ import torch.nn.functional as F
 
 from data_pipeline.eval_reader import load_batches
 from engine.config import Config, from_dict
-from engine.model import MaskedViTEncoder, resolve_img_size
-from engine.registry import get_variant
+from engine.models.mim import MaskedViTEncoder, resolve_img_size
+from engine.models.registry import get_variant
 
-log = logging.getLogger("engine.evaluate")
+log = logging.getLogger("engine.tools.evaluate")
 
 
 def load_encoder(run: str | None = None, step: int | None = None, export: str | None = None,
                  random_arch: str | None = None, img_size: int = 0) -> tuple[MaskedViTEncoder, Config]:  # fmt: skip
     """Our encoder with weights from a run (consolidated fp32), an export folder, or random init."""
-    from engine.export import find_checkpoint
+    from engine.tools.export import find_checkpoint
 
     if export:
         from safetensors.torch import load_file
@@ -46,7 +46,7 @@ def load_encoder(run: str | None = None, step: int | None = None, export: str | 
     elif run:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from engine.checkpoint import read_marker
+        from engine.loop.checkpoint import read_marker
 
         path = find_checkpoint(Path(run), step)
         cfg = from_dict(read_marker(path)["config"])

@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import Config, ConfigError
-from engine.decoders import DecoderStack
-from engine.losses import LOSSES
-from engine.registry import VariantSpec, get_variant
+from engine.models.decoders import DecoderStack
+from engine.models.registry import VariantSpec, get_variant
+from engine.targets.losses import LOSSES
 
 # ----------------------------------------------------------------------------------------------
 # Small pure functions

@@ -28,7 +28,7 @@ def block_modules(module: nn.Module) -> list[nn.Module]:
     """The repeated blocks inside ``module`` (timm ``Block`` and our ``StackedBlock``)."""
     from timm.models.vision_transformer import Block
 
-    from engine.decoders import StackedBlock
+    from engine.models.decoders import StackedBlock
 
     return [m for m in module.modules() if isinstance(m, (Block, StackedBlock))]
 

@@ -4,7 +4,7 @@ No weights can be downloaded here, so tests and CPU demos build CLIP visual towe
 values in exactly the layout OpenAI's ``clip.load(...).state_dict()`` or timm produce. A random
 teacher exercises the whole DeepMIM-CLIP path; it is not a useful teacher.
 
-    python -m engine.teacher_tools random-clip OUT.pt [--width 64] [--layers 2] [--patch 8]
+    python -m engine.tools.teacher_tools random-clip OUT.pt [--width 64] [--layers 2] [--patch 8]
         [--grid 8] [--out-dim 32] [--layout openai|timm] [--seed 0]
 """
 
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from engine.teachers import ClipArch, openai_to_timm
+from engine.targets.teachers import ClipArch, openai_to_timm
 
 
 def random_openai_clip(arch: ClipArch, seed: int = 0, with_text_tower: bool = True) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ leading decoder axis T. That gives two exact views of the same weights:
   ``F.linear``/``F.layer_norm`` on slice t of each stacked weight, like the research code.
 
 Both read the same parameters, so checkpoints are interchangeable without any conversion.
-Shapes follow the legend in ``engine.model``.
+Shapes follow the legend in ``engine.models.mim``.
 """
 
 from __future__ import annotations

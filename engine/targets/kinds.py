@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.model import MaskState, patchify
+from engine.models.mim import MaskState, patchify
 
 
 def normalized_pixel_target(imgs: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
@@ -121,7 +121,7 @@ def build_target(cfg, spec, img_size: int, num_taps: int):
     """
     from pathlib import Path
 
-    from engine.teachers import TeacherError, file_sha256, load_clip_teacher, load_generator
+    from engine.targets.teachers import TeacherError, file_sha256, load_clip_teacher, load_generator
 
     t = cfg.target
     p = spec.patch_size

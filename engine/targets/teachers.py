@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
-from engine.checkpoint import newest_complete
-from engine.model import DeepMIM
-from engine.registry import VariantSpec, get_variant, list_variants
+from engine.loop.checkpoint import newest_complete
+from engine.models.mim import DeepMIM
+from engine.models.registry import VariantSpec, get_variant, list_variants
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,13 @@ TB_TAGS = {
 
 
 class RunMonitor:
-    def __init__(self, cfg, run_dir: Path, is_main: bool, start_step: int, stop_step: int, steps_per_epoch: int):
+    def __init__(self, cfg, run_dir: Path, is_main: bool, start_step: int, stop_step: int, steps_per_epoch: int,
+                 desc: str = "train"):  # fmt: skip
         self.cfg, self.run_dir, self.is_main = cfg, run_dir, is_main
         self.start_step, self.stop_step, self.steps_per_epoch = start_step, stop_step, steps_per_epoch
         self.t0 = time.time()
         self.last: dict = {}
+        self.evals: list[dict] = []
         self.rates: list[float] = []
         self.bar = None
         self.tb = None
@@ -47,7 +49,7 @@ class RunMonitor:
             from tqdm import tqdm
 
             tty = sys.stderr.isatty()  # in a log file, a line every 30 s instead of a redraw per step
-            self.bar = tqdm(total=stop_step, initial=start_step, unit="step", desc="pretrain", dynamic_ncols=True,
+            self.bar = tqdm(total=stop_step, initial=start_step, unit="step", desc=desc, dynamic_ncols=True,
                             file=sys.stderr, smoothing=0.05, mininterval=0.1 if tty else 30.0)  # fmt: skip
         if is_main and cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -79,6 +81,19 @@ class RunMonitor:
             post = {"epoch": f"{rec['epoch']:.2f}", "loss": f"{rec['loss']:.4f}", "img/s": f"{rec['img_per_s']:.0f}"}
             self.bar.set_postfix(post, refresh=False)
 
+    def record_eval(self, rec: dict) -> None:
+        """An evaluation (epoch end): eval.jsonl and TensorBoard's eval/ tags."""
+        self.evals.append(rec)
+        if not self.is_main:
+            return
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for key, value in rec.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"eval/{key}", value, rec["step"])
+            self.tb.flush()
+
     def figure(self, step: int, png: Path) -> None:
         if self.tb is not None:
             from PIL import Image
@@ -97,12 +112,16 @@ class RunMonitor:
             + (f", median {np.median(self.rates):.1f} img/s" if self.rates else ""),
         ]
         if rec:
-            taps = ", ".join(
+            parts = ", ".join(
                 f"block {k[len('loss_tap') :]} {v:.4f}" for k, v in rec.items() if k.startswith("loss_tap")
             )
-            lines.append(f"  last loss {rec['loss']:.4f} ({taps})")
+            lines.append(f"  last loss {rec['loss']:.4f}" + (f" ({parts})" if parts else ""))
             lines.append(f"  skipped updates {rec.get('skipped_updates', 0)}, rollbacks {rec.get('rollbacks', 0)}, "
                          f"unreadable samples skipped {rec.get('bad_samples', 0)}")  # fmt: skip
+        for key in ("top1", "top5"):
+            values = [e[key] for e in self.evals if key in e]
+            if values:
+                lines.append(f"  {key}: last {values[-1]:.2f}%, best {max(values):.2f}%")
         return "\n".join(lines)
 
     def close(self) -> None:

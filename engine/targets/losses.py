@@ -2,7 +2,7 @@
 
 Every function takes the stacked predictions of all T decoders and returns a [T] vector of
 float32 losses, computed in one pass (one kernel chain, upcasting to float32 inside the
-reduction) instead of T separate loss computations. Shapes follow ``engine.model``'s legend.
+reduction) instead of T separate loss computations. Shapes follow ``engine.models.mim``'s legend.
 """
 
 from __future__ import annotations

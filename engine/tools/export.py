@@ -1,6 +1,6 @@
 """Export a pretrained encoder for fine-tuning: a ZeRO-2 checkpoint -> timm ``vit_*`` safetensors.
 
-    python -m engine.export RUN_DIR OUT_DIR [--step N]
+    python -m engine.tools.export RUN_DIR OUT_DIR [--step N]
 
 The weights are the float32 master weights, consolidated from every rank's ZeRO-2 partition by
 DeepSpeed's ``zero_to_fp32`` (not the bf16 copies the model trained with). Only the encoder is
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from engine import checkpoint as ckpt
 from engine.config import from_dict, to_dict
-from engine.registry import get_variant
-from engine.teachers import file_sha256
+from engine.loop import checkpoint as ckpt
+from engine.models.registry import get_variant
+from engine.targets.teachers import file_sha256
 
-log = logging.getLogger("engine.export")
+log = logging.getLogger("engine.tools.export")
 
 
 class ExportError(RuntimeError):

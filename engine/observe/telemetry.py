@@ -53,30 +53,30 @@ class PhaseTimer:
         return out
 
 
-class LossMeter:
-    """Sums of the total and per-tap losses on the device; one read per log interval."""
+class MetricMeter:
+    """Sums of the loss and the task's metric vector on the device; one read per log interval."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
-        self.taps: torch.Tensor | None = None
+        self.parts: torch.Tensor | None = None
         self.count = 0
 
-    def add(self, total: torch.Tensor, taps: torch.Tensor) -> None:
-        total, taps = total.detach().float(), taps.detach().float()
+    def add(self, total: torch.Tensor, parts: torch.Tensor) -> None:
+        total, parts = total.detach().float(), parts.detach().float().reshape(-1)
         self.total = total if self.total is None else self.total + total
-        self.taps = taps if self.taps is None else self.taps + taps
+        self.parts = parts if self.parts is None else self.parts + parts
         self.count += 1
 
     def mean_across_ranks(self) -> tuple[float, list[float]]:
         """Average over steps and ranks (one all-reduce and one device read)."""
         if self.total is None:
             return float("nan"), []
-        vec = torch.cat([self.total.reshape(1), self.taps]) / self.count
+        vec = torch.cat([self.total.reshape(1), self.parts]) / self.count
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(vec)
             vec /= torch.distributed.get_world_size()
         values = vec.tolist()
-        self.total, self.taps, self.count = None, None, 0
+        self.total, self.parts, self.count = None, None, 0
         return values[0], values[1:]
 
 

@@ -1,17 +1,17 @@
-"""The training loop. ``Trainer.train()`` owns the order (build, resume, loop, save);
-``train_step`` is short and returns tensors; build steps are small named methods.
+"""The training loop, for any task. ``Trainer.train()`` owns the order (build, resume, loop,
+save); a micro-step is ``task.forward`` + backward + the engine's step; build steps are small
+named methods.
 
-Fault handling lives here too, because it is about the order of things: resuming exactly (the
-loader, RNG and mask-generator states of every rank are in the checkpoint), reacting to the
-guard's lagged flags (roll back after K non-finite steps, stop cleanly on SIGTERM/SIGUSR1), and
-refusing to resume under an incompatible config.
+Fault handling lives here because it is about the order of things: resuming exactly (loader,
+RNG and task states of every rank are in the checkpoint), reacting to the guard's lagged flags
+(roll back after K non-finite steps, stop cleanly on SIGTERM/SIGUSR1/SIGINT), refusing to resume
+under an incompatible config, and not waiting forever for a stalled rank.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -19,24 +19,19 @@ from pathlib import Path
 import torch
 
 from data_pipeline import preflight
-from data_pipeline.eval_reader import center_crop, iter_raw
-from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
-from engine import checkpoint as ckpt
-from engine.compile import try_compile
-from engine.config import Config, Derived, compare_for_resume, derive, fingerprint, from_dict, to_dict
-from engine.dist import DistInfo, all_gather_objects, any_rank, barrier
-from engine.ds_setup import initialize, model_dtype, resolve_ds_config
-from engine.flops import FlopCount, flops_for_model, peak_flops
-from engine.guard import NonFiniteGuard
-from engine.model import DeepMIM, build_model, random_masking, resolve_img_size, resolve_taps
-from engine.monitor import KeyAudit, RunMonitor
-from engine.optim import build_optimizer
-from engine.registry import get_variant
-from engine.rng import rng_state, seed_everything, set_rng_state
-from engine.schedule import lr_at
-from engine.targets import build_target
-from engine.telemetry import LossMeter, PhaseTimer, peak_memory_gb
-from engine.visualize import save_reconstructions
+from data_pipeline.loader import DataError, LoaderSpec, make_loader, read_dataset
+from engine.config import Config, Derived, compare_for_resume, derive, fingerprint, from_dict, resolved, to_dict
+from engine.loop import checkpoint as ckpt
+from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
+from engine.loop.ds_setup import initialize, model_dtype, resolve_ds_config
+from engine.loop.guard import NonFiniteGuard
+from engine.loop.rng import rng_state, seed_everything, set_rng_state
+from engine.loop.schedule import lr_at
+from engine.loop.signals import StopSignals
+from engine.models.flops import peak_flops
+from engine.observe.monitor import KeyAudit, RunMonitor
+from engine.observe.telemetry import MetricMeter, PhaseTimer, peak_memory_gb
+from engine.tasks.base import Task, TaskContext
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +41,10 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist: DistInfo):
+    def __init__(self, cfg: Config, dist: DistInfo, task: Task):
         self.cfg = cfg
         self.dist = dist
+        self.task = task
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0  # optimizer steps done
@@ -57,7 +53,7 @@ class Trainer:
         self.derived: Derived | None = None
         self.built = False
         self.resume_from: Path | None = None
-        self.resume_world: int | None = None
+        self.resume_marker: dict | None = None
         self.loader = None
 
     # ------------------------------------------------------------------ build
@@ -67,11 +63,10 @@ class Trainer:
         barrier()
         self._find_resume()
         self._build_data()
-        self._build_target()
-        self._build_model()
+        self.task.setup(TaskContext(self.cfg, self.dist, self.run_dir, self.resume_marker))
+        if self.resume_marker is not None:
+            self.task.check_resume(self.resume_marker)
         self._build_engine()
-        self.mask_gen = torch.Generator(device=self.dist.device)
-        self.mask_gen.manual_seed(self.cfg.seed * 1_000_003 + 7 * self.dist.rank + 1)
         seed_everything(self.cfg.seed + self.dist.rank)
         self.built = True
 
@@ -87,11 +82,9 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
             self.resume_from = path
         if self.resume_from is not None:
-            marker = ckpt.read_marker(self.resume_from)
-            self.resume_world = marker["world_size"]
-            self.resume_marker = marker
-            if "config" in marker:  # refuse an incompatible config before building anything
-                self._check_config(from_dict(marker["config"]))
+            self.resume_marker = ckpt.read_marker(self.resume_from)
+            if "config" in self.resume_marker:  # refuse an incompatible config before building anything
+                self._check_config(from_dict(self.resume_marker["config"]))
 
     def _build_data(self) -> None:
         """Preflight (shared by all ranks) -> the sample list every rank trains on -> batch maths."""
@@ -116,104 +109,66 @@ class Trainer:
             d.grad_accum, self.cfg.data.global_batch, d.steps_per_epoch, d.dropped_per_epoch, d.lr,
         )  # fmt: skip
 
-    def _build_target(self) -> None:
-        """Targets first: a teacher's width decides the decoders' prediction width."""
-        self.spec = get_variant(self.cfg.model.arch)
-        self.img_size = resolve_img_size(self.cfg, self.spec)
-        num_taps = len(resolve_taps(self.cfg, self.spec))
-        self.target, self.pred_dim, self.target_ref = build_target(self.cfg, self.spec, self.img_size, num_taps)
-        if self.target_ref["kind"] != "pixel":
-            log.info("target %s from %s (sha256 %s...)", self.target_ref["kind"], self.target_ref["path"],
-                     self.target_ref["sha256"][:12])  # fmt: skip
-        if self.resume_from is not None and "target" in self.resume_marker:
-            self._check_target(self.resume_marker["target"])
-
-    def _build_model(self) -> None:
-        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
-        self.model: DeepMIM = build_model(self.cfg, self.pred_dim)
-        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        log.info("model %s taps %s: %.2fM trainable parameters", self.cfg.model.arch, self.model.taps, n_params / 1e6)
-
     def _build_engine(self) -> None:
         self.ds_config = resolve_ds_config(self.cfg, self.derived)
-        if self.resume_world is not None and self.resume_world != self.dist.world_size:
+        elastic = self.resume_marker is not None and self.resume_marker["world_size"] != self.dist.world_size
+        if elastic:
             self.ds_config["checkpoint"] = {"load_universal": True}  # elastic resume, see resume()
         self.dtype = model_dtype(self.ds_config)
-        self.model.to(self.dist.device)
-        o = self.cfg.optim
-        optimizer = build_optimizer(self.model, self.derived.lr, o.weight_decay, o.betas, o.eps)
-        self.engine = initialize(self.model, optimizer, self.ds_config)
+        module = self.task.module
+        module.to(self.dist.device)
+        optimizer = self.task.make_optimizer(self.task.param_groups(), self.derived.lr)
+        self.engine = initialize(module, optimizer, self.ds_config)
         lag = self.cfg.debug.flag_lag if self.cfg.debug.flag_lag >= 0 else None
         self.guard = NonFiniteGuard(self.engine.optimizer, self.dist.device, lag=lag)
-        teacher = getattr(self.target, "module", None)
-        if teacher is not None:  # frozen, outside the optimizer and ZeRO; same device, engine dtype
-            teacher.to(self.dist.device, self.dtype)
+        self.task.to_device(self.dist.device, self.dtype)
         self.compiled, self.compile_error = False, ""
         if self.cfg.engine.compile:
-            self._compile()
-        self.flops = self._count_flops()
+            self.compiled, self.compile_error = self.task.compile(self.engine, self.dtype)
+        self.flops = self.task.flops()
         on_gpu = self.dist.device.type == "cuda"
-        self.peak = (
-            peak_flops(torch.cuda.get_device_name(self.dist.device), self.cfg.engine.peak_tflops) if on_gpu else None
-        )
-        log.info("model FLOPs per image: %.1f GFLOP (%s)", self.flops.per_image / 1e9,
-                 ", ".join(f"{k} {v:.0%}" for k, v in self.flops.shares().items()))  # fmt: skip
-
-    def _compile(self) -> None:
-        """Regional torch.compile of student and teacher blocks, probed on a batch of the real shape."""
-        e, n = self.cfg.engine, self.cfg.data.micro_batch
-        dev = self.dist.device
-        imgs = torch.randn(n, 3, self.img_size, self.img_size, device=dev, dtype=self.dtype, requires_grad=True)
-        masks = random_masking(n, self.model.num_patches, self.cfg.mask.ratio, torch.Generator(dev).manual_seed(0), dev)
-        modules = [self.model] + ([self.target.module] if getattr(self.target, "module", None) is not None else [])
-
-        def step() -> torch.Tensor:
-            targets = self.target(imgs.detach().float(), masks)
-            return self.model(imgs, masks, targets)[0]
-
-        self.compiled, self.compile_error = try_compile(modules, e.compile_backend, e.compile_mode, step, imgs)
-
-    def _count_flops(self) -> FlopCount:
-        f = flops_for_model(self.model, self.cfg.mask.ratio, self.target_ref, self.img_size)
-        if self.target_ref["kind"] == "mixed":  # the generator: one MAE forward, no backward
-            g = flops_for_model(self.target.module, self.cfg.mask.ratio, None, self.img_size)
-            f = FlopCount(f.encoder_macs, f.decoder_macs, g.encoder_macs + g.decoder_macs)
-        return f
+        device_name = torch.cuda.get_device_name(self.dist.device) if on_gpu else ""
+        self.peak = peak_flops(device_name, self.cfg.engine.peak_tflops) if on_gpu else None
+        if self.flops is not None:
+            log.info("model FLOPs per image: %.1f GFLOP (%s)", self.flops.per_image / 1e9,
+                     ", ".join(f"{k} {v:.0%}" for k, v in self.flops.shares().items()))  # fmt: skip
 
     def _loader_spec(self) -> LoaderSpec:
         d = self.cfg.data
         gpu = self.dist.device.type == "cuda"
         decode = "gpu" if (d.decode_device == "gpu" or (d.decode_device == "auto" and gpu)) else "cpu"
         if decode == "gpu" and not gpu:
-            raise ValueError("data.decode_device=gpu but no CUDA device is available; use auto or cpu")
+            raise DataError("data.decode_device=gpu but no CUDA device is available; use auto or cpu")
+        aug = self.task.augment()
         return LoaderSpec(
             shards=d.shards,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             micro_batch=d.micro_batch,
-            micro_steps_per_epoch=self.derived.micro_steps_per_epoch,
-            img_size=self.img_size,
+            samples_per_rank_step=d.micro_batch * self.derived.grad_accum,
+            img_size=aug.img_size,
             seed=self.cfg.seed,
             num_threads=d.num_threads,
             decode_device=decode,
             device_id=self.dist.local_rank if gpu else None,
-            crop_scale=(d.crop_scale[0], d.crop_scale[1]),
-            crop_ratio=(d.crop_ratio[0], d.crop_ratio[1]),
-            shuffle_buffer=d.shuffle_buffer,
+            crop_scale=aug.crop_scale,
+            crop_ratio=aug.crop_ratio,
+            rand_augment=aug.rand_augment,
+            excluded=self.dataset.excluded,
             view=str(self.view_dir),
         )
 
     # ------------------------------------------------------------------ state
     def _client_state(self) -> dict:
         """Everything besides weights and optimizer state; per-rank parts gathered to all ranks."""
-        mine = {"loader": self.loader.state_dict(), "rng": rng_state(), "mask_gen": self.mask_gen.get_state()}
+        mine = {"loader": self.loader.state_dict(), "rng": rng_state(), "task": self.task.state_dict()}
         ranks = all_gather_objects(mine, self.dist.world_size)
         return {
             "format_version": ckpt.FORMAT_VERSION,
             "train": {
                 "step": self.step,
                 "epoch": self.loader.epoch,
-                "position": self.loader.position,
+                "samples_into_epoch": self.loader.samples_consumed(),
                 "steps_per_epoch": self.derived.steps_per_epoch,
                 "grad_accum": self.derived.grad_accum,
                 "skipped_updates": self.guard.state_dict()["skipped"],
@@ -221,13 +176,13 @@ class Trainer:
             },
             "config": to_dict(self.cfg),
             "config_fingerprint": fingerprint(self.cfg),
-            "target": self.target_ref,
+            **self.task.reference(),
             "world_size": self.dist.world_size,
             "ranks": ranks,
         }
 
     def _check_finite_weights(self) -> None:
-        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        norms = torch._foreach_norm([p.detach() for p in self.task.module.parameters()])
         if not bool(torch.isfinite(torch.stack(norms).float()).all()):  # one sync, at save time only
             raise NonFiniteError(f"weights are not finite at step {self.step}; not saving them")
 
@@ -253,7 +208,7 @@ class Trainer:
         if self.dist.is_main:
             info = {"step": self.step, "epoch": self.loader.epoch, "world_size": self.dist.world_size, "keep": keep}
             # the config travels in the marker too, so a resume can refuse it before loading anything
-            info.update(config=to_dict(self.cfg), config_fingerprint=fingerprint(self.cfg), target=self.target_ref)
+            info.update(config=to_dict(self.cfg), config_fingerprint=fingerprint(self.cfg), **self.task.reference())
             ckpt.mark_complete(path, info)
             ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         barrier()
@@ -265,12 +220,13 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return None
-        elastic = self.resume_world != self.dist.world_size
+        elastic = self.resume_marker["world_size"] != self.dist.world_size
         load_path = path
         if elastic:
             if self.dist.is_main:
                 log.warning("elastic resume: %s was written by %d ranks, this run has %d; converting it to a "
-                            "universal checkpoint", path, self.resume_world, self.dist.world_size)  # fmt: skip
+                            "universal checkpoint", path, self.resume_marker["world_size"],
+                            self.dist.world_size)  # fmt: skip
                 ckpt.to_universal(path, self.ckpt_dir / "universal")
             barrier()
             load_path = self.ckpt_dir / "universal" / path.name
@@ -284,27 +240,17 @@ class Trainer:
         self.guard.load_state_dict({"skipped": train.get("skipped_updates", 0.0)})
         ranks = client["ranks"]
         if elastic:
-            loader_state = self._elastic_loader_state(train)
-            if self.dist.rank < len(ranks):
-                set_rng_state(ranks[self.dist.rank]["rng"])
-        else:
-            mine = ranks[self.dist.rank]
+            log.warning("elastic resume: the global batch stays %d; accumulation %d (was %d); the samples of epoch %d "
+                        "not yet read are split over the %d ranks", self.cfg.data.global_batch,
+                        self.derived.grad_accum, train["grad_accum"], train["epoch"], self.dist.world_size)  # fmt: skip
+        mine = ranks[min(self.dist.rank, len(ranks) - 1)]  # the data plan in it is the same on every rank
+        if not elastic:  # per-rank random states only mean something for the same rank
             set_rng_state(mine["rng"])
-            self.mask_gen.set_state(mine["mask_gen"])
-            loader_state = mine["loader"]
+            self.task.load_state_dict(mine.get("task", {}))
         self.keys.truncate(self.step)
-        log.info("resumed from %s: step %d, epoch %d, position %d", path, self.step, train["epoch"], train["position"])
-        return loader_state
-
-    def _elastic_loader_state(self, train: dict) -> dict:
-        """Same epoch and the same number of optimizer steps into it; the remaining samples of
-        this one epoch come in another order (the ranks' slices changed)."""
-        steps_in_epoch = train["position"] // train["grad_accum"]
-        position = min(steps_in_epoch, self.derived.steps_per_epoch) * self.derived.grad_accum
-        log.warning("elastic resume: epoch %d continues at step %d of %d with accumulation %d (was %d)",
-                    train["epoch"], steps_in_epoch, self.derived.steps_per_epoch, self.derived.grad_accum,
-                    train["grad_accum"])  # fmt: skip
-        return {"kind": "none", "epoch": train["epoch"], "position": position}
+        log.info("resumed from %s: step %d, epoch %d, %d samples into it", path, self.step, train["epoch"],
+                 train.get("samples_into_epoch", 0))  # fmt: skip
+        return mine["loader"]
 
     def _check_config(self, saved: Config) -> None:
         errors, changes, harmless = compare_for_resume(saved, self.cfg)
@@ -317,24 +263,12 @@ class Trainer:
         for line in harmless:
             log.info("resuming with a changed setting: %s", line)
 
-    def _check_target(self, saved: dict) -> None:
-        now = self.target_ref
-        if saved.get("sha256") != now.get("sha256"):
-            raise ckpt.CheckpointError(
-                f"cannot resume: the {now['kind']} teacher changed (checkpoint: {saved.get('path')} sha256 "
-                f"{str(saved.get('sha256'))[:12]}; now: {now.get('path')} sha256 {str(now.get('sha256'))[:12]})"
-            )
-
     # ------------------------------------------------------------------ loop
-    def train_step(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-step: mask, targets, forward+backward, and the optimizer at boundaries."""
-        n = imgs.shape[0]
-        masks = random_masking(n, self.model.num_patches, self.cfg.mask.ratio, self.mask_gen, imgs.device)
-        self.timer.start("teacher")
-        targets = self.target(imgs, masks)
-        self.timer.stop("teacher")
+    def train_step(self, batch) -> torch.Tensor:
+        """One micro-step: the task's forward, backward, and the optimizer at boundaries."""
         self.timer.start("fwd_bwd")
-        loss, taps, _ = self.engine(imgs.to(self.dtype), masks, targets)
+        out = self.task.forward(self.engine, batch)
+        loss = out.loss
         if self.step + 1 in self._nan_loss_pending:  # fault drill (once per step number)
             loss = loss * float("nan")
         self.guard.observe_loss(loss)
@@ -348,35 +282,36 @@ class Trainer:
             self._nan_loss_pending.discard(self.step + 1)
             self._nan_grad_pending.discard(self.step + 1)
         self.timer.stop("optimizer")
-        return loss.detach(), taps.detach()
+        self.meter.add(loss.detach(), out.metrics)
 
-    def _train_step_counting_syncs(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step_counting_syncs(self, batch) -> None:
         """train_step under CUDA's sync debug mode; synchronizing calls are counted, not fatal."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                out = self.train_step(imgs)
+                self.train_step(batch)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
         self.sync_count += len(syncs)
         if syncs and not self.sync_examples:
             self.sync_examples = [f"{w.filename}:{w.lineno}" for w in syncs[:5]]
-        return out
 
     def _set_lr(self) -> float:
         d = self.derived
         lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps, self.cfg.schedule.min_lr)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def train(self) -> dict:
         if not self.built:
             self.build()
         if self.dist.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            (self.run_dir / "config.json").write_text(
+                json.dumps(resolved(self.cfg, self.derived, self.dataset.num_samples), indent=2)
+            )
         self.keys = KeyAudit(self.run_dir, self.dist.rank, self.cfg.log.sample_keys)
         loader_state = self.resume()
         stop = self.derived.stop_step
@@ -384,16 +319,16 @@ class Trainer:
             log.info("run already complete: step %d of %d; nothing to do", self.step, stop)
             return {"step": self.step, "complete": True}
         self.loader = make_loader(self.cfg.data.loader, self._loader_spec(), loader_state)
-        self.monitor = RunMonitor(
-            self.cfg, self.run_dir, self.dist.is_main, self.step, stop, self.derived.steps_per_epoch
-        )
+        self.monitor = RunMonitor(self.cfg, self.run_dir, self.dist.is_main, self.step, stop,
+                                  self.derived.steps_per_epoch, self.task.name)  # fmt: skip
         self.timer = PhaseTimer(self.dist.device)
-        self.meter = LossMeter()
+        self.task.timer = self.timer
+        self.meter = MetricMeter()
         self.sync_check = self.cfg.log.sync_debug and self.dist.device.type == "cuda"
         self.sync_count, self.sync_examples = 0, []
         self._nan_loss_pending = set(self.cfg.debug.nan_loss_steps)
         self._nan_grad_pending = set(self.cfg.debug.nan_grad_steps)
-        self._install_signal_handlers()
+        self.signals = StopSignals(self.guard) if self.cfg.checkpoint.on_signal else None
         self.engine.train()
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.derived.total_steps)
         try:
@@ -405,9 +340,11 @@ class Trainer:
                     (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
                     if self.cfg.log.reconstructions:
                         self._save_figure(self.run_dir / "reconstructions.png")
-                result = {"step": self.step, "complete": self.step >= stop}
+                result = self.task.finish(self.engine, {"step": self.step, "complete": self.step >= stop})
         finally:
             self.monitor.close()
+            if self.signals is not None:
+                self.signals.restore()
         if self.dist.is_main:
             log.info("summary\n%s", self.monitor.summary(result))
         return result
@@ -424,10 +361,9 @@ class Trainer:
                 boundary = micro % self.derived.grad_accum == 0
                 logs = boundary and ((self.step + 1) % self.cfg.log.interval == 0 or self.step + 1 == stop)
                 if self.sync_check and not logs:
-                    loss, taps = self._train_step_counting_syncs(batch.img)
+                    self._train_step_counting_syncs(batch)
                 else:
-                    loss, taps = self.train_step(batch.img)
-                self.meter.add(loss, taps)
+                    self.train_step(batch)
                 self.keys.record(self.step + 1, micro, batch.keys)
                 if boundary:
                     self.step += 1
@@ -459,6 +395,7 @@ class Trainer:
                     lr = self._set_lr()
                 fetch = time.perf_counter()
             else:  # the epoch ended
+                self._epoch_end()
                 every = self.cfg.checkpoint.keep_every_epochs
                 if every and self.loader.epoch % every == 0 and self.step < stop:
                     self.save(keep=True)
@@ -466,6 +403,12 @@ class Trainer:
         if last_save != self.step:
             self.save()
         return "done"
+
+    def _epoch_end(self) -> None:
+        metrics = self.task.on_epoch_end(self.engine, self.loader.epoch)
+        self.engine.train()
+        if metrics:
+            self.monitor.record_eval({"step": self.step, "epoch": self.loader.epoch, **metrics})
 
     def _react_to_flags(self) -> str | None:
         """Act on the guard's flags of ``lag`` steps ago (identical on every rank)."""
@@ -507,57 +450,31 @@ class Trainer:
         log.warning("rolled back to %s after %d consecutive non-finite steps (rollback %d); data continues past "
                     "the offending batches", path, bad, self.rollbacks)  # fmt: skip
         self.step = client["train"]["step"]
-        self.meter = LossMeter()  # the skipped steps' NaN losses are not part of any average
-
-    def _install_signal_handlers(self) -> None:
-        if not self.cfg.checkpoint.on_signal:
-            return
-
-        def handler(signum, _frame) -> None:
-            if not self.guard.stop_requested:
-                log.warning(
-                    "received %s: finishing the current step, then saving and exiting", signal.Signals(signum).name
-                )
-            self.guard.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        self.meter = MetricMeter()  # the skipped steps' NaN losses are not part of any average
 
     # ------------------------------------------------------------------ logging and figures
-    def _save_figure(self, path: Path, count: int = 6) -> None:
-        """Reconstructions (pixel, mixed) or similarity maps (CLIP) of one center-cropped image of
-        each of the first classes; rank 0 only, no collectives (ZeRO-2 keeps full weights per rank)."""
-        picked, seen = [], set()
-        for _, label, data in iter_raw(self.cfg.data.shards):
-            if label not in seen:
-                seen.add(label)
-                picked.append(center_crop(data, self.img_size))
-            if len(picked) == count:
-                break
-        imgs = torch.stack(picked).to(self.dist.device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_reconstructions(
-            self.model, imgs, self.cfg.mask.ratio, self.cfg.target.norm_pix, path, self.cfg.seed, self.target
-        )
-        self.monitor.figure(self.step, path)
-        log.info("wrote %s", path)
+    def _save_figure(self, path: Path) -> None:
+        if self.task.figure(self.engine, path):
+            self.monitor.figure(self.step, path)
+            log.info("wrote %s", path)
 
     def _log(self, lr: float, seconds: float, steps: int) -> None:
         """One metrics line: the only place that reads values back from the device."""
-        loss, taps = self.meter.mean_across_ranks()
+        loss, parts = self.meter.mean_across_ranks()
         phases = self.timer.collect()
         seconds = max(seconds, 1e-9)
         rate = steps * self.cfg.data.global_batch / seconds
         share = {k: v / seconds for k, v in phases.items()}  # fraction of wall time per phase
         flags = self.guard.latest()
+        per_image = self.flops.per_image if self.flops is not None else 0.0
         rec = {
             "step": self.step,
             "epoch": self.step / self.derived.steps_per_epoch,
             "lr": lr,
             "loss": loss,
-            **{f"loss_tap{t}": v for t, v in zip(self.model.taps, taps)},
+            **dict(zip(self.task.metric_names, parts)),
             "img_per_s": rate,
-            "mfu": rate * self.flops.per_image / self.dist.world_size / self.peak if self.peak else None,
+            "mfu": rate * per_image / self.dist.world_size / self.peak if self.peak and per_image else None,
             **{f"time_{k}_s": v / max(steps, 1) for k, v in phases.items()},
             **{f"share_{k}": v for k, v in share.items()},
             "peak_mem_gb": peak_memory_gb(self.dist.device),
@@ -569,10 +486,10 @@ class Trainer:
             rec["host_syncs_non_logging_steps"] = self.sync_count
             rec["host_sync_sites"] = self.sync_examples
         self.monitor.record(rec)
-        tap_txt = " ".join(f"t{t}={v:.4f}" for t, v in zip(self.model.taps, taps))
+        part_txt = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in zip(self.task.metric_names, parts))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         log.info(
             "step %d/%d ep %.2f lr %.3g loss %.4f [%s] %.1f img/s%s data %.0f%% teacher %.0f%%",
-            self.step, self.derived.stop_step, rec["epoch"], lr, loss, tap_txt, rate, mfu,
+            self.step, self.derived.stop_step, rec["epoch"], lr, loss, part_txt, rate, mfu,
             100 * share.get("data_wait", 0.0), 100 * share.get("teacher", 0.0),
         )  # fmt: skip

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.model import num_kept
+from engine.models.mim import num_kept
 
 # Dense bf16 peak per device (TFLOP/s), for MFU. Matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {

@@ -9,32 +9,9 @@ the tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from engine.config import Config, ConfigError
-from engine.registry import get_variant
-
-_PRESETS: dict[str, Callable[[], Config]] = {}
-
-
-def preset(name: str):
-    def wrap(fn: Callable[[], Config]) -> Callable[[], Config]:
-        _PRESETS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_preset(name: str) -> Config:
-    if name not in _PRESETS:
-        raise ConfigError(f"--preset {name!r}: unknown preset; available: {sorted(_PRESETS)}")
-    cfg = _PRESETS[name]()
-    cfg.preset = name
-    return cfg
-
-
-def list_presets() -> list[str]:
-    return sorted(_PRESETS)
+from engine.config import Config
+from engine.models.registry import get_variant
+from engine.presets.registry import preset
 
 
 def _paper(arch: str, micro_batch: int, mae: bool, kind: str = "pixel") -> Config:
@@ -72,7 +49,7 @@ def _tiny(mae: bool, kind: str = "pixel") -> Config:
     cfg.target.kind = kind
     if kind == "mixed":  # the two-stage recipe: stage 1 is mae_tiny_pixel into runs/mae_tiny
         cfg.target.generator = "runs/mae_tiny"
-    if kind == "clip":  # random weights from `python -m engine.teacher_tools random-clip` (see README)
+    if kind == "clip":  # random weights from `python -m engine.tools.teacher_tools random-clip` (see README)
         cfg.target.teacher = "data/tiny_clip_random.pt"
     cfg.model.arch = "deepmim_vit_tiny_patch8"
     cfg.model.decoder_dim = 128

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
-from engine.model import DeepMIM, MaskState, patchify, random_masking, unpatchify
+from engine.models.mim import DeepMIM, MaskState, patchify, random_masking, unpatchify
 
 
 def to_pixels(pred: torch.Tensor, imgs: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""Masked image modeling with deep supervision (DeepMIM; plain MAE with one tap).
+
+Owns the mask (one per sample, shared by every decoder), the targets (normalized pixels, the
+mixed target of a frozen MAE generator, or a frozen CLIP teacher's features), the encoder with
+its decoder stack, and the reconstruction figures. Everything else is the loop's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.loop.checkpoint import CheckpointError
+from engine.models.compile import try_compile
+from engine.models.flops import FlopCount, flops_for_model
+from engine.models.mim import DeepMIM, build_model, random_masking, resolve_img_size, resolve_taps
+from engine.models.param_groups import weight_decay_groups
+from engine.models.registry import get_variant
+from engine.targets.kinds import build_target
+from engine.tasks.base import AugmentSpec, StepOutput, Task, TaskContext
+
+log = logging.getLogger(__name__)
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+
+    def setup(self, ctx: TaskContext) -> None:
+        self.ctx = ctx
+        cfg = ctx.cfg
+        # Targets first: a teacher's width decides the decoders' prediction width.
+        self.spec = get_variant(cfg.model.arch)
+        self.img_size = resolve_img_size(cfg, self.spec)
+        num_taps = len(resolve_taps(cfg, self.spec))
+        self.target, self.pred_dim, self.target_ref = build_target(cfg, self.spec, self.img_size, num_taps)
+        if self.target_ref["kind"] != "pixel":
+            log.info("target %s from %s (sha256 %s...)", self.target_ref["kind"], self.target_ref["path"],
+                     self.target_ref["sha256"][:12])  # fmt: skip
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.module: DeepMIM = build_model(cfg, self.pred_dim)
+        self.metric_names = [f"loss_tap{t}" for t in self.module.taps]
+        n_params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        log.info("model %s taps %s: %.2fM trainable parameters", cfg.model.arch, self.module.taps, n_params / 1e6)
+        self.mask_gen = torch.Generator(device=ctx.dist.device)
+        self.mask_gen.manual_seed(cfg.seed * 1_000_003 + 7 * ctx.dist.rank + 1)
+        self.dtype = torch.float32
+
+    # ------------------------------------------------------------------ build
+    def param_groups(self) -> list[dict]:
+        return weight_decay_groups(self.module, self.cfg.optim.weight_decay)
+
+    def augment(self) -> AugmentSpec:
+        d = self.cfg.data
+        return AugmentSpec(self.img_size, (d.crop_scale[0], d.crop_scale[1]), (d.crop_ratio[0], d.crop_ratio[1]))
+
+    def to_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        teacher = getattr(self.target, "module", None)
+        if teacher is not None:  # frozen, outside the optimizer and ZeRO; same device, engine dtype
+            teacher.to(device, dtype)
+
+    def compile(self, engine, dtype: torch.dtype) -> tuple[bool, str]:
+        """Regional torch.compile of student and teacher blocks, probed on a batch of the real shape."""
+        e, n, dev = self.cfg.engine, self.cfg.data.micro_batch, self.ctx.dist.device
+        imgs = torch.randn(n, 3, self.img_size, self.img_size, device=dev, dtype=dtype, requires_grad=True)
+        gen = torch.Generator(dev).manual_seed(0)
+        masks = random_masking(n, self.module.num_patches, self.cfg.mask.ratio, gen, dev)
+        teacher = getattr(self.target, "module", None)
+        modules = [self.module] + ([teacher] if teacher is not None else [])
+
+        def step() -> torch.Tensor:
+            targets = self.target(imgs.detach().float(), masks)
+            return self.module(imgs, masks, targets)[0]
+
+        return try_compile(modules, e.compile_backend, e.compile_mode, step, imgs)
+
+    def flops(self) -> FlopCount:
+        f = flops_for_model(self.module, self.cfg.mask.ratio, self.target_ref, self.img_size)
+        if self.target_ref["kind"] == "mixed":  # the generator: one MAE forward, no backward
+            g = flops_for_model(self.target.module, self.cfg.mask.ratio, None, self.img_size)
+            f = FlopCount(f.encoder_macs, f.decoder_macs, g.encoder_macs + g.decoder_macs)
+        return f
+
+    # ------------------------------------------------------------------ step
+    def forward(self, engine, batch) -> StepOutput:
+        """Mask, targets (a frozen teacher runs here), then the student's forward and losses."""
+        imgs = batch.img
+        n = imgs.shape[0]
+        masks = random_masking(n, self.module.num_patches, self.cfg.mask.ratio, self.mask_gen, imgs.device)
+        self.timer.start("teacher")
+        targets = self.target(imgs, masks)
+        self.timer.stop("teacher")
+        loss, taps, _ = engine(imgs.to(self.dtype), masks, targets)
+        return StepOutput(loss, taps.detach())
+
+    # ------------------------------------------------------------------ state and checks
+    def reference(self) -> dict:
+        return {"target": self.target_ref}
+
+    def check_resume(self, marker: dict) -> None:
+        saved, now = marker.get("target"), self.target_ref
+        if saved is not None and saved.get("sha256") != now.get("sha256"):
+            raise CheckpointError(
+                f"cannot resume: the {now['kind']} teacher changed (checkpoint: {saved.get('path')} sha256 "
+                f"{str(saved.get('sha256'))[:12]}; now: {now.get('path')} sha256 {str(now.get('sha256'))[:12]})"
+            )
+
+    def state_dict(self) -> dict:
+        return {"mask_gen": self.mask_gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "mask_gen" in state:
+            self.mask_gen.set_state(state["mask_gen"])
+
+    # ------------------------------------------------------------------ figures
+    def figure(self, engine, path: Path, count: int = 6) -> bool:
+        """Reconstructions (pixel, mixed) or similarity maps (CLIP) of one center-cropped image of
+        each of the first classes; rank 0 only, no collectives (ZeRO-2 keeps full weights per rank)."""
+        from data_pipeline.eval_reader import center_crop, iter_raw
+        from engine.observe.reconstructions import save_reconstructions
+
+        picked, seen = [], set()
+        for _, label, data in iter_raw(self.cfg.data.shards):
+            if label not in seen:
+                seen.add(label)
+                picked.append(center_crop(data, self.img_size))
+            if len(picked) == count:
+                break
+        imgs = torch.stack(picked).to(self.ctx.dist.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        save_reconstructions(self.module, imgs, c.mask.ratio, c.target.norm_pix, path, c.seed, self.target)
+        return True
