@@ -31,10 +31,14 @@ def load_jpegs(shards: Path, limit: int) -> list[bytes]:
 
 
 def rrc_boxes(sizes: list[tuple[int, int]], seed: int = 0) -> list[tuple[int, int, int, int]]:
-    from data_pipeline.torch_loader import rrc_params
+    """(top, left, h, w) random-resized-crop boxes drawn as the training loaders draw them."""
+    from data_pipeline.plan import crop_params, pixel_box
 
-    gen = torch.Generator().manual_seed(seed)
-    return [rrc_params(h, w, (0.2, 1.0), (3 / 4, 4 / 3), gen) for h, w in sizes]
+    boxes = []
+    for i, (h, w) in enumerate(sizes):
+        left, top, bw, bh = pixel_box(crop_params(seed, 0, i, w, h, (0.2, 1.0), (3 / 4, 4 / 3))[:4], w, h)
+        boxes.append((top, left, bh, bw))
+    return boxes
 
 
 def bench_nvimgcodec(jpegs: list[bytes], batch: int, rounds: int, roi: bool, size: int, device: str) -> dict:

@@ -4,6 +4,12 @@ Baseline RGB JPEGs pass through byte for byte: the shard holds the original file
 else that PIL can read (CMYK or grayscale JPEGs, PNGs saved under a ``.JPEG`` name, ...) is
 re-encoded to an RGB JPEG, so that every decoder on the read side (DALI's nvJPEG/mixed path and
 its CPU path alike) sees one kind of input. Unreadable files raise ``BadImage`` with a reason.
+
+A pixel budget keeps one huge image from exhausting a writer's memory (and, later, a training
+step's): images above ``max_pixels`` are downscaled to fit it. The size is read from the header
+before anything is decoded; JPEGs are decoded at a reduced DCT scale, so their memory stays near
+the budget whatever their size; other formats above ``DECODE_FACTOR`` times the budget would need
+that much memory to decode and are skipped with a reason that says how to accept them.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-# Huge images are legitimate in web-scale data; PIL's bomb guard would reject them by default.
-Image.MAX_IMAGE_PIXELS = 30_000 * 30_000
+# Sizes are checked against the budget before decoding; PIL's own bomb guard would refuse earlier
+# with a less useful message.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: above every ImageNet image; ~200 MB decoded
+DECODE_FACTOR = 4  # non-JPEG images are decoded at full size: allowed up to 4x the budget
 
 
 class BadImage(ValueError):
@@ -30,52 +39,74 @@ class Prepared:
     action: str  # "copied" or "reencoded:<why>"
 
 
-def _check_decodes(data: bytes) -> Image.Image:
-    """Open and decode the whole image (truncated or corrupt data raises). JPEGs decode at 1/8
-    scale through libjpeg's DCT scaling: every byte of entropy data is still read and checked,
-    at a fraction of the cost, which keeps the writer near disk speed on pass-through JPEGs."""
+def _open(data: bytes) -> Image.Image:
     if not data:
         raise BadImage("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            size, fmt, mode = im.size, im.format, im.mode
-            if fmt == "JPEG" and mode == "RGB":
-                im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-                im.load()
-                im.info["full_size"] = size
-                return im
-            im.load()
-    except BadImage:
-        raise
+        return Image.open(io.BytesIO(data))  # reads the header only
     except Image.UnidentifiedImageError:
         raise BadImage("not an image format PIL can read") from None
+    except Exception as err:
+        raise BadImage(f"not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _load(im: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode (truncated or corrupt data raises BadImage). With ``draft_size``, a JPEG decodes at
+    the smallest DCT scale (1/2, 1/4, 1/8) that is at least that size: every byte of entropy data
+    is still read and checked, at a fraction of the cost and memory."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if draft_size is not None and im.format == "JPEG":
+                im.draft(im.mode if im.mode in ("RGB", "L") else None, draft_size)
+            im.load()
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise BadImage(f"not a readable image ({type(err).__name__}: {err})") from None
     return im
 
 
-def prepare_image(data: bytes, quality: int = 95, max_short_side: int = 0) -> Prepared:
-    """Return the bytes to store: the original JPEG when it is a plain RGB JPEG, else a re-encode."""
-    im = _check_decodes(data)
-    w, h = im.info.get("full_size", im.size)
+def fit(w: int, h: int, max_pixels: int, max_short_side: int) -> tuple[int, int]:
+    """The size (w, h) downscaled to respect both limits (unchanged when within them)."""
+    by_pixels = (max_pixels / (w * h)) ** 0.5 if max_pixels and w * h > max_pixels else 1.0
+    by_side = max_short_side / min(w, h) if max_short_side and min(w, h) > max_short_side else 1.0
+    if min(by_pixels, by_side) >= 1.0:
+        return w, h
+    if by_pixels < by_side:  # floor: never above the budget
+        return max(1, int(w * by_pixels)), max(1, int(h * by_pixels))
+    return max(1, round(w * by_side)), max(1, round(h * by_side))
+
+
+def prepare_image(
+    data: bytes, quality: int = 95, max_short_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Prepared:
+    """Return the bytes to store: the original JPEG when it is a plain RGB JPEG within the limits,
+    else a re-encode (converted, and downscaled to the limits)."""
+    im = _open(data)
+    w, h = im.size
+    target = fit(w, h, max_pixels, max_short_side)
+    too_big = target != (w, h)
+    if im.format != "JPEG" and max_pixels and w * h > DECODE_FACTOR * max_pixels:
+        raise BadImage(
+            f"{im.format} image of {w} x {h} = {w * h / 1e6:.0f} M pixels: decoding it needs about "
+            f"{w * h * 4 / 2**30:.1f} GiB, above {DECODE_FACTOR} x --max-pixels ({max_pixels / 1e6:.0f} M); raise "
+            "--max-pixels to accept it"
+        )
     reasons = []
     if im.format != "JPEG":
         reasons.append(f"format {im.format}")
     elif im.mode != "RGB":
         reasons.append(f"mode {im.mode}")
+    if max_pixels and w * h > max_pixels:
+        reasons.append(f"{w} x {h} > {max_pixels / 1e6:.0f} M pixels")
     if max_short_side and min(w, h) > max_short_side:
         reasons.append(f"short side {min(w, h)} > {max_short_side}")
-    if not reasons:
+    if not reasons:  # a plain RGB JPEG within the limits: check it decodes, keep the original bytes
+        _load(im, (max(1, w // 8), max(1, h // 8)))
         return Prepared(data, w, h, "copied")
-    if "full_size" in im.info:  # decoded at reduced scale for the check: re-encode from full size
-        im = Image.open(io.BytesIO(data))
-        im.load()
+    im = _load(im, target if too_big else None)
     rgb = _to_rgb(im)
-    if max_short_side and min(w, h) > max_short_side:
-        scale = max_short_side / min(w, h)
-        rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BICUBIC)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality)
     return Prepared(out.getvalue(), rgb.size[0], rgb.size[1], "reencoded:" + ", ".join(reasons))

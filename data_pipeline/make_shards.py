@@ -2,7 +2,7 @@
 
     python -m data_pipeline.make_shards SRC OUT [--shard-size-mb 256] [--seed 0] [--workers 8]
         [--layout classes|val|flat] [--labels FILE] [--classes classes.json]
-        [--quality 95] [--max-short-side 0]
+        [--quality 95] [--max-short-side 0] [--max-pixels 64000000]
 
 Writes ``OUT/shard-000000.tar`` ... (members ``<key>.jpg`` and ``<key>.cls``), one
 ``shard-NNNNNN.idx`` per shard, ``classes.json``, ``manifest.parquet``, ``dataset.json`` and
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.images import BadImage, prepare_image
+from data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
 from data_pipeline.sources import LAYOUTS, SourceItem, sample_key, scan
 from data_pipeline.wds_index import Component, IndexedSample, write_index
 
@@ -100,6 +100,7 @@ class ShardJob:
     items: tuple[tuple[str, int, str], ...]  # (rel, label, key)
     quality: int
     max_short_side: int
+    max_pixels: int
     class_names: tuple[str, ...]
 
 
@@ -130,7 +131,7 @@ def write_shard(job: ShardJob) -> dict:
         for rel, label, key in job.items:
             try:
                 data = (Path(job.src) / rel).read_bytes()
-                img = prepare_image(data, job.quality, job.max_short_side)
+                img = prepare_image(data, job.quality, job.max_short_side, job.max_pixels)
             except BadImage as err:
                 skipped.append({"source": rel, "reason": str(err)})
                 continue
@@ -203,6 +204,7 @@ def _plan_record(args: argparse.Namespace, shards: list[list[SourceItem]]) -> di
         "layout": args.layout,
         "quality": args.quality,
         "max_short_side": args.max_short_side,
+        "max_pixels": args.max_pixels,
         "num_shards": len(shards),
         "fingerprint": digest.hexdigest(),
     }
@@ -266,7 +268,8 @@ def run(args: argparse.Namespace) -> dict:
             parts[i] = part
         else:
             job_items = tuple((it.rel, it.label, keys[it.rel]) for it in shard)
-            todo.append(ShardJob(i, str(src), str(out), job_items, args.quality, args.max_short_side, names))
+            todo.append(ShardJob(i, str(src), str(out), job_items, args.quality, args.max_short_side, args.max_pixels,
+                                 names))  # fmt: skip
     if parts:
         log.info("%d of %d shards already finished and verified; writing %d", len(parts), len(shards), len(todo))
     _write_all(todo, args.workers, not args.no_progress)
@@ -345,13 +348,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--labels", help="label file for --layout val")
     ap.add_argument("--classes", help="classes.json to reuse (e.g. the train shards') for consistent labels")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
-    ap.add_argument("--max-short-side", type=int, default=0, help="downscale images whose short side exceeds this")
+    ap.add_argument("--max-short-side", type=int, default=0, help="downscale images whose short side exceeds this "
+                    "(0 = no limit)")  # fmt: skip
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help="pixel budget per image: larger images are downscaled to it (counted as re-encoded); "
+                    f"non-JPEG images above {4} x the budget are skipped, since decoding them would need that much "
+                    "memory (default %(default)s; 0 = no limit)")  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.shard_size_mb <= 0:
         ap.error("--shard-size-mb must be > 0")
     if not 1 <= args.quality <= 100:
         ap.error("--quality must be in [1, 100]")
+    if args.max_pixels < 0 or args.max_short_side < 0 or args.workers < 1:
+        ap.error("--max-pixels and --max-short-side must be >= 0 and --workers >= 1")
     return args
 
 

@@ -58,11 +58,13 @@ class TargetConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw (fused; pretraining, fine-tuning) | lars (timm's; linear probing)
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
     lr: float = 0.0  # absolute lr; overrides base_lr when > 0
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    momentum: float = 0.9  # lars only
 
 
 @dataclass
@@ -84,7 +86,36 @@ class DataConfig:
     decode_device: str = "auto"  # auto (gpu when CUDA is present) | gpu | cpu
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
-    shuffle_buffer: int = 4096  # DALI reader shuffle buffer (initial_fill), per rank
+    val_shards: str = ""  # labeled validation shards (fine-tuning, probing): evaluated every epoch and at the end
+    eval_batch: int = 0  # evaluation batch per rank; 0 = micro_batch
+
+
+@dataclass
+class InitConfig:
+    # fine-tuning and probing: encoder weights from a pretraining run folder (its newest complete
+    # checkpoint), one checkpoint folder, or an engine.tools.export folder; empty = random init
+    pretrained: str = ""
+
+
+@dataclass
+class FinetuneConfig:
+    """Classification on top of a pretrained encoder (fine-tuning and linear probing)."""
+
+    num_classes: int = 0  # 0 = the training shards' number of classes
+    global_pool: str = "avg"  # avg (mean of patch tokens, then a new fc_norm) | token (cls, after the encoder norm)
+    freeze_encoder: bool = False  # linear probing: only the head trains
+    head_norm: str = "none"  # none | batchnorm (BatchNorm1d without affine before the head: MAE's linear probe)
+    head_init_std: float = 2e-5  # truncated-normal std of the new head's weight
+    drop_path: float = 0.1
+    layer_decay: float = 0.75  # lr scale = layer_decay ** (blocks above); 1.0 = off
+    smoothing: float = 0.1  # label smoothing
+    mixup: float = 0.8  # mixup alpha (0 = off)
+    cutmix: float = 1.0  # cutmix alpha (0 = off)
+    mixup_prob: float = 1.0  # probability of mixup or cutmix per batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm's RandAugment policy; empty = off
+    reprob: float = 0.25  # random erasing probability (per image, pixel noise, one box)
+    eval_crop: float = 0.875  # evaluation: resize the short side to img_size / eval_crop, center crop img_size
 
 
 @dataclass
@@ -102,6 +133,12 @@ class FaultConfig:
     max_rollbacks: int = 3  # more rollbacks than this in one process -> stop with an error
     data_checks: str = "markers"  # start-up data checks: index | markers | decode
     max_bad_sample_share: float = 0.001  # stop when more of the samples than this are unreadable
+    # A rank without a step for stall_factor x the median step time (at least stall_min_s) is reported,
+    # with the ranks that are behind or silent; after stall_exit_s the process exits (code 4; 0 = never).
+    stall_factor: float = 20.0
+    stall_min_s: float = 120.0
+    stall_exit_s: float = 900.0
+    heartbeat_s: float = 10.0  # seconds between heartbeat files (RUN_DIR/heartbeat/), the watchdog's side channel
 
 
 @dataclass
@@ -123,7 +160,7 @@ class LogConfig:
     # CUDA only: count host-device syncs inside train_step on steps that do not log (should be 0)
     sync_debug: bool = False
     sample_keys: bool = False  # write every rank's sample keys per step to RUN_DIR/sample_keys/
-    progress: bool = True  # tqdm bar on rank 0 (step, epoch, img/s, loss, ETA)
+    progress: str = "auto"  # tqdm bar on rank 0 (step, epoch, img/s, loss, ETA): auto (on a terminal) | on | off
     tensorboard: bool = True  # RUN_DIR/tensorboard: losses per tap, lr, speed, time shares, memory, MFU
     figure_interval: int = 0  # steps between reconstruction / similarity figures (0 = only at the end)
 
@@ -151,6 +188,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -263,22 +302,57 @@ def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{path}={value!r}: allowed values are {list(allowed)}")
 
 
+GUARD_RING = 8  # steps of fault flags the non-finite guard keeps on the host (engine.loop.guard)
+
+
+def _finite_floats(obj: Any, prefix: str = "") -> None:
+    """Every float in the tree is finite: inf or NaN anywhere is a typo, never a setting."""
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, path + ".")
+        elif isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
+            values = value if isinstance(value, list) else [value]
+            _check(all(math.isfinite(v) for v in values), f"{path}={value}: must be a finite number")
+
+
 def validate(cfg: Config) -> None:
-    """Check values that do not need the model registry, the data or the world size."""
-    m, d, o, s = cfg.model, cfg.data, cfg.optim, cfg.schedule
+    """Check every value before any work: the message names the field and the allowed values."""
     _one_of("task", cfg.task, ("pretrain", "finetune", "linprobe"))
-    _check(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio={cfg.mask.ratio}: must be in the open interval (0, 1)")
-    _one_of("target.kind", cfg.target.kind, ("pixel", "mixed", "clip"))
-    _one_of("data.loader", d.loader, ("dali", "torch"))
-    _one_of("data.decode_device", d.decode_device, ("auto", "gpu", "cpu"))
-    _one_of("log.level", cfg.log.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _finite_floats(cfg)
+    _validate_model(cfg)
+    _validate_data(cfg)
+    _validate_optim(cfg)
+    _validate_run(cfg)
+    if cfg.task == "pretrain":
+        _validate_pretrain(cfg)
+    else:
+        _validate_finetune(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    from engine.models.registry import get_variant
+
+    m = cfg.model
+    spec = get_variant(m.arch)
+    _check(m.img_size >= 0, f"model.img_size={m.img_size}: 0 (the variant's {spec.img_size}) or a positive size")
+    size = m.img_size or spec.img_size
+    _check(size % spec.patch_size == 0,
+           f"model.img_size={m.img_size}: must be a multiple of the patch size {spec.patch_size}")  # fmt: skip
     _check(m.decoder_dim > 0 and m.decoder_depth > 0, "model.decoder_dim and model.decoder_depth must be > 0")
     _check(
         m.decoder_heads > 0 and m.decoder_dim % m.decoder_heads == 0,
         f"model.decoder_heads={m.decoder_heads}: must divide model.decoder_dim={m.decoder_dim}",
     )
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _one_of("data.loader", d.loader, ("dali", "torch"))
+    _one_of("data.decode_device", d.decode_device, ("auto", "gpu", "cpu"))
     _check(d.global_batch > 0, f"data.global_batch={d.global_batch}: must be > 0")
     _check(d.micro_batch > 0, f"data.micro_batch={d.micro_batch}: must be > 0")
+    _check(d.eval_batch >= 0, f"data.eval_batch={d.eval_batch}: 0 (= data.micro_batch) or a positive batch")
     _check(d.num_threads > 0, f"data.num_threads={d.num_threads}: must be > 0")
     _check(
         len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
@@ -288,14 +362,31 @@ def validate(cfg: Config) -> None:
         len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
         f"data.crop_ratio={d.crop_ratio}: must be [lo, hi] with 0 < lo <= hi",
     )
-    _check(o.base_lr > 0 or o.lr > 0, "optim.base_lr or optim.lr must be > 0")
+
+
+def _validate_optim(cfg: Config) -> None:
+    o, s = cfg.optim, cfg.schedule
+    _one_of("optim.name", o.name, ("adamw", "lars"))
+    _check(o.base_lr > 0 or o.lr > 0, f"optim.base_lr={o.base_lr}, optim.lr={o.lr}: one of them must be > 0")
+    _check(o.lr >= 0 and o.base_lr >= 0, "optim.lr and optim.base_lr must be >= 0")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas}: two values in [0, 1)")
+    _check(o.eps > 0, f"optim.eps={o.eps}: must be > 0 (it keeps AdamW's division away from zero)")
+    _check(0 <= o.momentum < 1, f"optim.momentum={o.momentum}: must be in [0, 1)")
     _check(s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0")
     _check(0 <= s.warmup_epochs <= s.epochs, f"schedule.warmup_epochs={s.warmup_epochs}: must be in [0, epochs]")
     _check(s.max_steps >= 0, f"schedule.max_steps={s.max_steps}: must be >= 0")
+    peak = o.lr if o.lr > 0 else o.base_lr * cfg.data.global_batch / 256
+    _check(0 <= s.min_lr <= peak, f"schedule.min_lr={s.min_lr}: must be in [0, the peak lr {peak:.3g}]")
+
+
+def _validate_run(cfg: Config) -> None:
+    _check(cfg.seed >= 0, f"seed={cfg.seed}: must be >= 0")
+    _one_of("log.level", cfg.log.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _one_of("log.progress", cfg.log.progress, ("auto", "on", "off"))
     _check(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be > 0")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
+    _check(cfg.checkpoint.keep_every_epochs >= 0, "checkpoint.keep_every_epochs: must be >= 0")
     _check(cfg.log.interval > 0, f"log.interval={cfg.log.interval}: must be > 0")
     _check(cfg.log.figure_interval >= 0, f"log.figure_interval={cfg.log.figure_interval}: must be >= 0")
     f = cfg.fault
@@ -303,20 +394,34 @@ def validate(cfg: Config) -> None:
     _check(f.max_rollbacks >= 0, f"fault.max_rollbacks={f.max_rollbacks}: must be >= 0")
     _one_of("fault.data_checks", f.data_checks, ("index", "markers", "decode"))
     _check(0 <= f.max_bad_sample_share < 1, f"fault.max_bad_sample_share={f.max_bad_sample_share}: must be in [0, 1)")
-    _check(cfg.checkpoint.keep_every_epochs >= 0, "checkpoint.keep_every_epochs: must be >= 0")
+    _check(f.stall_factor > 1, f"fault.stall_factor={f.stall_factor}: must be > 1 (a multiple of the median step time)")
+    _check(f.stall_min_s > 0, f"fault.stall_min_s={f.stall_min_s}: must be > 0 seconds")
+    _check(f.heartbeat_s > 0, f"fault.heartbeat_s={f.heartbeat_s}: must be > 0 seconds")
+    _check(f.stall_exit_s >= 0, f"fault.stall_exit_s={f.stall_exit_s}: seconds >= 0 (0 = never exit)")
+    lag = cfg.debug.flag_lag
+    ring = GUARD_RING
+    _check(-1 <= lag < ring, f"debug.flag_lag={lag}: -1 (the device's) or 0..{ring - 1} (the guard keeps {ring} steps)")
     e = cfg.engine
-    _check(
-        e.act_ckpt_encoder >= 0, f"engine.act_ckpt_encoder={e.act_ckpt_encoder}: 0 (off) or k >= 1 (every k-th block)"
-    )
-    _check(
-        e.act_ckpt_decoder >= 0, f"engine.act_ckpt_decoder={e.act_ckpt_decoder}: 0 (off) or k >= 1 (every k-th block)"
-    )
-    _one_of(
-        "engine.compile_mode",
-        e.compile_mode,
-        ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    )
+    for name in ("act_ckpt_encoder", "act_ckpt_decoder"):
+        k = getattr(e, name)
+        _check(k >= 0, f"engine.{name}={k}: 0 (off) or k >= 1 (every k-th block)")
+    _one_of("engine.compile_mode", e.compile_mode,
+            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))  # fmt: skip
+    _check(e.peak_tflops >= 0, f"engine.peak_tflops={e.peak_tflops}: must be >= 0 (0 = look up the device)")
+
+
+def _validate_pretrain(cfg: Config) -> None:
+    from engine.models.registry import get_variant
+
+    spec = get_variant(cfg.model.arch)
+    ratio = cfg.mask.ratio
+    _check(0.0 < ratio < 1.0, f"mask.ratio={ratio}: must be in the open interval (0, 1)")
+    patches = ((cfg.model.img_size or spec.img_size) // spec.patch_size) ** 2
+    kept = int(patches * (1 - ratio))
+    _check(0 < kept < patches, f"mask.ratio={ratio}: keeps {kept} of {patches} patches; at least one patch must be "
+           f"kept and one masked (allowed: {1 / patches:.4f} < ratio <= {1 - 1 / patches:.4f})")  # fmt: skip
     t = cfg.target
+    _one_of("target.kind", t.kind, ("pixel", "mixed", "clip"))
     for w in t.weights:
         _check(w >= 0, f"target.weights={t.weights}: weights must be >= 0")
     _one_of("target.mix_space", t.mix_space, ("norm", "raw"))
@@ -331,6 +436,33 @@ def validate(cfg: Config) -> None:
             t.mix_space == "raw" or t.norm_pix,
             "target.mix_space=norm mixes normalized pixels and needs target.norm_pix=true (or use mix_space=raw)",
         )
+
+
+def _validate_finetune(cfg: Config) -> None:
+    f = cfg.finetune
+    _check(bool(cfg.data.val_shards), "data.val_shards: labeled validation shards are required for fine-tuning "
+           "and probing (they are evaluated every epoch)")  # fmt: skip
+    _check(f.num_classes >= 0, f"finetune.num_classes={f.num_classes}: 0 (from the shards) or the class count")
+    _one_of("finetune.global_pool", f.global_pool, ("avg", "token"))
+    _one_of("finetune.head_norm", f.head_norm, ("none", "batchnorm"))
+    _check(f.head_init_std > 0, f"finetune.head_init_std={f.head_init_std}: must be > 0")
+    _check(0 <= f.drop_path < 1, f"finetune.drop_path={f.drop_path}: must be in [0, 1)")
+    _check(0 < f.layer_decay <= 1, f"finetune.layer_decay={f.layer_decay}: must be in (0, 1] (1 = off)")
+    _check(0 <= f.smoothing < 1, f"finetune.smoothing={f.smoothing}: must be in [0, 1)")
+    _check(f.mixup >= 0 and f.cutmix >= 0, f"finetune.mixup={f.mixup}, finetune.cutmix={f.cutmix}: alphas >= 0")
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        v = getattr(f, name)
+        _check(0 <= v <= 1, f"finetune.{name}={v}: a probability in [0, 1]")
+    _check(0 < f.eval_crop <= 1, f"finetune.eval_crop={f.eval_crop}: must be in (0, 1]")
+    ra = f.rand_augment
+    _check(ra == "" or ra.startswith("rand"), f"finetune.rand_augment={ra!r}: empty (off) or timm's form, e.g. "
+           "'rand-m9-mstd0.5-inc1'")  # fmt: skip
+    if f.mixup > 0 or f.cutmix > 0:
+        _check(cfg.data.micro_batch % 2 == 0,
+               f"data.micro_batch={cfg.data.micro_batch}: mixup/cutmix pair samples within a micro-batch, which must "
+               "be even (or set finetune.mixup=0 finetune.cutmix=0)")  # fmt: skip
+    if cfg.task == "linprobe":
+        _check(f.freeze_encoder, "finetune.freeze_encoder: must be true for task=linprobe")
 
 
 @dataclass(frozen=True)

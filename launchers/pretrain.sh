@@ -1,48 +1,86 @@
 #!/usr/bin/env bash
-# Launch DeepMIM pretraining under the `deepspeed` launcher, on one node or several.
+# Launch pretraining, fine-tuning or linear probing under the `deepspeed` launcher, on one node or several.
 #
 #   launchers/pretrain.sh [--gpus N] [--hostfile FILE] [--master-addr HOST] [--master-port PORT] \
-#       [--node-rank K --no-ssh] -- --preset NAME --run-dir DIR [--set key=value ...]
+#       [--node-rank K --no-ssh] [--module engine.finetune] -- --preset NAME --run-dir DIR [--set key=value ...]
 #
 # One node:       launchers/pretrain.sh --gpus 8 -- --preset deepmim_vit_b16_pixel --run-dir runs/b16
 # Several nodes:  launchers/pretrain.sh --hostfile hostfile --master-addr node0 -- --preset ... --run-dir ...
-#                 (hostfile lines: "<host> slots=<gpus>"; run on node0, which starts the others by ssh)
+#                 (hostfile lines: "<host> slots=<gpus>"; run on node0, which starts the others by ssh;
+#                 the hostfile's slots decide the processes per node, --gpus is not used)
 # Without ssh:    run on every node with --no-ssh --node-rank K (0 on the master) and the same hostfile;
 #                 launchers/slurm.sbatch does this with srun.
-# Without a GPU, DS_ACCELERATOR=cpu is set and --gpus counts CPU processes.
+# Fine-tuning:    the module follows the preset (finetune_* and linprobe_* run engine.finetune).
+# Without a GPU, DS_ACCELERATOR=cpu is set and --gpus counts CPU processes (default 2).
 #
-# Preemption: SIGTERM or SIGUSR1 sent to this script is forwarded to the training processes
+# Paths are relative to the directory you run this from. The config and every path it names are
+# checked before the launcher starts (a mistake is one line and exit code 2). Without --master-port
+# (or MASTER_PORT) a free port is picked; a port that is taken is refused at once.
+#
+# Preemption: SIGTERM, SIGUSR1 or SIGINT sent to this script is forwarded to the training processes
 # only (not to DeepSpeed's launcher, which would kill them); they finish the current step, save a
 # checkpoint, write RUN_DIR/PREEMPTED and exit 0, and so does this script.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-DS=${DEEPSPEED:-.venv/bin/deepspeed}
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+DS=${DEEPSPEED:-$REPO/.venv/bin/deepspeed}
 [ -x "$DS" ] || DS=deepspeed
-PY=${PYTHON:-.venv/bin/python}
+PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# DeepSpeed's JIT-built ops (the CPU communication op) live with the environment, built once by `make setup`
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PY" -c 'import sys; print(sys.prefix)')/torch_extensions}
 
-gpus="" hostfile="" addr="" port="${MASTER_PORT:-29500}" node_rank="" no_ssh=0
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+
+gpus="" hostfile="" addr="" port="${MASTER_PORT:-}" node_rank="" no_ssh=0 module=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    -h|--help) usage; exit 0 ;;
     --gpus) gpus="$2"; shift 2 ;;
     --hostfile) hostfile="$2"; shift 2 ;;
     --master-addr) addr="$2"; shift 2 ;;
     --master-port) port="$2"; shift 2 ;;
     --node-rank) node_rank="$2"; shift 2 ;;
     --no-ssh) no_ssh=1; shift ;;
+    --module) module="$2"; shift 2 ;;
     --) shift; break ;;
-    *) echo "unknown option $1 (pass training arguments after --)" >&2; exit 2 ;;
+    *) echo "launchers/pretrain.sh: unknown option $1 (training arguments go after --; see --help)" >&2; exit 2 ;;
   esac
 done
+[ $# -gt 0 ] || { echo "launchers/pretrain.sh: no training arguments after -- (see --help)" >&2; exit 2; }
+
+if [ -z "$module" ]; then
+  module=engine.pretrain
+  prev=""
+  for a in "$@"; do
+    if [ "$prev" = "--preset" ]; then case "$a" in finetune*|linprobe*) module=engine.finetune ;; esac; fi
+    prev="$a"
+  done
+fi
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   export DS_ACCELERATOR=cpu
-  gpus=${gpus:-2}
+  [ -z "$hostfile" ] && gpus=${gpus:-2}
+fi
+
+# the config and the paths it names, before any process group or port is set up
+"$PY" -m "$module" --check "$@" >/dev/null || exit 2
+
+local_master=1
+case "${addr:-127.0.0.1}" in 127.0.0.1|localhost|"$(hostname)"|"$(hostname -f 2>/dev/null)") ;; *) local_master=0 ;; esac
+if [ -z "$port" ]; then
+  port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+elif [ "$local_master" = 1 ] && [ "${node_rank:-0}" = 0 ]; then
+  "$PY" -c 'import socket, sys; s = socket.socket(); s.bind(("", int(sys.argv[1])))' "$port" 2>/dev/null \
+    || { echo "launchers/pretrain.sh: port $port is in use on this machine; pick another --master-port or leave it out" >&2; exit 2; }
 fi
 
 args=(--master_port "$port")
-[ -n "$gpus" ] && args+=(--num_gpus "$gpus")
-[ -n "$hostfile" ] && args+=(--hostfile "$hostfile")
+if [ -n "$hostfile" ]; then
+  args+=(--hostfile "$hostfile")  # the hostfile's slots decide the processes per node
+elif [ -n "$gpus" ]; then
+  args+=(--num_gpus "$gpus")
+fi
 [ -n "$addr" ] && args+=(--master_addr "$addr")
 [ -n "$node_rank" ] && args+=(--node_rank "$node_rank")
 [ "$no_ssh" = 1 ] && args+=(--no_ssh)
@@ -55,13 +93,13 @@ descendants() {  # all processes below PID $1
 forward() {  # send signal $1 to the training processes (they carry --local_rank), not the launchers
   local sig=$1 pid
   for pid in $(descendants "$child"); do
-    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "engine.pretrain.*--local_rank"; then
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$module.*--local_rank"; then
       kill -s "$sig" "$pid" 2>/dev/null
     fi
   done
 }
 
-"$DS" "${args[@]}" --module engine.pretrain "$@" &
+"$DS" "${args[@]}" --module "$module" "$@" &
 child=$!
 trap 'forward TERM' TERM
 trap 'forward USR1' USR1

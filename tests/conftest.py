@@ -59,9 +59,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_cmd(nprocs: int, *args: str) -> list[str]:
+def deepspeed_cmd(nprocs: int, *args: str, module: str = "engine.pretrain") -> list[str]:
     ds = Path(sys.executable).parent / "deepspeed"
-    return [str(ds), "--num_gpus", str(nprocs), "--master_port", str(free_port()), "--module", "engine.pretrain", *args]
+    return [str(ds), "--num_gpus", str(nprocs), "--master_port", str(free_port()), "--module", module, *args]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
@@ -72,17 +72,22 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def run_deepspeed(
-    nprocs: int, *args: str, timeout: int = 420, check: bool = True, **env
+    nprocs: int, *args: str, timeout: int = 420, check: bool = True, module: str = "engine.pretrain", **env
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        deepspeed_cmd(nprocs, *args), cwd=ROOT, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout
+        deepspeed_cmd(nprocs, *args, module=module),
+        cwd=ROOT,
+        env=cpu_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
-def run_single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_single(*args: str, timeout: int = 300, module: str = "engine.pretrain") -> subprocess.CompletedProcess:
     """``python -m engine.pretrain`` in one process (a world of one, no launcher): for start-up checks."""
-    return subprocess.run([sys.executable, "-m", "engine.pretrain", *args], cwd=ROOT, env=cpu_env(),
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=cpu_env(),
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -6,6 +6,11 @@ once rank 0 has written ``complete.json`` into it, after every rank finished wri
 is written to a temporary name and renamed, so a crash at any moment leaves either a complete
 checkpoint or an ignorable partial one. Resume takes the newest complete checkpoint and never
 guesses.
+
+The marker also records the size and CRC-32 of every file of the checkpoint. Before a resume the
+files are verified against it (the ranks split the work); a checkpoint that fails (a file missing,
+truncated or changed after it was written) is renamed ``broken-step_*`` and the newest one that
+verifies is used instead, with a warning naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the marker lists the files with sizes and CRC-32
 _TAG = re.compile(r"^step_(\d{8,})$")
 
 
@@ -61,10 +69,70 @@ def newest_complete(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def file_crc32(path: Path, chunk: int = 1 << 24) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            crc = zlib.crc32(block, crc)  # releases the GIL: files are hashed in parallel threads
+    return f"{crc:08x}"
+
+
+def describe_files(path: Path) -> dict[str, dict]:
+    """{relative name: {size, crc32}} of every file in a checkpoint folder but the marker."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(MARKER))
+    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
+        crcs = list(pool.map(file_crc32, files))
+    return {str(p.relative_to(path)): {"size": p.stat().st_size, "crc32": c} for p, c in zip(files, crcs)}
+
+
+def file_problems(path: Path, names: list[str], recorded: dict[str, dict]) -> list[str]:
+    """What is wrong with these files of a checkpoint, compared with its marker."""
+    problems = []
+    for name in names:
+        f, want = path / name, recorded[name]
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{name} is {f.stat().st_size} bytes, {want['size']} when written")
+        elif file_crc32(f) != want["crc32"]:
+            problems.append(f"{name} changed since it was written (CRC-32 differs)")
+    return problems
+
+
+def verify(path: Path, rank: int = 0, world_size: int = 1,
+           gather: Callable[[object], list] | None = None) -> list[str]:  # fmt: skip
+    """Problems of a complete checkpoint's files (empty: it verifies). Ranks split the files."""
+    recorded = read_marker(path).get("files")
+    if recorded is None:
+        return []  # written before markers listed files: nothing to compare with
+    names = sorted(recorded)
+    mine = file_problems(path, names[rank::world_size], recorded)
+    parts = gather(mine) if gather is not None else [mine]
+    return [p for part in parts for p in part]
+
+
+def newest_verified(root: Path, rank: int = 0, world_size: int = 1,
+                    gather: Callable[[object], list] | None = None, barrier: Callable[[], None] | None = None
+                    ) -> Path | None:  # fmt: skip
+    """The newest complete checkpoint whose files verify; broken ones are renamed out of the way."""
+    for path in reversed(list_checkpoints(root)):
+        problems = verify(path, rank, world_size, gather)
+        if not problems:
+            return path
+        if rank == 0:
+            log.warning("checkpoint %s is damaged (%s); it is renamed broken-%s and the next older one is tried",
+                        path, "; ".join(problems[:3]), path.name)  # fmt: skip
+            os.replace(path, path.with_name(f"broken-{path.name}"))
+        if barrier is not None:
+            barrier()
+    return None
+
+
 def mark_complete(path: Path, info: dict) -> None:
+    files = describe_files(path)
     tmp = path / (MARKER + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "time": time.time(), **info}, f, indent=2)
+        json.dump({"format_version": FORMAT_VERSION, "time": time.time(), **info, "files": files}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / MARKER)
@@ -123,10 +191,12 @@ def to_universal(tag_dir: Path, out_root: Path) -> Path:
     tmp = out_root / (tag_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out_root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+    cmd = [sys.executable, "-m", "engine.loop.to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
            "--num_merge_workers", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    root = str(Path(__file__).resolve().parents[2])  # the converter wrapper lives in this repository
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
     shutil.copy2(tag_dir / MARKER, tmp / MARKER)

@@ -12,8 +12,11 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class DistInfo:
 def setup_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Initialize torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU)."""
     import deepspeed
+    import torch
 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,12 +50,30 @@ def setup_distributed(timeout_minutes: int = 30) -> DistInfo:
         backend = "gloo"
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m engine.pretrain`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher announced it (0 outside a launcher), before any set-up."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now (for a world of one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RankFilter(logging.Filter):
@@ -62,12 +84,32 @@ class RankFilter(logging.Filter):
         self.rank = rank
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = self.rank
         return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def quiet_known_noise() -> None:
+    """Silence messages that every rank prints and that say nothing about the run: deprecation and
+    future warnings from the libraries, DeepSpeed's per-rank info lines (its warnings stay)."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*CUDA_HOME.*")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 def setup_logging(rank: int, level: str = "INFO", log_file: str | None = None) -> None:
     fmt = logging.Formatter("%(asctime)s [rank%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "with_rank", False):
+
+        def with_rank(*args, **kwargs) -> logging.LogRecord:
+            record = factory(*args, **kwargs)
+            record.rank = rank
+            return record
+
+        with_rank.with_rank = True
+        logging.setLogRecordFactory(with_rank)
     root = logging.getLogger()
     root.setLevel(level)
     for h in list(root.handlers):
@@ -88,6 +130,8 @@ def setup_logging(rank: int, level: str = "INFO", log_file: str | None = None) -
 
 def all_gather_objects(obj, world_size: int) -> list:
     """Every rank's ``obj`` (small Python objects: loader states, preflight findings)."""
+    import torch
+
     if world_size == 1 or not torch.distributed.is_initialized():
         return [obj]
     out = [None] * world_size
@@ -97,6 +141,8 @@ def all_gather_objects(obj, world_size: int) -> list:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (a rare, deliberate sync)."""
+    import torch
+
     if not torch.distributed.is_initialized():
         return flag
     t = torch.tensor(1.0 if flag else 0.0, device=device)
@@ -105,6 +151,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import GUARD_RING
+
 log = logging.getLogger(__name__)
 
 
@@ -43,15 +45,20 @@ class StepFlags:
 
 
 class NonFiniteGuard:
-    RING = 8
+    RING = GUARD_RING
 
     def __init__(self, zero_optimizer, device: torch.device, group=None, lag: int | None = None):
         inner = getattr(zero_optimizer, "optimizer", None)
         if inner is None or not hasattr(zero_optimizer, "averaged_gradients"):
             raise GuardUnavailable(f"{type(zero_optimizer).__name__} has no averaged_gradients/optimizer")
-        if not inner.defaults.get("fused"):
-            raise GuardUnavailable("the inner optimizer must be a fused torch AdamW (found_inf support)")
         self.zero, self.inner, self.group, self.device = zero_optimizer, inner, group, device
+        # Fused torch optimizers skip a non-finite update on the device (found_inf). Others (timm's
+        # LARS for linear probing) are skipped from the host: one flag read per step, a sync that
+        # only a probe (a head-only update) pays.
+        self.on_device = bool(inner.defaults.get("fused"))
+        if not self.on_device:
+            self._inner_step = inner.step
+            inner.step = self._host_skipped_step
         cuda = device.type == "cuda"
         self.lag = (2 if cuda else 0) if lag is None else lag
         self.flags = torch.zeros(2, device=device)  # [bad, stop], all-reduced with MAX
@@ -94,7 +101,10 @@ class NonFiniteGuard:
             torch.maximum(self.flags[0], (~torch.isfinite(norms).all()).float(), out=self.flags[0])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        self.inner.found_inf = self.flags[0]
+        if self.on_device:
+            self.inner.found_inf = self.flags[0]
+        else:
+            self._skip_now = bool(self.flags[0].item())
         try:
             return self._orig_step(*args, **kwargs)
         finally:
@@ -103,6 +113,11 @@ class NonFiniteGuard:
             self.loss_bad.zero_()
             self.steps += 1
             self._publish()
+
+    def _host_skipped_step(self, *args, **kwargs):
+        if getattr(self, "_skip_now", False):
+            return None
+        return self._inner_step(*args, **kwargs)
 
     def _publish(self) -> None:
         slot = self.steps % self.RING

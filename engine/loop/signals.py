@@ -4,11 +4,12 @@ SIGTERM, SIGUSR1 and SIGINT all mean "finish the current step, save, exit 0": th
 sets a flag that the guard all-reduces with the next step's fault flags, so every rank stops at
 the same step. A second SIGINT stops at once (KeyboardInterrupt), for the impatient.
 
-The ``deepspeed`` runner and its per-node launcher do not always pass signals on (SIGTERM to the
-runner used to leave the ranks running as orphans). Each rank therefore asks the kernel for a
-SIGTERM when its parent (the per-node launcher) dies (``PR_SET_PDEATHSIG``), and a watcher thread
-treats a change of parent the same way, so a job whose launcher is gone saves and exits instead
-of training on unsupervised.
+The ``deepspeed`` runner does not pass SIGTERM or SIGINT on: on one node it just dies, and its
+per-node launcher (``deepspeed.launcher.launch``, the ranks' parent) and the ranks train on as
+orphans. Each rank therefore asks the kernel for a SIGTERM when its parent dies
+(``PR_SET_PDEATHSIG``), and a watcher thread treats the loss of its parent or grandparent (the
+runner) the same way, so a job whose launcher is gone saves and exits instead of training on
+unsupervised.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def ask_for_sigterm_when_parent_dies() -> bool:
         return False
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` from /proc (None where it cannot be read)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # fields after the command name: state, ppid, ...
+
+
 class StopSignals:
     """Installs the handlers; ``flag_owner.stop_requested`` becomes True on a stop request."""
 
@@ -43,6 +53,7 @@ class StopSignals:
         self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
         self._stop = threading.Event()
         self._parent = os.getppid()
+        self._grandparent = parent_of(self._parent)
         if watch_parent:
             ask_for_sigterm_when_parent_dies()
             self._thread = threading.Thread(target=self._watch_parent, args=(poll_s,), daemon=True)
@@ -58,9 +69,10 @@ class StopSignals:
 
     def _watch_parent(self, poll_s: float) -> None:
         while not self._stop.wait(poll_s):
-            if os.getppid() != self._parent and not self.owner.stop_requested:
-                log.warning("the launcher (pid %d) is gone: finishing the current step, then saving and exiting",
-                            self._parent)  # fmt: skip
+            gone = os.getppid() != self._parent or parent_of(self._parent) != self._grandparent
+            if gone and not self.owner.stop_requested:
+                log.warning("the launcher (pid %d or its parent %s) is gone: finishing the current step, then "
+                            "saving and exiting", self._parent, self._grandparent)  # fmt: skip
                 self.owner.stop_requested = True
 
     def restore(self) -> None:

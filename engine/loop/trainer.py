@@ -10,6 +10,7 @@ under an incompatible config, and not waiting forever for a stalled rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -26,11 +27,14 @@ from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
 from engine.loop.ds_setup import initialize, model_dtype, resolve_ds_config
 from engine.loop.guard import NonFiniteGuard
 from engine.loop.rng import rng_state, seed_everything, set_rng_state
+from engine.loop.runlock import RunFolderBusy, RunLock
 from engine.loop.schedule import lr_at
 from engine.loop.signals import StopSignals
+from engine.loop.watchdog import Watchdog
 from engine.models.flops import peak_flops
 from engine.observe.monitor import KeyAudit, RunMonitor
 from engine.observe.telemetry import MetricMeter, PhaseTimer, peak_memory_gb
+from engine.serialization import install_load_guard
 from engine.tasks.base import Task, TaskContext
 
 log = logging.getLogger(__name__)
@@ -55,12 +59,13 @@ class Trainer:
         self.resume_from: Path | None = None
         self.resume_marker: dict | None = None
         self.loader = None
+        self.lock = RunLock(self.run_dir)
+        self.watchdog: Watchdog | None = None
+        install_load_guard()  # no torch.load in this process runs code from a file (engine.serialization)
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
+        self._lock_run_dir()
         self._find_resume()
         self._build_data()
         self.task.setup(TaskContext(self.cfg, self.dist, self.run_dir, self.resume_marker))
@@ -70,16 +75,40 @@ class Trainer:
         seed_everything(self.cfg.seed + self.dist.rank)
         self.built = True
 
+    def _lock_run_dir(self) -> None:
+        """One job per run folder (engine.loop.runlock): rank 0 holds the lock, every rank agrees."""
+        error = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.lock.acquire()
+            except RunFolderBusy as err:
+                error = err
+        if any_rank(error is not None, self.dist.device):
+            raise RunFolderBusy(str(error or f"{self.run_dir.resolve()} is in use by another job"))
+
     def _find_resume(self) -> None:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return
+        gather = lambda obj: all_gather_objects(obj, self.dist.world_size)
         if mode == "auto":
-            self.resume_from = ckpt.newest_complete(self.ckpt_dir)
+            newest = ckpt.newest_complete(self.ckpt_dir)
+            self.resume_from = ckpt.newest_verified(self.ckpt_dir, self.dist.rank, self.dist.world_size, gather,
+                                                    barrier)  # fmt: skip
+            if newest is not None and self.resume_from is None:
+                raise ckpt.CheckpointError(f"every complete checkpoint in {self.ckpt_dir} is damaged (renamed "
+                                           "broken-*); not starting over in this run folder")  # fmt: skip
+            if newest is not None and self.resume_from != newest:
+                log.warning("resuming from %s instead of the newest checkpoint %s, which is damaged (now %s)",
+                            self.resume_from, newest.name, newest.with_name(f"broken-{newest.name}"))  # fmt: skip
         else:
             path = Path(mode)
             if not (path / ckpt.MARKER).is_file():
                 raise ckpt.CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
+            problems = ckpt.verify(path, self.dist.rank, self.dist.world_size, gather)
+            if problems:
+                raise ckpt.CheckpointError(f"checkpoint.resume={mode!r} is damaged: {'; '.join(problems[:3])}")
             self.resume_from = path
         if self.resume_from is not None:
             self.resume_marker = ckpt.read_marker(self.resume_from)
@@ -111,6 +140,8 @@ class Trainer:
 
     def _build_engine(self) -> None:
         self.ds_config = resolve_ds_config(self.cfg, self.derived)
+        if self.cfg.optim.name != "adamw":  # ZeRO-2 partitions any torch optimizer; DeepSpeed asks to be told
+            self.ds_config["zero_allow_untested_optimizer"] = True
         elastic = self.resume_marker is not None and self.resume_marker["world_size"] != self.dist.world_size
         if elastic:
             self.ds_config["checkpoint"] = {"load_universal": True}  # elastic resume, see resume()
@@ -187,6 +218,10 @@ class Trainer:
             raise NonFiniteError(f"weights are not finite at step {self.step}; not saving them")
 
     def save(self, keep: bool = False) -> Path:
+        with self.watchdog.held() if self.watchdog is not None else contextlib.nullcontext():
+            return self._save(keep)
+
+    def _save(self, keep: bool) -> Path:
         self._check_finite_weights()
         self.keys.flush()  # before the marker: a complete checkpoint never lacks its steps' keys
         tag = ckpt.tag_for(self.step)
@@ -329,6 +364,9 @@ class Trainer:
         self._nan_loss_pending = set(self.cfg.debug.nan_loss_steps)
         self._nan_grad_pending = set(self.cfg.debug.nan_grad_steps)
         self.signals = StopSignals(self.guard) if self.cfg.checkpoint.on_signal else None
+        f = self.cfg.fault
+        self.watchdog = Watchdog(self.run_dir, self.dist.rank, self.dist.world_size, f.stall_factor, f.stall_min_s,
+                                 f.stall_exit_s, f.heartbeat_s)  # fmt: skip
         self.engine.train()
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.derived.total_steps)
         try:
@@ -340,9 +378,14 @@ class Trainer:
                     (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
                     if self.cfg.log.reconstructions:
                         self._save_figure(self.run_dir / "reconstructions.png")
-                result = self.task.finish(self.engine, {"step": self.step, "complete": self.step >= stop})
+                result = self.task.finish(self.engine, {"step": self.step, "epoch": self.loader.epoch,
+                                                        "complete": self.step >= stop})  # fmt: skip
+                if "eval" in result:
+                    self.monitor.record_eval({"step": self.step, "epoch": self.loader.epoch, "final": True,
+                                              **result.pop("eval")})  # fmt: skip
         finally:
             self.monitor.close()
+            self.watchdog.close()
             if self.signals is not None:
                 self.signals.restore()
         if self.dist.is_main:
@@ -368,6 +411,7 @@ class Trainer:
                 if boundary:
                     self.step += 1
                     window_steps += 1
+                    self.watchdog.beat(self.step)
                     self.monitor.step(self.step)
                     if self.cfg.debug.step_sleep_s:
                         time.sleep(self.cfg.debug.step_sleep_s)
@@ -405,7 +449,8 @@ class Trainer:
         return "done"
 
     def _epoch_end(self) -> None:
-        metrics = self.task.on_epoch_end(self.engine, self.loader.epoch)
+        with self.watchdog.held("an evaluation"):
+            metrics = self.task.on_epoch_end(self.engine, self.loader.epoch)
         self.engine.train()
         if metrics:
             self.monitor.record_eval({"step": self.step, "epoch": self.loader.epoch, **metrics})
@@ -441,7 +486,8 @@ class Trainer:
                 f"{bad} consecutive non-finite steps at step {self.step} after {self.rollbacks} rollbacks "
                 f"(fault.max_rollbacks); stopping instead of training on"
             )
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        with self.watchdog.held("a rollback"):
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         self.rollbacks += 1
         self.guard.reset_consecutive()
         # Flags of the steps run since the ones that triggered this (the lag) still count the bad
@@ -454,7 +500,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging and figures
     def _save_figure(self, path: Path) -> None:
-        if self.task.figure(self.engine, path):
+        with self.watchdog.held("a figure") if self.watchdog is not None else contextlib.nullcontext():
+            written = self.task.figure(self.engine, path)
+        if written:
             self.monitor.figure(self.step, path)
             log.info("wrote %s", path)
 

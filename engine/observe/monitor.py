@@ -45,12 +45,18 @@ class RunMonitor:
         self.rates: list[float] = []
         self.bar = None
         self.tb = None
-        if is_main and cfg.log.progress:
+        self._redirect = None
+        tty = sys.stderr.isatty()
+        if is_main and (cfg.log.progress == "on" or (cfg.log.progress == "auto" and tty)):
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            tty = sys.stderr.isatty()  # in a log file, a line every 30 s instead of a redraw per step
+            # in a log file (progress=on), a line every 30 s instead of a redraw per step
             self.bar = tqdm(total=stop_step, initial=start_step, unit="step", desc=desc, dynamic_ncols=True,
                             file=sys.stderr, smoothing=0.05, mininterval=0.1 if tty else 30.0)  # fmt: skip
+            # log lines are printed above the bar instead of being glued to it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
         if is_main and cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -118,13 +124,15 @@ class RunMonitor:
             lines.append(f"  last loss {rec['loss']:.4f}" + (f" ({parts})" if parts else ""))
             lines.append(f"  skipped updates {rec.get('skipped_updates', 0)}, rollbacks {rec.get('rollbacks', 0)}, "
                          f"unreadable samples skipped {rec.get('bad_samples', 0)}")  # fmt: skip
-        for key in ("top1", "top5"):
-            values = [e[key] for e in self.evals if key in e]
-            if values:
-                lines.append(f"  {key}: last {values[-1]:.2f}%, best {max(values):.2f}%")
+        if result.get("top1") is not None:
+            lines.append(f"  validation: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% (last); best top-1 "
+                         f"{result['best_top1']:.2f}% at epoch {result['best_epoch']}")  # fmt: skip
         return "\n".join(lines)
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:

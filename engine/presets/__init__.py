@@ -4,7 +4,7 @@
 registers them.
 """
 
-from engine.presets import pretrain  # noqa: F401  (registers the pretraining presets)
+from engine.presets import finetune, pretrain  # noqa: F401  (register their presets)
 from engine.presets.registry import get_preset, list_presets, preset
 
 __all__ = ["get_preset", "list_presets", "preset"]

@@ -3,7 +3,8 @@
 * ``ClipTeacher``: a CLIP ViT visual tower (timm's VisionTransformer in CLIP form: pre-norm,
   QuickGELU, no patch bias) whose targets are ``ln_post`` + projection applied to every token.
   Weights come from a local file in the OpenAI layout (the ``visual.*`` keys of
-  ``clip.load(...).state_dict()``, or OpenAI's TorchScript archive itself) or in timm's layout.
+  ``clip.load(...).state_dict()``, or OpenAI's TorchScript archive itself, whose tensors are read
+  without running its code) or in timm's layout.
   The architecture (width, depth, patch, grid, output width) is read from the weights.
 * The MAE mixed-target generator: an MAE encoder + decoder, loaded from one of this project's
   own checkpoints (any pixel-target run; its final decoder is used) or from the official MAE
@@ -17,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +29,7 @@ from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
 from engine.loop.checkpoint import newest_complete
 from engine.models.mim import DeepMIM
 from engine.models.registry import VariantSpec, get_variant, list_variants
+from engine.serialization import UnsafeFileError, is_torchscript_archive, read_torchscript_tensors, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _load_file(path: str | Path) -> dict:
+    """A weights file as a dict of tensors, without running anything from it (engine.serialization):
+    a plain pickle is read with ``weights_only=True``; a TorchScript archive (OpenAI's CLIP release)
+    has its tensors read and its code ignored."""
     path = Path(path)
     if not path.is_file():
         raise TeacherError(f"teacher weights {path}: file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torchscript_tensors(path) if is_torchscript_archive(path) else safe_load(path)
+    except UnsafeFileError as err:
+        raise TeacherError(str(err)) from None
     except Exception as err:
-        if zipfile.is_zipfile(path):  # OpenAI ships CLIP as a TorchScript archive
-            try:
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-            except Exception:
-                pass
         raise TeacherError(f"teacher weights {path}: cannot read ({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict):
         raise TeacherError(f"teacher weights {path}: expected a state dict, got {type(obj).__name__}")
@@ -290,7 +291,10 @@ def load_generator(path: str | Path, img_size: int) -> Generator:
 def _load_own_generator(file: Path, img_size: int) -> Generator:
     from engine.config import from_dict
 
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        state = safe_load(file)
+    except UnsafeFileError as err:
+        raise TeacherError(str(err)) from None
     cfg = from_dict(state["config"])
     if cfg.target.kind != "pixel":
         raise TeacherError(

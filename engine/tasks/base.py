@@ -10,7 +10,7 @@ mixup, top-1) are two tasks driven by the same loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +47,6 @@ class AugmentSpec:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     rand_augment: str = ""  # timm-style "rand-m9-mstd0.5-inc1"; empty = off (MAE pretraining)
-    extras: dict = field(default_factory=dict)
 
 
 class Task:
@@ -110,7 +109,8 @@ class Task:
         return False
 
     def finish(self, engine, result: dict) -> dict:
-        """Called on every rank after the last step (not after a preemption); adds to the result."""
+        """Called on every rank after the last step (not after a preemption) with ``step`` and
+        ``epoch`` in ``result``; returns it, with ``eval`` (a final evaluation) when there is one."""
         return result
 
     @property

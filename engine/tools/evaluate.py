@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.eval_reader import load_batches
-from engine.config import Config, from_dict
+from engine.config import Config
 from engine.models.mim import MaskedViTEncoder, resolve_img_size
 from engine.models.registry import get_variant
 
@@ -35,23 +35,12 @@ log = logging.getLogger("engine.tools.evaluate")
 def load_encoder(run: str | None = None, step: int | None = None, export: str | None = None,
                  random_arch: str | None = None, img_size: int = 0) -> tuple[MaskedViTEncoder, Config]:  # fmt: skip
     """Our encoder with weights from a run (consolidated fp32), an export folder, or random init."""
-    from engine.tools.export import find_checkpoint
+    state = None
+    if export or run:
+        from engine.weights import encoder_weights
 
-    if export:
-        from safetensors.torch import load_file
-
-        meta = json.loads((Path(export) / "export.json").read_text())
-        cfg = from_dict(meta["config"])
-        state = load_file(str(Path(export) / "encoder.safetensors"))
-    elif run:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from engine.loop.checkpoint import read_marker
-
-        path = find_checkpoint(Path(run), step)
-        cfg = from_dict(read_marker(path)["config"])
-        full = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        state = {k[len("encoder.") :]: v for k, v in full.items() if k.startswith("encoder.")}
+        w = encoder_weights(export or run, step)
+        cfg, state = w.config, w.state
     else:
         cfg = Config()
         cfg.model.arch = random_arch
