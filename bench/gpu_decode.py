@@ -18,6 +18,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import answer_help_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.gpu_decode",
+        description="JPEG decoding throughput of the decoders DALI's mixed path uses (nvImageCodec, with and without "
+        "ROI decoding) and torchvision's nvJPEG; on the CPU without CUDA (a dry run of the harness).",
+    )
+    ap.add_argument("--shards", help="a shard folder (default: built from the bundled photos)")
+    ap.add_argument("--batch", type=int, default=128, help="images per decode call (default 128)")
+    ap.add_argument("--rounds", type=int, default=5, help="passes over the images; the best is reported (default 5)")
+    ap.add_argument("--limit", type=int, default=1024, help="images read from the shards (default 1024)")
+    ap.add_argument("--per-class", type=int, default=64, help="without --shards: images per class to build")
+    ap.add_argument("--json", help="write the results here")
+    return ap
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)
+
 import torch
 
 from bench.common import header, sync, write_json
@@ -97,14 +118,7 @@ def bench_torchvision(jpegs: list[bytes], batch: int, rounds: int, device: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shards")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--limit", type=int, default=1024)
-    ap.add_argument("--per-class", type=int, default=64)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,6 +28,44 @@ import sys
 import time
 from pathlib import Path
 
+from bench import answer_help_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.model_step",
+        description="The model part of a training step on synthetic input: fused vs reference decoders, eager vs "
+        "compiled, plain vs DeepSpeed ZeRO-2; images/s, MFU, peak memory and ratios measured in one run.",
+    )
+    ap.add_argument("--arch", default="deepmim_vit_test_patch4", help="encoder variant (engine.models.registry)")
+    ap.add_argument("--targets", default="clip,pixel", help="target kinds to measure, comma-separated: clip, pixel")
+    ap.add_argument(
+        "--batches", default="8", help="candidate micro-batches, largest first: the first that fits is used"
+    )
+    ap.add_argument("--configs", default="fused-compile,fused,reference",
+                    help="paths, comma-separated: fused | reference, with any of -compile, -ckpt (activation "
+                    "checkpointing), -loop (per-decoder GEMMs inside the fused pass), -split (copy-free q/k/v), "
+                    "-flash/-efficient/-cudnn/-mathattn/-flex (decoder attention kernel), -fp8 (encoder linears "
+                    "in FP8), -graphs (compile mode reduce-overhead: CUDA graphs)")  # fmt: skip
+    ap.add_argument(
+        "--deepspeed", default="", help="configurations to also run through DeepSpeed ZeRO-2 (comma-separated)"
+    )
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager on CPU)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
+    ap.add_argument("--iters", type=int, default=8, help="timed steps; the median is reported (default 8)")
+    ap.add_argument("--time-budget", type=float, default=0, help="seconds; later configurations are skipped (0 = none)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--append", action="store_true", help="add to the results already in --json")
+    ap.add_argument("--ds-set", dest="ds_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="DeepSpeed knob for the --deepspeed runs, e.g. zero_optimization.overlap_comm=false "
+                    "(repeatable; as engine.ds_overrides)")  # fmt: skip
+    ap.add_argument("--label", default="", help="a name for this run's rows (e.g. the DeepSpeed variant)")
+    return ap
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)
+
 import torch
 
 from bench.common import Budget, free_memory, header, is_oom, sync, time_steps, write_json
@@ -71,14 +109,18 @@ class PlainStep:
 
 class DeepSpeedStep:
     """The same step through the trainer's DeepSpeed set-up: ds_configs/zero2_bf16.json (ZeRO-2,
-    bf16), the fused AdamW and the non-finite guard, in a world of one."""
+    bf16) with any ``--ds-set`` knobs, the fused AdamW and the non-finite guard, in a world of one."""
+
+    overrides: list[str] = []
+    label = ""
 
     def __init__(self, model: torch.nn.Module, batch: int, lr: float = 1e-4):
-        from engine.loop.ds_setup import initialize, load_ds_config
+        from engine.loop.ds_setup import apply_ds_overrides, initialize, load_ds_config
         from engine.loop.guard import NonFiniteGuard
 
         _init_dist()
         cfg = load_ds_config(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2_bf16.json")
+        apply_ds_overrides(cfg, self.overrides)
         cfg.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
         opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
         self.engine = initialize(model, opt, cfg)
@@ -100,7 +142,9 @@ def _init_dist() -> None:
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 200))
+    from engine.loop.dist import free_port
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -128,11 +172,20 @@ def build_step(arch: str, target_kind: str, config: str, batch: int, engine: str
     else:
         target, pred_dim, teacher_ref = PixelTarget(spec.patch_size), 3 * spec.patch_size**2, None
     dd, depth, heads = decoder_shape(arch)
-    ckpt = 1 if "ckpt" in config else 0
+    parts = set(config.split("-"))
+    ckpt = 1 if "ckpt" in parts else 0
+    kernels = {"flash": "flash", "efficient": "efficient", "cudnn": "cudnn", "mathattn": "math", "flex": "flex"}
+    attn = next((kernels[k] for k in kernels if k in parts), "auto")
     model = DeepMIM(spec, img, list(spec.default_taps), dd, depth, heads, pred_dim,
                     loss_kind="cosine" if target_kind == "clip" else "mse", fused=config.startswith("fused"),
-                    act_ckpt_encoder=ckpt, act_ckpt_decoder=ckpt).to(device, dtype)  # fmt: skip
-    model.decoders.set_gemm("loop" if "loop" in config else "bmm")
+                    act_ckpt_encoder=ckpt, act_ckpt_decoder=ckpt, decoder_attention=attn,
+                    qkv_layout="split" if "split" in parts else "packed")  # fmt: skip
+    if "fp8" in parts:
+        from engine.models.fp8 import convert_encoder_to_fp8
+
+        convert_encoder_to_fp8(model)
+    model = model.to(device, dtype)
+    model.decoders.set_gemm("loop" if "loop" in parts else "bmm")
     model.train()
     stepper = DeepSpeedStep(model, batch) if engine == "deepspeed" else PlainStep(model)
     imgs = torch.randn(batch, 3, img, img, device=device)
@@ -142,8 +195,9 @@ def build_step(arch: str, target_kind: str, config: str, batch: int, engine: str
         probe_in = imgs.to(dtype).requires_grad_(True)
         pmask = random_masking(batch, model.num_patches, 0.75, gen, device)
         modules = [model] + ([target.module] if target_kind == "clip" else [])
+        mode = "reduce-overhead" if "graphs" in parts else "default"
         compiled, reason = try_compile(
-            modules, backend, "default", lambda: model(probe_in, pmask, target(imgs, pmask))[0], probe_in
+            modules, backend, mode, lambda: model(probe_in, pmask, target(imgs, pmask))[0], probe_in
         )
 
     def step() -> None:
@@ -156,7 +210,9 @@ def build_step(arch: str, target_kind: str, config: str, batch: int, engine: str
 
 
 def run_one(arch, target_kind, config, batch, engine, backend, warmup, iters, device) -> dict:
-    rec = {"arch": arch, "target": target_kind, "config": config, "engine": engine, "batch": batch}
+    label = DeepSpeedStep.label if engine == "deepspeed" else ""
+    rec = {"arch": arch, "target": target_kind, "config": config, "engine": engine + (f" {label}" if label else ""),
+           "batch": batch}  # fmt: skip
     free_memory()
     t0 = time.perf_counter()
     try:
@@ -195,29 +251,18 @@ def add_ratios(results: list[dict]) -> dict:
         ref = ok.get((arch, tgt, "reference", "plain", batch))
         if ref and config != "reference":
             ratios[f"{arch}/{tgt}/{config}/{engine} vs reference"] = r["img_per_s"] / ref["img_per_s"]
-        if engine == "deepspeed":
+        if engine.startswith("deepspeed"):
             plain = ok.get((arch, tgt, config, "plain", batch))
             if plain:
-                ratios[f"{arch}/{tgt}/{config} deepspeed step time / plain"] = plain["img_per_s"] / r["img_per_s"]
+                ratios[f"{arch}/{tgt}/{config} {engine} step time / plain"] = plain["img_per_s"] / r["img_per_s"]
     return ratios
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="deepmim_vit_test_patch4")
-    ap.add_argument("--targets", default="clip,pixel")
-    ap.add_argument("--batches", default="8", help="candidate micro-batches, largest first")
-    ap.add_argument("--configs", default="fused-compile,fused,reference")
-    ap.add_argument("--deepspeed", default="", help="configurations to also run through DeepSpeed ZeRO-2")
-    ap.add_argument("--compile-backend", default="inductor")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--time-budget", type=float, default=0, help="seconds; later configurations are skipped")
-    ap.add_argument("--json", help="output file")
-    ap.add_argument("--append", action="store_true", help="add to the results already in --json")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    DeepSpeedStep.overrides, DeepSpeedStep.label = list(args.ds_overrides), args.label
     budget = Budget(args.time_budget)
     out = header("model_step", precision="bf16 weights, fp32 master, fp32 loss reduction",
                  compile_backend=args.compile_backend, results=[])  # fmt: skip

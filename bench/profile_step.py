@@ -12,6 +12,29 @@ import argparse
 import logging
 import sys
 
+from bench import answer_help_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.profile_step",
+        description="torch.profiler trace of one model step, kernel time grouped into GEMMs, attention, compiled "
+        "fusions, other elementwise, optimizer and copies.",
+    )
+    ap.add_argument("--arch", default="deepmim_vit_test_patch4", help="encoder variant")
+    ap.add_argument("--target", default="clip", help="clip or pixel")
+    ap.add_argument("--config", default="fused-compile", help="path, as in bench.model_step --configs")
+    ap.add_argument("--engine", default="plain", help="plain or deepspeed")
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch (default 8)")
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps after 3 warm-up steps (default 3)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    ap.add_argument("--json", help="write the results here")
+    return ap
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -40,16 +63,7 @@ def category(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="deepmim_vit_test_patch4")
-    ap.add_argument("--target", default="clip")
-    ap.add_argument("--config", default="fused-compile")
-    ap.add_argument("--engine", default="plain")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--compile-backend", default="inductor")
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step, _, flops, _ = build_step(

@@ -80,5 +80,16 @@ def render(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.report", description="Render benchmark JSON files as Markdown tables (one per file)."
+    )
+    ap.add_argument("files", nargs="+", help="JSON files written by the bench modules (others are ignored)")
+    print(render(ap.parse_args(argv).files))
+    return 0
+
+
 if __name__ == "__main__":
-    print(render(sys.argv[1:]))
+    sys.exit(main())

@@ -18,6 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import answer_help_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.shard_writer",
+        description="Shard-writing images/s per writer process, and decode+augment throughput of the written "
+        "shards, on random crops of the bundled photos at about ImageNet's JPEG size.",
+    )
+    ap.add_argument("--per-class", type=int, default=64, help="source images per class (9 classes; default 64)")
+    ap.add_argument("--size", type=int, default=400, help="short side of the source images in pixels (default 400)")
+    ap.add_argument("--workers", default="1,2", help="writer process counts to try, comma-separated")
+    ap.add_argument("--batches", type=int, default=10, help="batches read back per loader (default 10)")
+    ap.add_argument("--json", help="write the results here")
+    return ap
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)
+
 from bench.common import header, write_json
 from bench.data_pipeline import measure
 from data_pipeline.demo_data import build
@@ -27,13 +47,7 @@ log = logging.getLogger("bench.shard_writer")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--per-class", type=int, default=64)
-    ap.add_argument("--size", type=int, default=400)
-    ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--batches", type=int, default=10)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"

@@ -86,7 +86,7 @@ def build_pipeline(spec: LoaderSpec, source: _Source, checkpoint: bytes | None, 
         jpg, anchor, shape, mirror = fn.external_source(source=source, num_outputs=4, batch=True)
         img = fn.decoders.image_slice(
             jpg, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
-            **({"hw_decoder_load": 0.65} if gpu else {}),
+            **({"hw_decoder_load": spec.hw_decoder_load} if gpu else {}),
         )  # fmt: skip
         img = fn.resize(
             img, resize_x=spec.img_size, resize_y=spec.img_size, interp_type=types.INTERP_CUBIC, antialias=True

@@ -98,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    ap = argparse.ArgumentParser(description="Build the real-photo demo dataset (class-folder layout).")
-    ap.add_argument("out")
-    ap.add_argument("--per-class", type=int, default=48)
-    ap.add_argument("--size", type=int, default=96, help="short side of each crop in pixels")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(
+        prog="python -m data_pipeline.demo_data",
+        description="Build the real-photo demo dataset in the class-folder layout: random crops of the photos "
+        "bundled with scikit-image and scikit-learn, one class per photo.",
+    )
+    ap.add_argument("out", help="output folder (OUT/<class>/<class>_NNNN.jpg)")
+    ap.add_argument("--per-class", type=int, default=48, help="crops per class (default 48; 9 classes)")
+    ap.add_argument("--size", type=int, default=96, help="short side of each crop in pixels (default 96)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the crops: another seed gives other crops")
     args = ap.parse_args(argv)
     build(args.out, args.per_class, args.size, args.seed)
     return 0

@@ -21,12 +21,15 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from data_pipeline.plan import Phase, RankStream, rank_range, rank_stream
 from data_pipeline.table import DataError, SampleTable, read_table
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the shard tools start without it
+    import torch
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Batch", "DataError", "DatasetView", "EpochLoader", "LoaderSpec",
            "make_loader", "rank_range", "read_dataset"]  # fmt: skip
@@ -60,6 +63,7 @@ class LoaderSpec:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     rand_augment: str = ""  # timm-style policy ("rand-m9-mstd0.5-inc1"); empty = MAE's crop + flip only
+    hw_decoder_load: float = 0.65  # DALI mixed decode: share of images for the GPU's hardware JPEG decoder
     excluded: tuple[int, ...] = ()  # manifest rows not to read (unreadable; from the start-up check)
     view: str = ""  # run's data_view folder: where samples that fail at run time are recorded
 
@@ -174,6 +178,8 @@ class EpochLoader:
         self.phases = [Phase(self.spec.world_size, 0, self.excluded)]
 
     def labels_and_keys(self, rows: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+        import torch
+
         return torch.from_numpy(self.table.label[rows]), [self.table.key(i) for i in rows]
 
     def state_dict(self) -> dict:
@@ -195,15 +201,3 @@ def make_loader(kind: str, spec: LoaderSpec, state: dict | None = None) -> Epoch
 
         return TorchLoader(spec, state)
     raise DataError(f"data.loader={kind!r}: allowed values are ['dali', 'torch']")
-
-
-def parse_labels(padded: torch.Tensor) -> torch.Tensor:
-    """[N, W] uint8 ASCII digits (zero-padded on the right, optional '-') -> [N] int64."""
-    b = padded.to(torch.int64)
-    digit = (b >= 48) & (b <= 57)
-    neg = (b[:, :1] == 45).squeeze(1)
-    n_digits = digit.sum(dim=1, keepdim=True)
-    pos = torch.cumsum(digit.to(torch.int64), dim=1)
-    power = torch.where(digit, n_digits - pos, torch.zeros_like(b))
-    value = (torch.where(digit, b - 48, torch.zeros_like(b)) * torch.pow(10, power)).sum(dim=1)
-    return torch.where(neg, -value, value)

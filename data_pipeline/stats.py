@@ -69,8 +69,11 @@ def render(s: dict, max_classes: int = 40) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out")
+    ap = argparse.ArgumentParser(
+        prog="python -m data_pipeline.stats",
+        description="What a shard folder holds: totals, samples per class, JPEG size and image size distributions.",
+    )
+    ap.add_argument("out", help="a folder written by python -m data_pipeline.make_shards")
     ap.add_argument("--json", action="store_true", help="print the full statistics as JSON")
     args = ap.parse_args(argv)
     try:

@@ -114,10 +114,14 @@ def verify(out: str | Path, decode: bool = False, workers: int = 1) -> list[str]
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out")
-    ap.add_argument("--decode", action="store_true", help="also decode every image (slow)")
-    ap.add_argument("--workers", type=int, default=1)
+    ap = argparse.ArgumentParser(
+        prog="python -m data_pipeline.verify",
+        description="Check a shard folder against its manifest and index files: tar sizes and checksums, member "
+        "offsets, per-sample checksums and labels, stray or missing samples. Exit code 1 when anything differs.",
+    )
+    ap.add_argument("out", help="a folder written by python -m data_pipeline.make_shards")
+    ap.add_argument("--decode", action="store_true", help="also decode every image (slow: a full decode pass)")
+    ap.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel (default 1)")
     args = ap.parse_args(argv)
     problems = verify(args.out, args.decode, args.workers)
     for p in problems:

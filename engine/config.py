@@ -34,6 +34,9 @@ class ModelConfig:
     decoder_depth: int = 4
     decoder_heads: int = 16
     fused_decoders: bool = True  # one batched pass over all decoders; False = per-decoder loop
+    # decoder attention kernel: auto (SDPA chooses) | flash | efficient | cudnn | math (one SDPA kernel) | flex
+    decoder_attention: str = "auto"
+    qkv_layout: str = "packed"  # packed (one GEMM, permuted views) | split (three GEMMs, copy-free q/k/v)
 
 
 @dataclass
@@ -177,6 +180,11 @@ class EngineConfig:
     act_ckpt_encoder: int = 0
     act_ckpt_decoder: int = 0
     peak_tflops: float = 0.0  # dense bf16 peak per device for MFU; 0 = look up the device name
+    # FP8 training of the encoder's linear layers (torchao float8; emulated on CPU). Opt-in and not yet
+    # recommended: it must first match bf16's loss curve on a GPU (see the README's speed section).
+    fp8: bool = False
+    # DeepSpeed knobs changed from the command line: "zero_optimization.reduce_bucket_size=5e8" (JSON values)
+    ds_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -340,6 +348,8 @@ def _validate_model(cfg: Config) -> None:
     _check(size % spec.patch_size == 0,
            f"model.img_size={m.img_size}: must be a multiple of the patch size {spec.patch_size}")  # fmt: skip
     _check(m.decoder_dim > 0 and m.decoder_depth > 0, "model.decoder_dim and model.decoder_depth must be > 0")
+    _one_of("model.decoder_attention", m.decoder_attention, ("auto", "flash", "efficient", "cudnn", "math", "flex"))
+    _one_of("model.qkv_layout", m.qkv_layout, ("packed", "split"))
     _check(
         m.decoder_heads > 0 and m.decoder_dim % m.decoder_heads == 0,
         f"model.decoder_heads={m.decoder_heads}: must divide model.decoder_dim={m.decoder_dim}",
@@ -528,7 +538,7 @@ INCOMPATIBLE = ("task", "model.arch", "model.img_size", "model.taps", "model.dec
 # These only change bookkeeping, speed or logging: a resume with them changed is the same run.
 HARMLESS_PREFIXES = ("log.", "checkpoint.", "engine.", "debug.", "preset", "run_dir", "data.num_threads",
                      "data.decode_device", "data.micro_batch", "data.loader", "model.fused_decoders",
-                     "fault.")  # fmt: skip
+                     "model.decoder_attention", "model.qkv_layout", "fault.", "data.eval_batch")  # fmt: skip
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -75,7 +75,8 @@ elif [ "$local_master" = 1 ] && [ "${node_rank:-0}" = 0 ]; then
     || { echo "launchers/pretrain.sh: port $port is in use on this machine; pick another --master-port or leave it out" >&2; exit 2; }
 fi
 
-args=(--master_port "$port")
+# DeepSpeed's launcher at warning level: its per-process INFO lines say nothing a run's own log does not
+args=(--master_port "$port" --log_level "${DS_LOG_LEVEL:-warning}")
 if [ -n "$hostfile" ]; then
   args+=(--hostfile "$hostfile")  # the hostfile's slots decide the processes per node
 elif [ -n "$gpus" ]; then

@@ -72,9 +72,15 @@ def test_two_stage_mae_then_deepmim_mixed(demo_shards, tmp_path):
 
     # Stage 2: DeepMIM with mixed targets from that MAE; save and resume.
     run = tmp_path / "mixed"
-    train("deepmim_test_mixed", run, demo_shards, 4, "--set", f"target.generator={mae}")
+    first = train("deepmim_test_mixed", run, demo_shards, 4, "--set", f"target.generator={mae}")
+    assert "froze" in first.stdout + first.stderr and (run / "teacher" / "generator.pt").is_file()
+    # The MAE run goes on, and its retention deletes the checkpoint stage 2 started from ...
+    train("mae_test_pixel", mae, demo_shards, 8, "--set", "checkpoint.keep_last=1")
+    assert [p.name for p in list_checkpoints(mae / "checkpoints")] == ["step_00000008"]
+    # ... stage 2 still resumes, with the generator it started with.
     out = train("deepmim_test_mixed", run, demo_shards, 6, "--set", f"target.generator={mae}")
-    assert "resumed from" in out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert "resumed from" in text and f"snapshot of {mae} at step 4" in text
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
     saved = torch.load(list_checkpoints(run / "checkpoints")[-1] / "mp_rank_00_model_states.pt", weights_only=False)
     assert saved["target"]["alphas"] == [0.0, 0.5, 1.0] and saved["target"]["generator_norm_pix"] is True

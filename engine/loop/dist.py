@@ -54,7 +54,16 @@ def setup_distributed(timeout_minutes: int = 30) -> DistInfo:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
+    import contextlib
+    import io
+
+    printed = io.StringIO()  # DeepSpeed prints "... shm_comm_op built successfully" on every rank
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
+        )
+    if printed.getvalue().strip():
+        log.debug("deepspeed: %s", printed.getvalue().strip())
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
@@ -96,6 +105,9 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*CUDA_HOME.*")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # torch's "No CUDA runtime is found, using CUDA_HOME" (CPU machines) and "triton not found"
+    for name in ("torch.utils.cpp_extension", "torch.utils.flop_counter"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def setup_logging(rank: int, level: str = "INFO", log_file: str | None = None) -> None:

@@ -33,6 +33,7 @@ def load_ds_config(path: str | Path) -> dict:
 def resolve_ds_config(cfg: Config, derived: Derived) -> dict:
     """The DeepSpeed dict for this run: the JSON plus batch sizes, cross-checked."""
     ds = load_ds_config(cfg.engine.ds_config)
+    apply_ds_overrides(ds, cfg.engine.ds_overrides)
     want = {
         "train_batch_size": cfg.data.global_batch,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
@@ -57,6 +58,27 @@ def resolve_ds_config(cfg: Config, derived: Derived) -> dict:
         )
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def apply_ds_overrides(ds: dict, overrides: list[str]) -> None:
+    """``a.b.c=value`` strings (values parsed as JSON, else kept as strings) set into the DeepSpeed dict."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"engine.ds_overrides: {item!r} is not key.path=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = ds
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"engine.ds_overrides: {path!r}: {key} is not a section of the DeepSpeed config")
+        if leaf in BATCH_KEYS:
+            raise ConfigError(f"engine.ds_overrides: {leaf} comes from data.global_batch and data.micro_batch")
+        node[leaf] = value
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):

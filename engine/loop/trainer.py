@@ -380,6 +380,7 @@ class Trainer:
                         self._save_figure(self.run_dir / "reconstructions.png")
                 result = self.task.finish(self.engine, {"step": self.step, "epoch": self.loader.epoch,
                                                         "complete": self.step >= stop})  # fmt: skip
+                result.pop("epoch", None)  # (the loader's count stops short of a final epoch end)
                 if "eval" in result:
                     self.monitor.record_eval({"step": self.step, "epoch": self.loader.epoch, "final": True,
                                               **result.pop("eval")})  # fmt: skip
@@ -537,7 +538,7 @@ class Trainer:
         part_txt = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in zip(self.task.metric_names, parts))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         log.info(
-            "step %d/%d ep %.2f lr %.3g loss %.4f [%s] %.1f img/s%s data %.0f%% teacher %.0f%%",
-            self.step, self.derived.stop_step, rec["epoch"], lr, loss, part_txt, rate, mfu,
+            "step %d/%d ep %.2f lr %.3g loss %.4f%s %.1f img/s%s data %.0f%% teacher %.0f%%",
+            self.step, self.derived.stop_step, rec["epoch"], lr, loss, f" [{part_txt}]" if part_txt else "", rate, mfu,
             100 * share.get("data_wait", 0.0), 100 * share.get("teacher", 0.0),
         )  # fmt: skip

@@ -16,6 +16,8 @@ Shapes follow the legend in ``engine.models.mim``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,8 +76,43 @@ class StackedLayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.weight[t], self.bias[t], LN_EPS)
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "flex")
+QKV_LAYOUTS = ("packed", "split")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """q, k, v: [B, heads, S, hd] (any strides with a contiguous last dim) -> [B, heads, S, hd].
+
+    ``auto`` lets SDPA choose; ``flash``/``efficient``/``cudnn``/``math`` pin one SDPA kernel (the
+    decoders' head dim of 32 is one that some kernels handle better than others); ``flex`` is
+    FlexAttention (fast only when compiled). Same math in every case.
+    """
+    if backend == "auto":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]  # fmt: skip
+    with sdpa_kernel([kernel]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 class StackedBlock(nn.Module):
-    """T independent pre-norm transformer blocks (attention + GELU MLP, ratio 4)."""
+    """T independent pre-norm transformer blocks (attention + GELU MLP, ratio 4).
+
+    ``qkv_layout`` picks how q, k, v leave the projection (same weights, same math):
+    ``packed`` is one GEMM to [.., S, 3E] whose q/k/v are strided views after a permute (the
+    research code's layout; its backward materializes the gradient through copies); ``split``
+    runs three GEMMs on the three row blocks of the same weight, so each of q, k, v is [.., S, E]
+    and its [B, heads, S, hd] view is what SDPA's kernels read and write without a copy.
+    """
+
+    attention_backend = "auto"  # class defaults; DecoderStack sets them per instance
+    qkv_layout = "packed"
 
     def __init__(self, num: int, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -88,21 +125,38 @@ class StackedBlock(nn.Module):
         self.fc1 = StackedLinear(num, dim, hidden)
         self.fc2 = StackedLinear(num, hidden, dim)
 
+    def _qkv(self, y: torch.Tensor, t: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y: [T, N, S, E] (t None) or [N, S, E] (decoder t) -> q, k, v: [B, heads, S, hd], B = T*N or N."""
+        *lead, s, e = y.shape
+        b, hd = math.prod(lead), e // self.heads
+        if self.qkv_layout == "split":
+            w, bias = (self.qkv.weight, self.qkv.bias) if t is None else (self.qkv.weight[t], self.qkv.bias[t])
+            outs = []
+            for i in range(3):
+                wi, bi = w[..., i * e : (i + 1) * e, :], bias[..., i * e : (i + 1) * e]
+                if t is None:  # [T, N*S, E] x [T, E, E]: one batched GEMM per projection
+                    o = torch.baddbmm(bi.unsqueeze(1), y.reshape(y.shape[0], -1, e), wi.transpose(1, 2))
+                else:
+                    o = F.linear(y, wi, bi)
+                outs.append(o.reshape(b, s, self.heads, hd).transpose(1, 2))
+            return outs[0], outs[1], outs[2]
+        qkv = (self.qkv(y) if t is None else self.qkv.one(t, y)).reshape(b, s, 3, self.heads, hd)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, N, S, E] -> [T, N, S, E]; attention for all decoders in one SDPA call."""
         num, n, s, e = x.shape
-        hd = e // self.heads
-        qkv = self.qkv(self.norm1(x)).view(num * n, s, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [T*N, heads, S, hd]
+        q, k, v = self._qkv(self.norm1(x), None)
+        att = attention(q, k, v, self.attention_backend)  # [T*N, heads, S, hd]
         x = x + self.proj(att.transpose(1, 2).reshape(num, n, s, e))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
     def one(self, t: int, x: torch.Tensor) -> torch.Tensor:
         """Decoder t alone: x: [N, S, E] -> [N, S, E]."""
         n, s, e = x.shape
-        hd = e // self.heads
-        qkv = self.qkv.one(t, self.norm1.one(t, x)).view(n, s, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        q, k, v = self._qkv(self.norm1.one(t, x), t)
+        att = attention(q, k, v, self.attention_backend)
         x = x + self.proj.one(t, att.transpose(1, 2).reshape(n, s, e))
         return x + self.fc2.one(t, F.gelu(self.fc1.one(t, self.norm2.one(t, x))))
 
@@ -139,6 +193,8 @@ class DecoderStack(nn.Module):
         fused: bool = True,
         act_ckpt_every: int = 0,
         gemm: str = "bmm",
+        attention_backend: str = "auto",
+        qkv_layout: str = "packed",
     ):
         super().__init__()
         if dim % heads:
@@ -154,6 +210,14 @@ class DecoderStack(nn.Module):
         self.norm = StackedLayerNorm(num, dim)
         self.pred = StackedLinear(num, dim, pred_dim)
         self.set_gemm(gemm)
+        self.set_attention(attention_backend, qkv_layout)
+
+    def set_attention(self, backend: str, qkv_layout: str) -> None:
+        if backend not in ATTENTION_BACKENDS or qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"decoder attention {backend!r} / qkv layout {qkv_layout!r}: allowed values are "
+                             f"{list(ATTENTION_BACKENDS)} / {list(QKV_LAYOUTS)}")  # fmt: skip
+        for blk in self.blocks:
+            blk.attention_backend, blk.qkv_layout = backend, qkv_layout
 
     def set_gemm(self, gemm: str) -> None:
         if gemm not in ("bmm", "loop"):

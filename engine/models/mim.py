@@ -238,6 +238,8 @@ class DeepMIM(nn.Module):
         fused: bool = True,
         act_ckpt_encoder: int = 0,
         act_ckpt_decoder: int = 0,
+        decoder_attention: str = "auto",
+        qkv_layout: str = "packed",
     ):
         super().__init__()
         self.spec = spec
@@ -261,6 +263,8 @@ class DeepMIM(nn.Module):
             pos_embed=sincos_pos_embed_2d(decoder_dim, grid),
             fused=fused,
             act_ckpt_every=act_ckpt_decoder,
+            attention_backend=decoder_attention,
+            qkv_layout=qkv_layout,
         )
 
     @property
@@ -298,4 +302,6 @@ def build_model(cfg: Config, feature_dim: int | None = None) -> DeepMIM:
         fused=cfg.model.fused_decoders,
         act_ckpt_encoder=cfg.engine.act_ckpt_encoder,
         act_ckpt_decoder=cfg.engine.act_ckpt_decoder,
+        decoder_attention=cfg.model.decoder_attention,
+        qkv_layout=cfg.model.qkv_layout,
     )

@@ -125,8 +125,11 @@ class RunMonitor:
             lines.append(f"  skipped updates {rec.get('skipped_updates', 0)}, rollbacks {rec.get('rollbacks', 0)}, "
                          f"unreadable samples skipped {rec.get('bad_samples', 0)}")  # fmt: skip
         if result.get("top1") is not None:
-            lines.append(f"  validation: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% (last); best top-1 "
-                         f"{result['best_top1']:.2f}% at epoch {result['best_epoch']}")  # fmt: skip
+            best = result["best_epoch"]
+            lines.append(
+                f"  validation: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% (last); best top-1 "
+                f"{result['best_top1']:.2f}% at {f'epoch {best}' if isinstance(best, int) else best}"
+            )
         return "\n".join(lines)
 
     def close(self) -> None:

@@ -113,11 +113,12 @@ class ClipTarget:
         return self.module(imgs.to(dtype))[None]  # [1, N, L, C]
 
 
-def build_target(cfg, spec, img_size: int, num_taps: int):
+def build_target(cfg, spec, img_size: int, num_taps: int, generator: str | None = None):
     """The configured target, the decoders' prediction width, and a reference for checkpoints.
 
     Teachers are loaded on the CPU in float32 here; the trainer moves them to the device and
-    the engine's dtype. All teacher problems surface now, before any training.
+    the engine's dtype. All teacher problems surface now, before any training. ``generator``
+    overrides ``target.generator`` (the run's frozen snapshot of it).
     """
     from pathlib import Path
 
@@ -139,7 +140,7 @@ def build_target(cfg, spec, img_size: int, num_taps: int):
                "width": a.width, "layers": a.layers, "patch": a.patch, "out_dim": a.out_dim,
                "img_size": teacher.grid * a.patch}  # fmt: skip
         return ClipTarget(teacher), teacher.out_dim, ref
-    gen = load_generator(t.generator, img_size)
+    gen = load_generator(generator or t.generator, img_size)
     if gen.model.patch_size != p:
         raise TeacherError(f"generator {gen.source}: patch size {gen.model.patch_size} differs from the student's {p}")
     if t.generator_norm_pix == "auto":

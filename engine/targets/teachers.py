@@ -16,6 +16,7 @@ Loaders are strict: a missing or unexpected key is an error that names the keys.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -278,23 +279,57 @@ def _own_checkpoint_file(path: Path) -> Path | None:
 
 
 def load_generator(path: str | Path, img_size: int) -> Generator:
-    """An MAE generator from our own run/checkpoint folder or an official MAE checkpoint file."""
+    """An MAE generator from our own run/checkpoint folder, a snapshot of one (``snapshot_generator``),
+    or an official MAE checkpoint file."""
     path = Path(path)
-    own = _own_checkpoint_file(path) if path.is_dir() else None
-    if path.is_dir() and own is None:
-        raise TeacherError(f"generator {path}: no complete checkpoint found in this folder")
-    if own is not None:
-        return _load_own_generator(own, img_size)
-    return _load_official_generator(path, img_size)
+    if path.is_dir():
+        own = _own_checkpoint_file(path)
+        if own is None:
+            raise TeacherError(f"generator {path}: no complete checkpoint found in this folder")
+        return _load_own_generator(_load_file(own), own, img_size)
+    state = _load_file(path)
+    if "module" in state and "config" in state:  # our checkpoint's model states, or a snapshot of them
+        return _load_own_generator(state, path, img_size)
+    return _load_official_generator(state, path, img_size)
 
 
-def _load_own_generator(file: Path, img_size: int) -> Generator:
+def snapshot_generator(source: str | Path, dest: Path) -> dict | None:
+    """Freeze the generator a mixed-target run uses: when ``source`` is one of our pretraining runs (or
+    checkpoints), copy the weights and config of the checkpoint it names *now* to ``dest``, so the run
+    keeps exactly that generator whatever the MAE run does later (continue, retention). Returns what
+    was recorded, or None for a plain file (an official MAE checkpoint), which is used as it is."""
+    import os
+
+    src = Path(source)
+    own = _own_checkpoint_file(src) if src.is_dir() else None
+    if own is None:
+        return None
+    state = _load_file(own)
+    marker_path = own.parent / "complete.json"
+    step = json.loads(marker_path.read_text()).get("step") if marker_path.is_file() else None
+    info = {"given": str(src.resolve()), "checkpoint": str(own.parent.resolve()), "step": step}
+    total = _planned_steps(src if (src / "checkpoints").is_dir() else own.parent.parent.parent)
+    if total is not None and step is not None and step < total:
+        log.warning("generator %s is at step %d of its %d planned steps (not complete); this run uses that "
+                    "checkpoint from now on", src, step, total)  # fmt: skip
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    torch.save({"module": state["module"], "config": state["config"], "snapshot": info}, tmp)
+    os.replace(tmp, dest)
+    log.info("generator: froze %s (step %s) into %s", own.parent, step, dest)
+    return info
+
+
+def _planned_steps(run_dir: Path) -> int | None:
+    try:
+        return int(json.loads((run_dir / "config.json").read_text())["derived"]["stop_step"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def _load_own_generator(state: dict, file: Path, img_size: int) -> Generator:
     from engine.config import from_dict
 
-    try:
-        state = safe_load(file)
-    except UnsafeFileError as err:
-        raise TeacherError(str(err)) from None
     cfg = from_dict(state["config"])
     if cfg.target.kind != "pixel":
         raise TeacherError(
@@ -341,8 +376,7 @@ def official_mae_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _load_official_generator(path: Path, img_size: int) -> Generator:
-    raw = _load_file(path)
+def _load_official_generator(raw: dict, path: Path, img_size: int) -> Generator:
     sd = raw.get("model", raw)
     if "decoder_embed.weight" not in sd:
         raise TeacherError(

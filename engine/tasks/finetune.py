@@ -45,6 +45,10 @@ class FinetuneTask(Task):
         torch.manual_seed(cfg.seed)  # identical initial head on every rank
         self.module = build_classifier(cfg, self.num_classes)
         self.init = self._load_pretrained()
+        if cfg.engine.fp8:
+            from engine.models.fp8 import convert_encoder_to_fp8
+
+            convert_encoder_to_fp8(self.module)
         n_train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         log.info(
             "%s: %s with %d classes, %.2fM trainable parameters (%s pooling%s)",
@@ -214,17 +218,25 @@ class FinetuneTask(Task):
     def on_epoch_end(self, engine, epoch: int) -> dict:
         return self._record(self.evaluate(engine), epoch)
 
-    def _record(self, res: dict, epoch: int) -> dict:
+    def _record(self, res: dict, epoch: int | str) -> dict:
         if self.best["top1"] is None or res["top1"] > self.best["top1"]:
             self.best = {"top1": res["top1"], "top5": res["top5"], "epoch": epoch}
-        log.info("%s: epoch %d: top-1 %.2f%%, top-5 %.2f%% on %d validation samples (best top-1 %.2f%% at epoch %s)",
-                 self.name, epoch, res["top1"], res["top5"], res["val_samples"], self.best["top1"],
-                 self.best["epoch"])  # fmt: skip
+        where = f"epoch {epoch}" if isinstance(epoch, int) else epoch
+        log.info(
+            "%s: %s: top-1 %.2f%%, top-5 %.2f%% on %d validation samples (best top-1 %.2f%% at %s)",
+            self.name,
+            where,
+            res["top1"],
+            res["top5"],
+            res["val_samples"],
+            self.best["top1"],
+            f"epoch {self.best['epoch']}" if isinstance(self.best["epoch"], int) else self.best["epoch"],
+        )
         return {**res, "best_top1": self.best["top1"]}
 
     def finish(self, engine, result: dict) -> dict:
         """The final evaluation, after the last step (the loop stops there, before any epoch end)."""
-        final = self._record(self.evaluate(engine), result["epoch"])
+        final = self._record(self.evaluate(engine), f"the end (step {result['step']})")
         result.update(eval=final, top1=final["top1"], top5=final["top5"], best_top1=self.best["top1"],
                       best_epoch=self.best["epoch"])  # fmt: skip
         return result

@@ -34,18 +34,47 @@ class PretrainTask(Task):
         self.spec = get_variant(cfg.model.arch)
         self.img_size = resolve_img_size(cfg, self.spec)
         num_taps = len(resolve_taps(cfg, self.spec))
-        self.target, self.pred_dim, self.target_ref = build_target(cfg, self.spec, self.img_size, num_taps)
+        generator = self._frozen_generator() if cfg.target.kind == "mixed" else None
+        self.target, self.pred_dim, self.target_ref = build_target(cfg, self.spec, self.img_size, num_taps, generator)
         if self.target_ref["kind"] != "pixel":
             log.info("target %s from %s (sha256 %s...)", self.target_ref["kind"], self.target_ref["path"],
                      self.target_ref["sha256"][:12])  # fmt: skip
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.module: DeepMIM = build_model(cfg, self.pred_dim)
+        if cfg.engine.fp8:
+            from engine.models.fp8 import convert_encoder_to_fp8
+
+            convert_encoder_to_fp8(self.module)
         self.metric_names = [f"loss_tap{t}" for t in self.module.taps]
         n_params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         log.info("model %s taps %s: %.2fM trainable parameters", cfg.model.arch, self.module.taps, n_params / 1e6)
         self.mask_gen = torch.Generator(device=ctx.dist.device)
         self.mask_gen.manual_seed(cfg.seed * 1_000_003 + 7 * ctx.dist.rank + 1)
         self.dtype = torch.float32
+
+    def _frozen_generator(self) -> str | None:
+        """A mixed-target run keeps the generator checkpoint it started with: the first start copies
+        it into RUN_DIR/teacher/generator.pt (when it is one of our runs, which move on), later
+        starts use that copy, so continuing or pruning the MAE run never changes this run's targets."""
+        from engine.loop.dist import barrier
+        from engine.serialization import safe_load
+        from engine.targets.teachers import TeacherError, snapshot_generator
+
+        snap = self.ctx.run_dir / "teacher" / "generator.pt"
+        given = str(Path(self.cfg.target.generator).resolve())
+        if not snap.is_file() and self.ctx.dist.is_main:
+            snapshot_generator(self.cfg.target.generator, snap)
+        barrier()
+        if not snap.is_file():
+            return None  # an official MAE file: used as it is
+        info = safe_load(snap).get("snapshot", {})
+        if info.get("given") != given:
+            raise TeacherError(
+                f"this run's generator is the snapshot of {info.get('given')} (step {info.get('step')}) in {snap}; "
+                f"target.generator now names {given}: start a new run folder, or remove the snapshot knowingly"
+            )
+        log.info("generator: this run's snapshot of %s at step %s (%s)", info["given"], info["step"], snap)
+        return str(snap)
 
     # ------------------------------------------------------------------ build
     def param_groups(self) -> list[dict]:

@@ -19,15 +19,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # the heavy imports happen inside the functions: --help answers at once
+    import numpy as np
 
-from data_pipeline.eval_reader import load_batches
-from engine.config import Config
-from engine.models.mim import MaskedViTEncoder, resolve_img_size
-from engine.models.registry import get_variant
+    from engine.config import Config
+    from engine.models.mim import MaskedViTEncoder
 
 log = logging.getLogger("engine.tools.evaluate")
 
@@ -35,6 +33,12 @@ log = logging.getLogger("engine.tools.evaluate")
 def load_encoder(run: str | None = None, step: int | None = None, export: str | None = None,
                  random_arch: str | None = None, img_size: int = 0) -> tuple[MaskedViTEncoder, Config]:  # fmt: skip
     """Our encoder with weights from a run (consolidated fp32), an export folder, or random init."""
+    import torch
+
+    from engine.config import Config
+    from engine.models.mim import MaskedViTEncoder, resolve_img_size
+    from engine.models.registry import get_variant
+
     state = None
     if export or run:
         from engine.weights import encoder_weights
@@ -54,23 +58,29 @@ def load_encoder(run: str | None = None, step: int | None = None, export: str | 
     return enc.eval(), cfg
 
 
-@torch.no_grad()
 def block_features(
     enc: MaskedViTEncoder, shards: str, img_size: int, batch: int = 64
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Per block [N, D] features, and the labels [N]."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from data_pipeline.eval_reader import load_batches
+
     feats: list[list[np.ndarray]] = [[] for _ in range(enc.depth)]
     labels = []
-    for imgs, y, _ in load_batches(shards, img_size, batch):
-        outs = enc.forward_all(imgs)
-        for b, x in enumerate(outs):
-            tokens = F.layer_norm(x[:, 1:].float(), x.shape[-1:])
-            feats[b].append(tokens.mean(dim=1).numpy())
-        labels.append(y.numpy())
+    with torch.no_grad():
+        for imgs, y, _ in load_batches(shards, img_size, batch):
+            for b, x in enumerate(enc.forward_all(imgs)):
+                tokens = F.layer_norm(x[:, 1:].float(), x.shape[-1:])
+                feats[b].append(tokens.mean(dim=1).numpy())
+            labels.append(y.numpy())
     return [np.concatenate(f) for f in feats], np.concatenate(labels)
 
 
 def linear_probe(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, seed: int = 0) -> float:
+    import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -91,6 +101,9 @@ def linear_probe(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndar
 
 
 def knn(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, k: int = 20, t: float = 0.07) -> float:
+    import torch
+    import torch.nn.functional as F
+
     a = F.normalize(torch.from_numpy(xtr), dim=1)
     b = F.normalize(torch.from_numpy(xva), dim=1)
     sim = b @ a.T  # [Nva, Ntr]
@@ -98,6 +111,22 @@ def knn(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, k: i
     votes = torch.zeros(b.shape[0], int(max(ytr.max(), yva.max())) + 1)
     votes.scatter_add_(1, torch.from_numpy(ytr)[idx], (top / t).exp())
     return float((votes.argmax(1).numpy() == yva).mean())
+
+
+def overlap_warning(train_shards: str, val_shards: str) -> str | None:
+    """A warning when the validation set is (partly) the training set: same folder or same JPEG bytes."""
+    import pyarrow.parquet as pq
+
+    a, b = Path(train_shards).resolve(), Path(val_shards).resolve()
+    if a == b:
+        return (f"the validation shards are the training shards ({a}): the accuracies measure memorization, "
+                "not generalization; use a held-out split (make_shards of another folder)")  # fmt: skip
+    ca = set(pq.read_table(a / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist())
+    cb = pq.read_table(b / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist()
+    shared = sum(1 for c in cb if c in ca)
+    if shared:
+        return f"{shared} of {len(cb)} validation images are also in the training shards (same bytes)"
+    return None
 
 
 def evaluate(enc: MaskedViTEncoder, img_size: int, train_shards: str, val_shards: str, k: int = 20) -> list[dict]:
@@ -121,25 +150,37 @@ def render(rows: list[dict], title: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.tools.evaluate",
+        description="Per-block linear probe and k-NN accuracy of a pretrained encoder's features on labeled shards "
+        "(a quick look at what pretraining learned; fine-tuning is python -m engine.finetune).",
+    )
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run folder: its newest (or --step) checkpoint")
-    src.add_argument("--export", help="folder written by engine.export")
+    src.add_argument("--run", help="a pretraining run folder: its newest checkpoint (or --step)")
+    src.add_argument("--export", help="a folder written by python -m engine.tools.export")
     src.add_argument("--random", metavar="ARCH", help="a randomly initialized encoder of this variant (a baseline)")
-    ap.add_argument("--step", type=int)
-    ap.add_argument("--img-size", type=int, default=0)
-    ap.add_argument("--train-shards", required=True)
-    ap.add_argument("--val-shards", required=True)
-    ap.add_argument("--knn-k", type=int, default=20)
-    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--step", type=int, help="with --run: this step's checkpoint instead of the newest")
+    ap.add_argument("--img-size", type=int, default=0, help="with --random: the input size (0 = the variant's)")
+    ap.add_argument("--train-shards", required=True, help="labeled shards the probes are fitted on")
+    ap.add_argument("--val-shards", required=True, help="held-out labeled shards the accuracies are measured on")
+    ap.add_argument("--knn-k", type=int, default=20, help="neighbours voting in the k-NN classifier (default 20)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from engine.models.mim import resolve_img_size
+    from engine.models.registry import get_variant
+
+    warning = overlap_warning(args.train_shards, args.val_shards)
+    if warning:
+        log.warning("%s", warning)
     enc, cfg = load_encoder(args.run, args.step, args.export, args.random, args.img_size)
     size = resolve_img_size(cfg, get_variant(cfg.model.arch))
     rows = evaluate(enc, size, args.train_shards, args.val_shards, args.knn_k)
     print(
         render(rows, f"{cfg.model.arch} ({args.run or args.export or 'random init'}), accuracy % on {args.val_shards}")
     )
+    if warning:
+        print(f"WARNING: {warning}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

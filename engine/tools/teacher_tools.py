@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported inside the functions: --help answers at once
+    import torch
 
-from engine.targets.teachers import ClipArch, openai_to_timm
+    from engine.targets.teachers import ClipArch
 
 
 def random_openai_clip(arch: ClipArch, seed: int = 0, with_text_tower: bool = True) -> dict[str, torch.Tensor]:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     w, s = arch.width, 0.02
 
@@ -53,23 +57,34 @@ def random_openai_clip(arch: ClipArch, seed: int = 0, with_text_tower: bool = Tr
 
 
 def random_timm_clip(arch: ClipArch, seed: int = 0) -> dict[str, torch.Tensor]:
+    from engine.targets.teachers import openai_to_timm
+
     sd, _ = openai_to_timm(random_openai_clip(arch, seed, with_text_tower=False))
     return sd
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    rc = sub.add_parser("random-clip", help="random CLIP visual-tower weights")
-    rc.add_argument("out")
-    rc.add_argument("--width", type=int, default=64)
-    rc.add_argument("--layers", type=int, default=2)
-    rc.add_argument("--patch", type=int, default=8)
-    rc.add_argument("--grid", type=int, default=8)
-    rc.add_argument("--out-dim", type=int, default=32)
-    rc.add_argument("--layout", choices=("openai", "timm"), default="openai")
-    rc.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.tools.teacher_tools",
+        description="Write teacher weight files with random values in the real layouts (for tests and CPU demos: "
+        "no weights can be downloaded here; a random teacher exercises the whole path but teaches nothing).",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    rc = sub.add_parser("random-clip", help="a random CLIP visual tower", description="A random CLIP visual tower.")
+    rc.add_argument("out", help="the file to write (.pt)")
+    rc.add_argument("--width", type=int, default=64, help="transformer width (default 64; ViT-B/16: 768)")
+    rc.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2; ViT-B/16: 12)")
+    rc.add_argument("--patch", type=int, default=8, help="patch size in pixels (default 8)")
+    rc.add_argument("--grid", type=int, default=8, help="patches per side of the input (default 8: 64 px at patch 8)")
+    rc.add_argument("--out-dim", type=int, default=32, help="output (projection) width (default 32; ViT-B/16: 512)")
+    rc.add_argument("--layout", choices=("openai", "timm"), default="openai",
+                    help="key layout: openai (clip.load(...).state_dict()) or timm (default openai)")  # fmt: skip
+    rc.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
     args = ap.parse_args(argv)
+    import torch
+
+    from engine.targets.teachers import ClipArch
+
     arch = ClipArch(args.width, args.layers, args.patch, args.grid, args.out_dim)
     sd = random_openai_clip(arch, args.seed) if args.layout == "openai" else random_timm_clip(arch, args.seed)
     torch.save(sd, args.out)
