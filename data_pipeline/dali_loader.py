@@ -61,7 +61,7 @@ class _Source:
         for i in rows:
             jpgs.append(np.frombuffer(t.read(i), dtype=np.uint8))
             x, y, w, h, flip = crop_params(s.seed, epoch, int(i), int(t.width[i]), int(t.height[i]), s.crop_scale,
-                                           s.crop_ratio)  # fmt: skip
+                                           s.crop_ratio, s.flip_prob)  # fmt: skip
             anchors.append(np.array([x, y], dtype=np.float32))
             shapes.append(np.array([w, h], dtype=np.float32))
             mirrors.append(np.array(int(flip), dtype=np.int32))

@@ -62,6 +62,7 @@ class LoaderSpec:
     device_id: int | None = None  # CUDA device for outputs and GPU decoding
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_prob: float = 0.5  # horizontal flip probability
     rand_augment: str = ""  # timm-style policy ("rand-m9-mstd0.5-inc1"); empty = MAE's crop + flip only
     hw_decoder_load: float = 0.65  # DALI mixed decode: share of images for the GPU's hardware JPEG decoder
     excluded: tuple[int, ...] = ()  # manifest rows not to read (unreadable; from the start-up check)

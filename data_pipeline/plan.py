@@ -94,7 +94,14 @@ def rank_stream(
 
 
 def crop_params(
-    seed: int, epoch: int, row: int, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
+    seed: int,
+    epoch: int,
+    row: int,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip_prob: float = 0.5,
 ) -> tuple[float, float, float, float, bool]:
     """Random-resized-crop box (torchvision's algorithm) and flip of one sample, from its stored
     size: (x, y, w, h) as fractions of the image, and whether to mirror."""
@@ -119,7 +126,7 @@ def crop_params(
         else:
             w, h = width, height
         box = ((width - w) // 2, (height - h) // 2, w, h)
-    flip = bool(gen.random() < 0.5)
+    flip = bool(gen.random() < flip_prob)
     x, y, w, h = box
     return x / width, y / height, w / width, h / height, flip
 

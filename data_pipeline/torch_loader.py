@@ -53,7 +53,8 @@ class PlanSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, row = item
         s, t = self.spec, self.table
-        frac = crop_params(s.seed, epoch, row, int(t.width[row]), int(t.height[row]), s.crop_scale, s.crop_ratio)
+        frac = crop_params(s.seed, epoch, row, int(t.width[row]), int(t.height[row]), s.crop_scale, s.crop_ratio,
+                           s.flip_prob)  # fmt: skip
         img = Image.open(io.BytesIO(t.read(row))).convert("RGB")
         left, top, w, h = pixel_box(frac[:4], img.size[0], img.size[1])
         size = [s.img_size, s.img_size]

@@ -89,6 +89,7 @@ class DataConfig:
     decode_device: str = "auto"  # auto (gpu when CUDA is present) | gpu | cpu
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    flip_prob: float = 0.5  # horizontal flips (0 for data whose classes a mirror changes: text, digits)
     val_shards: str = ""  # labeled validation shards (fine-tuning, probing): evaluated every epoch and at the end
     eval_batch: int = 0  # evaluation batch per rank; 0 = micro_batch
 
@@ -364,6 +365,7 @@ def _validate_data(cfg: Config) -> None:
     _check(d.micro_batch > 0, f"data.micro_batch={d.micro_batch}: must be > 0")
     _check(d.eval_batch >= 0, f"data.eval_batch={d.eval_batch}: 0 (= data.micro_batch) or a positive batch")
     _check(d.num_threads > 0, f"data.num_threads={d.num_threads}: must be > 0")
+    _check(0 <= d.flip_prob <= 1, f"data.flip_prob={d.flip_prob}: a probability in [0, 1]")
     _check(
         len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
         f"data.crop_scale={d.crop_scale}: must be [lo, hi] with 0 < lo <= hi <= 1",

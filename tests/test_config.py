@@ -73,6 +73,7 @@ def test_mask_ratio_outside_open_interval_is_refused(ratio):
         ("model.decoder_heads=5", "model.decoder_heads"),
         ("schedule.warmup_epochs=2000", "schedule.warmup_epochs"),
         ("data.crop_scale=0.5,0.2", "data.crop_scale"),
+        ("data.flip_prob=1.5", "data.flip_prob"),
     ],
 )
 def test_validation_names_the_field(override, field):

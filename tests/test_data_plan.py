@@ -110,3 +110,14 @@ def test_loader_kind_change_keeps_the_order(demo_shards):
     a = [b.keys for b in make_loader("dali", spec(demo_shards, 1, 2, 4), state)]
     b = [b.keys for b in make_loader("torch", spec(demo_shards, 1, 2, 4), state)]
     assert a == b and len(a) == 9 - 3
+
+
+def test_flip_probability_controls_mirroring_and_keeps_the_box():
+    """flip_prob=0 (digits, text) never mirrors; the crop box is the same whatever flip_prob is."""
+    args = (500, 375, (0.2, 1.0), (0.75, 4 / 3))
+    never = [crop_params(0, 0, r, *args, flip_prob=0.0) for r in range(200)]
+    always = [crop_params(0, 0, r, *args, flip_prob=1.0) for r in range(200)]
+    half = [crop_params(0, 0, r, *args) for r in range(200)]
+    assert not any(c[4] for c in never) and all(c[4] for c in always)
+    assert 60 < sum(c[4] for c in half) < 140
+    assert [c[:4] for c in never] == [c[:4] for c in always] == [c[:4] for c in half]

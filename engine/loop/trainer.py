@@ -185,6 +185,7 @@ class Trainer:
             crop_scale=aug.crop_scale,
             crop_ratio=aug.crop_ratio,
             rand_augment=aug.rand_augment,
+            flip_prob=aug.flip_prob,
             excluded=self.dataset.excluded,
             view=str(self.view_dir),
         )

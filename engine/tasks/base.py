@@ -47,6 +47,7 @@ class AugmentSpec:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     rand_augment: str = ""  # timm-style "rand-m9-mstd0.5-inc1"; empty = off (MAE pretraining)
+    flip_prob: float = 0.5
 
 
 class Task:

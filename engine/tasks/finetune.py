@@ -133,7 +133,7 @@ class FinetuneTask(Task):
     def augment(self) -> AugmentSpec:
         d = self.cfg.data
         return AugmentSpec(self.img_size, (d.crop_scale[0], d.crop_scale[1]), (d.crop_ratio[0], d.crop_ratio[1]),
-                           self.cfg.finetune.rand_augment)  # fmt: skip
+                           self.cfg.finetune.rand_augment, d.flip_prob)  # fmt: skip
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> None:
         self.dtype = dtype

@@ -82,7 +82,9 @@ class PretrainTask(Task):
 
     def augment(self) -> AugmentSpec:
         d = self.cfg.data
-        return AugmentSpec(self.img_size, (d.crop_scale[0], d.crop_scale[1]), (d.crop_ratio[0], d.crop_ratio[1]))
+        return AugmentSpec(
+            self.img_size, (d.crop_scale[0], d.crop_scale[1]), (d.crop_ratio[0], d.crop_ratio[1]), flip_prob=d.flip_prob
+        )
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> None:
         self.dtype = dtype
