@@ -76,8 +76,8 @@ def ensure_demo_shards(path: Path, imagenet_like: bool = False) -> Path:
 def train(args, shards: Path, env: dict, overrides: list[str], tmp: Path) -> list[dict] | None:
     """One short run of the real trainer; its metrics.jsonl lines (the first, start-up, left out)."""
     run = tmp / f"run{len(list(tmp.iterdir()))}"
-    ds = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(ds) if ds.exists() else "deepspeed", "--num_gpus", str(args.nprocs), "--master_port",
+    # the runner as a module: on the lent GPU machine DeepSpeed is a --target install without its script
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nprocs), "--master_port",
            str(free_port()), "--log_level", "warning", "--module", "engine.pretrain", "--preset", args.preset,
            "--run-dir", str(run), "--set", f"data.shards={shards}", "--set", f"schedule.max_steps={args.steps}",
            "--set", f"log.interval={args.log_interval}", "--set", f"checkpoint.interval={10**9}",

@@ -21,7 +21,7 @@
 # only (not to DeepSpeed's launcher, which would kill them); they finish the current step, save a
 # checkpoint, write RUN_DIR/PREEMPTED and exit 0, and so does this script.
 set -uo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
+REPO="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"
 DS=${DEEPSPEED:-$REPO/.venv/bin/deepspeed}
 [ -x "$DS" ] || DS=deepspeed
 PY=${PYTHON:-$REPO/.venv/bin/python}

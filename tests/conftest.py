@@ -53,6 +53,18 @@ def demo_shards(demo_tree, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_val_shards(tmp_path_factory) -> Path:
+    """Held-out crops of the same nine photos (another seed): labels agree with demo_shards."""
+    from data_pipeline.demo_data import build
+
+    root = tmp_path_factory.mktemp("val") / "tree"
+    build(root, per_class=4, size=48, seed=7)
+    out = tmp_path_factory.mktemp("val_shards") / "val"
+    make_shards(root, out, "--shard-size-mb", "0.02")
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,19 @@ def test_tensorboard_and_figures(trained_run):
     assert sorted(p.name for p in (trained_run / "figures").iterdir()) == ["step_00000003.png", "step_00000006.png"]
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
+
+
+def test_evaluator_warns_when_validation_is_not_held_out(demo_tree, demo_shards, demo_val_shards, tmp_path):
+    from engine.tools.evaluate import overlap_warning
+    from tests.conftest import make_shards
+
+    assert "are the training shards" in overlap_warning(str(demo_shards), str(demo_shards))
+    assert overlap_warning(str(demo_shards), str(demo_val_shards)) is None
+    # a "validation" folder that reuses one training class's photos byte for byte
+    cls = sorted(p for p in demo_tree.iterdir() if p.is_dir())[0]
+    shutil.copytree(cls, tmp_path / "src" / cls.name)
+    make_shards(tmp_path / "src", tmp_path / "mixed")
+    n = len(list(cls.iterdir()))
+    assert overlap_warning(str(demo_shards), str(tmp_path / "mixed")) == (
+        f"{n} of {n} validation images are also in the training shards (same bytes)"
+    )

@@ -14,7 +14,7 @@ import torch
 
 from engine.config import Config
 from engine.loop.checkpoint import MARKER, list_checkpoints
-from tests.conftest import ROOT, cpu_env, make_shards, run_deepspeed, run_single
+from tests.conftest import ROOT, cpu_env, run_deepspeed, run_single
 
 TEST_ARCH = "deepmim_vit_test_patch4"  # ViT-test/4 at 16 px, depth 4, width 32
 
@@ -43,15 +43,8 @@ def run_finetune(nprocs: int, *args: str, check: bool = True, **kw):
 
 
 @pytest.fixture(scope="session")
-def val_shards(tmp_path_factory) -> Path:
-    """Held-out crops of the same nine photos (another seed): labels agree with demo_shards."""
-    from data_pipeline.demo_data import build
-
-    root = tmp_path_factory.mktemp("val") / "tree"
-    build(root, per_class=4, size=48, seed=7)
-    out = tmp_path_factory.mktemp("val_shards") / "val"
-    make_shards(root, out, "--shard-size-mb", "0.02")
-    return out
+def val_shards(demo_val_shards) -> Path:
+    return demo_val_shards
 
 
 @pytest.fixture(scope="module")

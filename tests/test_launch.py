@@ -90,3 +90,17 @@ def test_compile_failure_falls_back_to_eager(demo_shards, tmp_path):
     text = out.stdout + out.stderr
     assert "torch.compile failed, running eager instead" in text and "no_such_backend" in text
     assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2]
+
+
+def test_speed_options_train_under_zero2(demo_shards, tmp_path):
+    """The copy-free q/k/v layout, a pinned attention kernel and FP8 encoder linears (emulated on CPU)
+    train, save and resume on 2 ranks like the default path."""
+    run = tmp_path / "r"
+    opts = ("--set", "model.qkv_layout=split", "--set", "model.decoder_attention=math", "--set", "engine.fp8=true",
+            "--set", "log.reconstructions=false")  # fmt: skip
+    out = train(run, demo_shards, 3, *opts)
+    text = out.stdout + out.stderr
+    assert "fp8: 16 of" in text and "(emulated" in text
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in metrics(run))
+    out = train(run, demo_shards, 4, *opts)
+    assert "resumed from" in out.stdout + out.stderr
