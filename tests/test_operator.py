@@ -118,3 +118,19 @@ def test_documented_no_ssh_two_node_command_runs_a_world_of_two(demo_shards, tmp
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     text = "".join(o + e for o, e in outs)
     assert "2 ranks x micro-batch 4" in text
+
+
+def test_digits_experiment_progress_counts_only_stages_that_ran(capsys, monkeypatch):
+    """Stages reused from an earlier run take no time and must not shrink the estimate."""
+    from experiments import digits_probe
+
+    clock = iter([0.0, 0.0, 600.0, 660.0])
+    monkeypatch.setattr(digits_probe.time, "time", lambda: next(clock))
+    p = digits_probe.Progress({"pretrain": 2, "probe": 2})
+    p.step("pretrain", "cached pretraining", ran=False)
+    p.step("pretrain", "pretrained", ran=True)  # 10 min
+    p.step("probe", "probed", ran=True)  # 1 min
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(0.0 min so far, reused from an earlier run)")
+    assert lines[1] == "[2/4] pretrained (10.0 min so far, about 20 min left)"  # 2 probes, none timed yet: 10 min each
+    assert lines[2] == "[3/4] probed (11.0 min so far, about 1 min left)"
