@@ -10,8 +10,7 @@ guard, signals; top-1/top-5 on ``data.val_shards`` at every epoch end and at the
 
 from __future__ import annotations
 
-import sys
-
+from engine.cli import exit_now
 from engine.cli import main as cli_main
 
 
@@ -27,4 +26,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

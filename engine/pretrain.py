@@ -8,8 +8,7 @@ of CPU processes. ``--print-config`` shows the config and what follows from it, 
 
 from __future__ import annotations
 
-import sys
-
+from engine.cli import exit_now
 from engine.cli import main as cli_main
 
 
@@ -24,4 +23,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -103,3 +103,16 @@ def run_single(*args: str, timeout: int = 300, module: str = "engine.pretrain") 
     """``python -m engine.pretrain`` in one process (a world of one, no launcher): for start-up checks."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=cpu_env(),
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pixel_run(demo_shards, tmp_path_factory) -> Path:
+    """One 6-step 2-rank run of ``deepmim_test_pixel`` that several test files read (copy it before
+    changing it): checkpoints at steps 3 and 6, metrics and TensorBoard every 2 steps, figures every 3."""
+    run = tmp_path_factory.mktemp("pixel") / "run"
+    sets = [f"data.shards={demo_shards}", "schedule.max_steps=6", "checkpoint.interval=3", "log.interval=2",
+            "log.figure_interval=3"]  # fmt: skip
+    sets = [a for x in sets for a in ("--set", x)]
+    out = run_deepspeed(2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), *sets)
+    assert "Process" in out.stdout + out.stderr  # the deepspeed launcher's own lines: it ran under it
+    return run

@@ -18,15 +18,12 @@ from engine.models.mim import MaskedViTEncoder
 from engine.models.registry import get_variant
 from engine.tools.evaluate import evaluate, knn, linear_probe, load_encoder, render
 from engine.tools.export import export, load_timm_encoder, split_encoder
-from tests.conftest import ROOT, cpu_env, run_deepspeed
+from tests.conftest import ROOT, cpu_env
 
 
-@pytest.fixture(scope="module")
-def trained_run(demo_shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("export") / "run"
-    sets = [f"data.shards={demo_shards}", "schedule.max_steps=6", "log.interval=2", "log.figure_interval=3"]
-    run_deepspeed(2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), *[a for s in sets for a in ("--set", s)])
-    return run
+@pytest.fixture
+def trained_run(pixel_run) -> Path:
+    return pixel_run
 
 
 @pytest.mark.launcher

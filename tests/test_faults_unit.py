@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,25 @@ def test_config_guard_classification():
     only_harmless = Config()
     only_harmless.log.interval = 7
     assert fingerprint(saved) == fingerprint(only_harmless)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_every_stop_signal_asks_for_a_clean_stop(sig):
+    """SIGTERM, SIGUSR1 and SIGINT all set the stop flag (the launches test SIGTERM and SIGINT
+    end to end); a second SIGINT stops at once; the previous handlers come back afterwards."""
+    from types import SimpleNamespace
+
+    from engine.loop.signals import StopSignals
+
+    before = signal.getsignal(sig)
+    owner = SimpleNamespace(stop_requested=False)
+    stops = StopSignals(owner, watch_parent=False)
+    try:
+        os.kill(os.getpid(), sig)
+        assert owner.stop_requested
+        if sig == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+                os.kill(os.getpid(), sig)
+    finally:
+        stops.restore()
+    assert signal.getsignal(sig) is before

@@ -326,40 +326,57 @@ def started(run: Path, steps: int) -> bool:
 
 
 @pytest.mark.launcher
-def test_second_job_on_the_same_run_folder_is_refused(demo_shards, tmp_path):
-    run = tmp_path / "run"
-    slow = ("--set", "debug.step_sleep_s=0.3", "--set", "schedule.epochs=50")
-    first = subprocess.Popen(deepspeed_cmd(2, *base(run, demo_shards, 300, *slow)), cwd=ROOT, env=cpu_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        wait_for(lambda: started(run, 2))
-        second = run_single(*base(run, demo_shards, 300))  # the lock is rank 0's: one process shows it
-        assert second.returncode == 2 and "RunFolderBusy" in text(second)
-        assert "is in use by another job (pid " in text(second) and str(run) in text(second)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
-    third = run_deepspeed(2, *base(run, demo_shards, 4))  # the killed job's lock died with it
-    assert "resumed from" in text(third) or "run already complete" in text(third)
-
-
-@pytest.mark.launcher
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_deepspeed_runner_stops_every_rank(demo_shards, tmp_path, sig):
+def test_second_job_is_refused_and_a_signal_to_the_runner_stops_every_rank(demo_shards, tmp_path, sig):
+    """A 2-rank job under the `deepspeed` runner: a second job on its run folder is refused while it
+    runs; SIGTERM or SIGINT to the runner alone (as `kill <pid>` or Ctrl-C on it would) stops every
+    rank the clean way (save, PREEMPTED), and the run folder is free again."""
+    from engine.loop.runlock import RunLock
+
     run = tmp_path / "run"
     slow = ("--set", "debug.step_sleep_s=0.3", "--set", "schedule.epochs=50")
-    proc = subprocess.Popen(deepspeed_cmd(2, *base(run, demo_shards, 300, *slow)),
-                            cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(deepspeed_cmd(2, *base(run, demo_shards, 300, *slow)), cwd=ROOT, env=cpu_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         wait_for(lambda: started(run, 2))
-        proc.send_signal(sig)  # to the runner alone, as `kill <pid>` would
+        if sig == signal.SIGTERM:
+            second = run_single(*base(run, demo_shards, 300))  # the lock is rank 0's: one process shows it
+            assert second.returncode == 2 and "RunFolderBusy" in text(second)
+            assert "is in use by another job (pid " in text(second) and str(run) in text(second)
+        proc.send_signal(sig)
         wait_for(lambda: not running(run), timeout=120)
     finally:
         for pid in running(run):
             os.kill(pid, signal.SIGKILL)
+    assert (run / "PREEMPTED").is_file(), log.read_text()[-4000:]
     stopped = int((run / "PREEMPTED").read_text())
     assert (run / "checkpoints" / f"step_{stopped:08d}" / MARKER).is_file()
+    lock = RunLock(run)
+    lock.acquire()
+    lock.release()
+
+
+def test_a_killed_jobs_run_lock_is_not_in_the_way(tmp_path):
+    """The lock dies with its holder, however it dies: no stale-lock clean-up needed."""
+    from engine.loop.runlock import RunFolderBusy, RunLock
+
+    code = (
+        f"from engine.loop.runlock import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+        "print('held', flush=True); import time; time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"pid {holder.pid} on "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()
 
 
 @pytest.mark.launcher
