@@ -12,8 +12,11 @@ the pretraining config it came from, and a description for logs and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +78,14 @@ def consolidated_state(path: Path) -> dict[str, torch.Tensor]:
     problems = ckpt.verify(path)
     if problems:
         raise WeightsError(f"{path.resolve()} is damaged: {'; '.join(problems[:3])}")
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    # zero_to_fp32 prints its progress (and a progress bar) on every rank: kept unless it fails.
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
 
 
 def encoder_weights(source: str | Path, step: int | None = None) -> EncoderWeights:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.loop.checkpoint import MARKER, list_checkpoints
-from tests.conftest import run_deepspeed
+from tests.conftest import run_deepspeed, run_single
 
 pytestmark = pytest.mark.launcher
 
@@ -80,8 +80,12 @@ def test_compile_and_activation_checkpointing_under_zero2(pixel_run, demo_shards
 
 
 def test_compile_failure_falls_back_to_eager(demo_shards, tmp_path):
-    out = train(tmp_path / "r", demo_shards, 2, "--set", "engine.compile=true", "--set",
-                "engine.compile_backend=no_such_backend", "--set", "log.reconstructions=false")  # fmt: skip
+    """Each process probes compile on its own: a world of one shows the fallback."""
+    sets = (f"data.shards={demo_shards}", "schedule.max_steps=2", "engine.compile=true",
+            "engine.compile_backend=no_such_backend", "log.reconstructions=false")  # fmt: skip
+    out = run_single("--preset", "deepmim_test_pixel", "--run-dir", str(tmp_path / "r"),
+                     *[a for x in sets for a in ("--set", x)])  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     text = out.stdout + out.stderr
     assert "torch.compile failed, running eager instead" in text and "no_such_backend" in text
     assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2]

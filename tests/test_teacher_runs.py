@@ -55,9 +55,16 @@ def test_clip_target_trains_saves_and_resumes(demo_shards, clip_file, tmp_path):
     assert state["module"]["decoders.pred.weight"].shape[1] == CLIP.out_dim  # width read from the weights
 
 
+def train_mae(run: Path, shards: Path, steps: int, *extra: str) -> None:
+    """Stage 1 in a world of one: only its checkpoints matter here (stage 2 runs on 2 ranks)."""
+    proc = run_single("--preset", "mae_test_pixel", "--run-dir", str(run), "--set", f"data.shards={shards}",
+                      "--set", f"schedule.max_steps={steps}", "--set", "checkpoint.interval=2", *extra)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_two_stage_mae_then_deepmim_mixed(demo_shards, tmp_path):
     mae = tmp_path / "mae"
-    train("mae_test_pixel", mae, demo_shards, 4)
+    train_mae(mae, demo_shards, 4)
     # Stage 1's checkpoint, loaded as the generator, reproduces our MAE model's reconstruction.
     ckpt = list_checkpoints(mae / "checkpoints")[-1] / "mp_rank_00_model_states.pt"
     state = torch.load(ckpt, weights_only=False)
@@ -75,7 +82,7 @@ def test_two_stage_mae_then_deepmim_mixed(demo_shards, tmp_path):
     first = train("deepmim_test_mixed", run, demo_shards, 4, "--set", f"target.generator={mae}")
     assert "froze" in first.stdout + first.stderr and (run / "teacher" / "generator.pt").is_file()
     # The MAE run goes on, and its retention deletes the checkpoint stage 2 started from ...
-    train("mae_test_pixel", mae, demo_shards, 8, "--set", "checkpoint.keep_last=1")
+    train_mae(mae, demo_shards, 8, "--set", "checkpoint.keep_last=1")
     assert [p.name for p in list_checkpoints(mae / "checkpoints")] == ["step_00000008"]
     # ... stage 2 still resumes, with the generator it started with.
     out = train("deepmim_test_mixed", run, demo_shards, 6, "--set", f"target.generator={mae}")
