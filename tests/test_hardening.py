@@ -337,8 +337,11 @@ def test_second_job_is_refused_and_a_signal_to_the_runner_stops_every_rank(demo_
     slow = ("--set", "debug.step_sleep_s=0.3", "--set", "schedule.epochs=50")
     log = tmp_path / "job.log"
     with open(log, "w") as out:
+        # A shell started in the background hands its jobs SIGINT ignored (and Python then installs
+        # no Ctrl-C handler): give the runner the default disposition a terminal's foreground job has.
         proc = subprocess.Popen(deepspeed_cmd(2, *base(run, demo_shards, 300, *slow)), cwd=ROOT, env=cpu_env(),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         wait_for(lambda: started(run, 2))
         if sig == signal.SIGTERM:
