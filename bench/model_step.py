@@ -243,16 +243,18 @@ def run_one(arch, target_kind, config, batch, engine, backend, warmup, iters, de
 
 
 def add_ratios(results: list[dict]) -> dict:
-    """Speed-ups measured in this run: each configuration vs the eager reference path (plain),
-    and DeepSpeed ZeRO-2 vs the plain step for the same configuration."""
-    ok = {(r["arch"], r["target"], r["config"], r["engine"], r["batch"]): r for r in results if r.get("status") == "ok"}
+    """Speed-ups within each invocation (``run``; --append adds one): each configuration vs the
+    eager reference path (plain), and DeepSpeed ZeRO-2 vs the plain step for the same
+    configuration. Rows of different invocations are never paired."""
+    ok = {(r.get("run", 1), r["arch"], r["target"], r["config"], r["engine"], r["batch"]): r
+          for r in results if r.get("status") == "ok"}  # fmt: skip
     ratios = {}
-    for (arch, tgt, config, engine, batch), r in ok.items():
-        ref = ok.get((arch, tgt, "reference", "plain", batch))
+    for (run, arch, tgt, config, engine, batch), r in ok.items():
+        ref = ok.get((run, arch, tgt, "reference", "plain", batch))
         if ref and config != "reference":
             ratios[f"{arch}/{tgt}/{config}/{engine} vs reference"] = r["img_per_s"] / ref["img_per_s"]
         if engine.startswith("deepspeed"):
-            plain = ok.get((arch, tgt, config, "plain", batch))
+            plain = ok.get((run, arch, tgt, config, "plain", batch))
             if plain:
                 ratios[f"{arch}/{tgt}/{config} {engine} step time / plain"] = plain["img_per_s"] / r["img_per_s"]
     return ratios
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         out["results"] = json.loads(Path(args.json).read_text())["results"]
+    run_id = 1 + max((r.get("run", 1) for r in out["results"]), default=0)
     configs = [c for c in args.configs.split(",") if c]
     ds_configs = [c for c in args.deepspeed.split(",") if c]
     batches = [int(b) for b in args.batches.split(",")]
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                         "config": config,
                         "engine": engine,
                         "status": "skipped (time budget)",
+                        "run": run_id,
                     }
                 )
                 continue
@@ -296,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
             if rec["status"] == "ok" and batch is None:
                 batch = rec["batch"]  # the largest micro-batch that fits, for the remaining configurations
+            rec["run"] = run_id
             out["results"].append(rec)
             out["ratios"] = add_ratios(out["results"])
             write_json(args.json, out)

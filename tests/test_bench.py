@@ -23,7 +23,13 @@ def test_gpu_check_dry_run_writes_json(tmp_path):
     assert {("reference", "plain"), ("fused-split", "plain"), ("fused-split-mathattn-fp8", "plain"),
             ("fused-split", "deepspeed"), ("fused-split", "deepspeed no-overlap")} <= configs  # fmt: skip
     assert any("vs reference" in k for k in step["ratios"])
-    assert any("deepspeed no-overlap step time / plain" in k for k in step["ratios"])
+    # a ratio pairs rows of one invocation: the appended DeepSpeed variant with the plain step measured beside it
+    ds = next(r for r in step["results"] if r["engine"] == "deepspeed no-overlap")
+    plain = next(r for r in step["results"] if r["engine"] == "plain" and r["config"] == "fused-split"
+                 and r["run"] == ds["run"])  # fmt: skip
+    assert ds["run"] == 2 and {r["run"] for r in step["results"]} == {1, 2}
+    key = "deepmim_vit_test_patch4/clip/fused-split deepspeed no-overlap step time / plain"
+    assert step["ratios"][key] == plain["img_per_s"] / ds["img_per_s"]
     for r in step["results"]:
         assert r["batch"] == 8 and r["img_per_s"] > 0 and r["gflop_per_img"] > 0
     data = json.loads((tmp_path / "data_dryrun.json").read_text())
