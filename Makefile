@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup quickstart finetune-quickstart test lint format clean-runs
+.PHONY: setup quickstart finetune-quickstart test test-fast test-integration lint format clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,8 +23,15 @@ quickstart: $(STAMP)
 finetune-quickstart: $(STAMP)
 	bash launchers/quickstart.sh --finetune
 
+# Both tiers: tests/unit (in-process, about a minute) and tests/integration (real launches).
 test: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -28,8 +28,12 @@ def versions() -> dict[str, str]:
 def device_info() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {"device": torch.cuda.get_device_name(0), "memory_gb": round(props.total_memory / 2**30, 1),
-                "sms": props.multi_processor_count, "cuda": torch.version.cuda}  # fmt: skip
+        return {
+            "device": torch.cuda.get_device_name(0),
+            "memory_gb": round(props.total_memory / 2**30, 1),
+            "sms": props.multi_processor_count,
+            "cuda": torch.version.cuda,
+        }
     return {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"}
 
 

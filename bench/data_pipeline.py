@@ -33,10 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-class", type=int, default=40, help="without --shards: images per class to build")
     ap.add_argument("--imagenet-like", action="store_true", help="without --shards: 500 x 375 JPEGs of ~110 KB")
     ap.add_argument("--loaders", default="dali,torch", help="loaders to measure, comma-separated")
-    ap.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto", help="where DALI decodes (auto: GPU "
-                    "when there is one)")  # fmt: skip
-    ap.add_argument("--hw-decoder-loads", default="0.65", help="DALI mixed decode: shares of images for the "
-                    "hardware JPEG decoder to try, comma-separated (GPU only)")  # fmt: skip
+    ap.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where DALI decodes (auto: GPU when there is one)",
+    )
+    ap.add_argument(
+        "--hw-decoder-loads",
+        default="0.65",
+        help="DALI mixed decode: shares of images for the hardware JPEG decoder to try, comma-separated (GPU only)",
+    )
     ap.add_argument("--json", help="write the results here")
     return ap
 
@@ -87,13 +94,31 @@ def _imagenet_like(out: Path, per_class: int) -> None:
             (out / name / f"{name}_{i:04d}.jpg").write_bytes(buf.getvalue())
 
 
-def measure(kind: str, shards: Path, threads: int, batch: int, batches: int, img_size: int,
-            decode: str = "auto", hw_decoder_load: float = 0.65) -> dict:  # fmt: skip
+def measure(
+    kind: str,
+    shards: Path,
+    threads: int,
+    batch: int,
+    batches: int,
+    img_size: int,
+    decode: str = "auto",
+    hw_decoder_load: float = 0.65,
+) -> dict:
     info = read_dataset(shards)
     gpu = _cuda() and decode != "cpu"
-    spec = LoaderSpec(str(shards), 0, 1, batch, batch, img_size, seed=0, num_threads=threads,
-                      decode_device="gpu" if gpu else "cpu", device_id=0 if _cuda() else None,
-                      hw_decoder_load=hw_decoder_load)  # fmt: skip
+    spec = LoaderSpec(
+        str(shards),
+        0,
+        1,
+        batch,
+        batch,
+        img_size,
+        seed=0,
+        num_threads=threads,
+        decode_device="gpu" if gpu else "cpu",
+        device_id=0 if _cuda() else None,
+        hw_decoder_load=hw_decoder_load,
+    )
     del info
     loader = make_loader(kind, spec)
     it = _stream(loader)
@@ -131,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     with tempfile.TemporaryDirectory() as tmp:
-        shards = Path(args.shards) if args.shards else make_bench_shards(Path(tmp), args.per_class, 320,
-                                                                         args.imagenet_like)  # fmt: skip
+        shards = (
+            Path(args.shards) if args.shards else make_bench_shards(Path(tmp), args.per_class, 320, args.imagenet_like)
+        )
         out = header("data_pipeline", shards=str(shards), img_size=args.img_size, results=[], ratios={})
         loads = [float(x) for x in args.hw_decoder_loads.split(",")]
         for threads in [int(t) for t in args.threads.split(",")]:

@@ -34,14 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
     ap.add_argument("--nprocs", type=int, default=2, help="processes (GPUs, or CPU processes without one; default 2)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override passed to the trainer (repeatable)")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override passed to the trainer (repeatable)",
+    )
     ap.add_argument("--log-interval", type=int, default=10, help="steps between the trainer's metric lines")
-    ap.add_argument("--imagenet-like", action="store_true", help="build missing --shards from 500 x 375 JPEGs of "
-                    "~110 KB instead of the small demo photos")  # fmt: skip
-    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
-                    help="also run with these overrides (repeatable) and compare speed and the loss curve step by "
-                    "step (e.g. engine.fp8=true against bf16)")  # fmt: skip
+    ap.add_argument(
+        "--imagenet-like",
+        action="store_true",
+        help="build missing --shards from 500 x 375 JPEGs of ~110 KB instead of the small demo photos",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also run with these overrides (repeatable) and compare speed and the loss curve step by "
+        "step (e.g. engine.fp8=true against bf16)",
+    )
     ap.add_argument("--json", help="write the results here")
     return ap
 
@@ -77,12 +91,36 @@ def train(args, shards: Path, env: dict, overrides: list[str], tmp: Path) -> lis
     """One short run of the real trainer; its metrics.jsonl lines (the first, start-up, left out)."""
     run = tmp / f"run{len(list(tmp.iterdir()))}"
     # the runner as a module: on the lent GPU machine DeepSpeed is a --target install without its script
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nprocs), "--master_port",
-           str(free_port()), "--log_level", "warning", "--module", "engine.pretrain", "--preset", args.preset,
-           "--run-dir", str(run), "--set", f"data.shards={shards}", "--set", f"schedule.max_steps={args.steps}",
-           "--set", f"log.interval={args.log_interval}", "--set", f"checkpoint.interval={10**9}",
-           "--set", "log.reconstructions=false", "--set", "log.progress=off",
-           *[x for o in overrides for x in ("--set", o)]]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(args.nprocs),
+        "--master_port",
+        str(free_port()),
+        "--log_level",
+        "warning",
+        "--module",
+        "engine.pretrain",
+        "--preset",
+        args.preset,
+        "--run-dir",
+        str(run),
+        "--set",
+        f"data.shards={shards}",
+        "--set",
+        f"schedule.max_steps={args.steps}",
+        "--set",
+        f"log.interval={args.log_interval}",
+        "--set",
+        f"checkpoint.interval={10**9}",
+        "--set",
+        "log.reconstructions=false",
+        "--set",
+        "log.progress=off",
+        *[x for o in overrides for x in ("--set", o)],
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         log.error("training failed:\n%s", proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -123,15 +161,24 @@ def main(argv: list[str] | None = None) -> int:
             v = summarize(vrows)
             # the same data, masks and seed: the variant's loss curve against the baseline's, logged step by step
             rel = [abs(a - b) / abs(b) for a, b in zip(v["losses"], out["losses"])]
-            out["variant"] = {"overrides": args.variant, **v, "loss_max_rel_diff": max(rel) if rel else None,
-                              "loss_mean_rel_diff": statistics.mean(rel) if rel else None,
-                              "speedup": v["img_per_s"] / out["img_per_s"]}  # fmt: skip
+            out["variant"] = {
+                "overrides": args.variant,
+                **v,
+                "loss_max_rel_diff": max(rel) if rel else None,
+                "loss_mean_rel_diff": statistics.mean(rel) if rel else None,
+                "speedup": v["img_per_s"] / out["img_per_s"],
+            }
     write_json(args.json, out)
     log.info("%.1f img/s; time shares %s", out["img_per_s"], {k: round(x, 3) for k, x in out["shares"].items()})
     if "variant" in out:
-        log.info("variant %s: %.1f img/s (x%.2f); loss curve within %.2f%% (max), %.2f%% (mean) of the baseline",
-                 args.variant, out["variant"]["img_per_s"], out["variant"]["speedup"],
-                 100 * out["variant"]["loss_max_rel_diff"], 100 * out["variant"]["loss_mean_rel_diff"])  # fmt: skip
+        log.info(
+            "variant %s: %.1f img/s (x%.2f); loss curve within %.2f%% (max), %.2f%% (mean) of the baseline",
+            args.variant,
+            out["variant"]["img_per_s"],
+            out["variant"]["speedup"],
+            100 * out["variant"]["loss_max_rel_diff"],
+            100 * out["variant"]["loss_mean_rel_diff"],
+        )
     return 0
 
 

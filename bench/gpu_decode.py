@@ -74,8 +74,10 @@ def bench_nvimgcodec(jpegs: list[bytes], batch: int, rounds: int, roi: bool, siz
     streams = [nvimgcodec.CodeStream(j) for j in jpegs]
     boxes = rrc_boxes([(s.height, s.width) for s in streams]) if roi else None
     if roi:  # decode only the crop box (what DALI's decoders.image_random_crop does)
-        streams = [s.get_sub_code_stream(region=nvimgcodec.Region(t, left, t + h, left + w))
-                   for s, (t, left, h, w) in zip(streams, boxes)]  # fmt: skip
+        streams = [
+            s.get_sub_code_stream(region=nvimgcodec.Region(t, left, t + h, left + w))
+            for s, (t, left, h, w) in zip(streams, boxes)
+        ]
 
     def one_round() -> int:
         n = 0
@@ -85,8 +87,11 @@ def bench_nvimgcodec(jpegs: list[bytes], batch: int, rounds: int, roi: bool, siz
                 outs = []
                 for im in imgs:
                     t = torch.as_tensor(im.cuda() if cuda else im.cpu(), device=device)  # [H, W, 3] uint8
-                    outs.append(torch.nn.functional.interpolate(t.permute(2, 0, 1)[None].float(), size=(size, size),
-                                                                mode="bicubic", align_corners=False))  # fmt: skip
+                    outs.append(
+                        torch.nn.functional.interpolate(
+                            t.permute(2, 0, 1)[None].float(), size=(size, size), mode="bicubic", align_corners=False
+                        )
+                    )
                 torch.cat(outs)
             n += len(imgs)
         return n

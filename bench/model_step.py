@@ -42,11 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--batches", default="8", help="candidate micro-batches, largest first: the first that fits is used"
     )
-    ap.add_argument("--configs", default="fused-compile,fused,reference",
-                    help="paths, comma-separated: fused | reference, with any of -compile, -ckpt (activation "
-                    "checkpointing), -loop (per-decoder GEMMs inside the fused pass), -split (copy-free q/k/v), "
-                    "-flash/-efficient/-cudnn/-mathattn/-flex (decoder attention kernel), -fp8 (encoder linears "
-                    "in FP8), -graphs (compile mode reduce-overhead: CUDA graphs)")  # fmt: skip
+    ap.add_argument(
+        "--configs",
+        default="fused-compile,fused,reference",
+        help="paths, comma-separated: fused | reference, with any of -compile, -ckpt (activation "
+        "checkpointing), -loop (per-decoder GEMMs inside the fused pass), -split (copy-free q/k/v), "
+        "-flash/-efficient/-cudnn/-mathattn/-flex (decoder attention kernel), -fp8 (encoder linears "
+        "in FP8), -graphs (compile mode reduce-overhead: CUDA graphs)",
+    )
     ap.add_argument(
         "--deepspeed", default="", help="configurations to also run through DeepSpeed ZeRO-2 (comma-separated)"
     )
@@ -56,9 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; later configurations are skipped (0 = none)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--append", action="store_true", help="add to the results already in --json")
-    ap.add_argument("--ds-set", dest="ds_overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="DeepSpeed knob for the --deepspeed runs, e.g. zero_optimization.overlap_comm=false "
-                    "(repeatable; as engine.ds_overrides)")  # fmt: skip
+    ap.add_argument(
+        "--ds-set",
+        dest="ds_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DeepSpeed knob for the --deepspeed runs, e.g. zero_optimization.overlap_comm=false "
+        "(repeatable; as engine.ds_overrides)",
+    )
     ap.add_argument("--label", default="", help="a name for this run's rows (e.g. the DeepSpeed variant)")
     return ap
 
@@ -111,20 +120,22 @@ class DeepSpeedStep:
     """The same step through the trainer's DeepSpeed set-up: ds_configs/zero2_bf16.json (ZeRO-2,
     bf16) with any ``--ds-set`` knobs, the fused AdamW and the non-finite guard, in a world of one."""
 
-    overrides: list[str] = []
+    overrides: tuple[str, ...] = ()
     label = ""
 
     def __init__(self, model: torch.nn.Module, batch: int, lr: float = 1e-4):
-        from engine.loop.ds_setup import apply_ds_overrides, initialize, load_ds_config
+        from engine.loop.ds_setup import apply_ds_overrides, load_ds_config
+        from engine.loop.engines import deepspeed_engine
         from engine.loop.guard import NonFiniteGuard
+        from engine.loop.zero_adapter import adapter_for
 
         _init_dist()
         cfg = load_ds_config(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2_bf16.json")
-        apply_ds_overrides(cfg, self.overrides)
+        apply_ds_overrides(cfg, list(self.overrides))
         cfg.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
         opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-        self.engine = initialize(model, opt, cfg)
-        self.guard = NonFiniteGuard(self.engine.optimizer, next(model.parameters()).device)
+        self.engine, _ = deepspeed_engine(model, opt, cfg)
+        self.guard = NonFiniteGuard(adapter_for(self.engine.optimizer), next(model.parameters()).device)
 
     def forward(self, model, *args):
         out = self.engine(*args)
@@ -176,10 +187,21 @@ def build_step(arch: str, target_kind: str, config: str, batch: int, engine: str
     ckpt = 1 if "ckpt" in parts else 0
     kernels = {"flash": "flash", "efficient": "efficient", "cudnn": "cudnn", "mathattn": "math", "flex": "flex"}
     attn = next((kernels[k] for k in kernels if k in parts), "auto")
-    model = DeepMIM(spec, img, list(spec.default_taps), dd, depth, heads, pred_dim,
-                    loss_kind="cosine" if target_kind == "clip" else "mse", fused=config.startswith("fused"),
-                    act_ckpt_encoder=ckpt, act_ckpt_decoder=ckpt, decoder_attention=attn,
-                    qkv_layout="split" if "split" in parts else "packed")  # fmt: skip
+    model = DeepMIM(
+        spec,
+        img,
+        list(spec.default_taps),
+        dd,
+        depth,
+        heads,
+        pred_dim,
+        loss_kind="cosine" if target_kind == "clip" else "mse",
+        fused=config.startswith("fused"),
+        act_ckpt_encoder=ckpt,
+        act_ckpt_decoder=ckpt,
+        decoder_attention=attn,
+        qkv_layout="split" if "split" in parts else "packed",
+    )
     if "fp8" in parts:
         from engine.models.fp8 import convert_encoder_to_fp8
 
@@ -211,8 +233,13 @@ def build_step(arch: str, target_kind: str, config: str, batch: int, engine: str
 
 def run_one(arch, target_kind, config, batch, engine, backend, warmup, iters, device) -> dict:
     label = DeepSpeedStep.label if engine == "deepspeed" else ""
-    rec = {"arch": arch, "target": target_kind, "config": config, "engine": engine + (f" {label}" if label else ""),
-           "batch": batch}  # fmt: skip
+    rec = {
+        "arch": arch,
+        "target": target_kind,
+        "config": config,
+        "engine": engine + (f" {label}" if label else ""),
+        "batch": batch,
+    }
     free_memory()
     t0 = time.perf_counter()
     try:
@@ -246,8 +273,11 @@ def add_ratios(results: list[dict]) -> dict:
     """Speed-ups within each invocation (``run``; --append adds one): each configuration vs the
     eager reference path (plain), and DeepSpeed ZeRO-2 vs the plain step for the same
     configuration. Rows of different invocations are never paired."""
-    ok = {(r.get("run", 1), r["arch"], r["target"], r["config"], r["engine"], r["batch"]): r
-          for r in results if r.get("status") == "ok"}  # fmt: skip
+    ok = {
+        (r.get("run", 1), r["arch"], r["target"], r["config"], r["engine"], r["batch"]): r
+        for r in results
+        if r.get("status") == "ok"
+    }
     ratios = {}
     for (run, arch, tgt, config, engine, batch), r in ok.items():
         ref = ok.get((run, arch, tgt, "reference", "plain", batch))
@@ -264,10 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    DeepSpeedStep.overrides, DeepSpeedStep.label = list(args.ds_overrides), args.label
+    DeepSpeedStep.overrides, DeepSpeedStep.label = tuple(args.ds_overrides), args.label
     budget = Budget(args.time_budget)
-    out = header("model_step", precision="bf16 weights, fp32 master, fp32 loss reduction",
-                 compile_backend=args.compile_backend, results=[])  # fmt: skip
+    out = header(
+        "model_step",
+        precision="bf16 weights, fp32 master, fp32 loss reduction",
+        compile_backend=args.compile_backend,
+        results=[],
+    )
     if args.append and args.json and os.path.exists(args.json):
         import json
 

@@ -90,10 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         kernels.append({"name": evt.key[:120], "ms_per_step": t, "calls_per_step": evt.count / args.steps})
     kernels.sort(key=lambda k: -k["ms_per_step"])
     total = sum(by_cat.values())
-    out = header("profile_step", arch=args.arch, target=args.target, config=args.config, engine=args.engine,
-                 batch=args.batch, gflop_per_img=flops.per_image / 1e9,
-                 kernel_ms_per_step=total, by_category_ms=dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
-                 top_kernels=kernels[:30])  # fmt: skip
+    out = header(
+        "profile_step",
+        arch=args.arch,
+        target=args.target,
+        config=args.config,
+        engine=args.engine,
+        batch=args.batch,
+        gflop_per_img=flops.per_image / 1e9,
+        kernel_ms_per_step=total,
+        by_category_ms=dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+        top_kernels=kernels[:30],
+    )
     write_json(args.json, out)
     for cat, ms in out["by_category_ms"].items():
         log.info("%-30s %8.2f ms/step (%4.1f%%)", cat, ms, 100 * ms / max(total, 1e-9))

@@ -60,8 +60,10 @@ def simple_table(d: dict) -> list[str]:
 
 
 def profile_table(d: dict) -> list[str]:
-    head = (f"**Kernel time per step** ({d['device']}, {d['date'][:10]}; {d['arch']} {d['target']} {d['config']}, "
-            f"batch {d['batch']}: {d['kernel_ms_per_step']:.1f} ms)")  # fmt: skip
+    head = (
+        f"**Kernel time per step** ({d['device']}, {d['date'][:10]}; {d['arch']} {d['target']} {d['config']}, "
+        f"batch {d['batch']}: {d['kernel_ms_per_step']:.1f} ms)"
+    )
     lines = [head, "", _row(["category", "ms/step", "share"]), _row(["---"] * 3)]
     total = max(d["kernel_ms_per_step"], 1e-9)
     lines += [_row([k, f"{v:.1f}", f"{v / total:.0%}"]) for k, v in d["by_category_ms"].items()]

@@ -61,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             make_shards([str(src), str(dst), "--shard-size-mb", "4", "--workers", str(w), "--no-progress"])
             sec = time.perf_counter() - t0
-            rec = {"stage": "write", "workers": w, "img_per_s": files / sec, "img_per_s_per_process": files / sec / w,
-                   "mb_per_s": mb / sec}  # fmt: skip
+            rec = {
+                "stage": "write",
+                "workers": w,
+                "img_per_s": files / sec,
+                "img_per_s_per_process": files / sec / w,
+                "mb_per_s": mb / sec,
+            }
             log.info("%s", rec)
             out["results"].append(rec)
             if shards is None:

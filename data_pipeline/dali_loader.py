@@ -60,8 +60,9 @@ class _Source:
         jpgs, anchors, shapes, mirrors = [], [], [], []
         for i in rows:
             jpgs.append(np.frombuffer(t.read(i), dtype=np.uint8))
-            x, y, w, h, flip = crop_params(s.seed, epoch, int(i), int(t.width[i]), int(t.height[i]), s.crop_scale,
-                                           s.crop_ratio, s.flip_prob)  # fmt: skip
+            x, y, w, h, flip = crop_params(
+                s.seed, epoch, int(i), int(t.width[i]), int(t.height[i]), s.crop_scale, s.crop_ratio, s.flip_prob
+            )
             anchors.append(np.array([x, y], dtype=np.float32))
             shapes.append(np.array([w, h], dtype=np.float32))
             mirrors.append(np.array(int(flip), dtype=np.int32))
@@ -85,9 +86,13 @@ def build_pipeline(spec: LoaderSpec, source: _Source, checkpoint: bytes | None, 
     def pipe():
         jpg, anchor, shape, mirror = fn.external_source(source=source, num_outputs=4, batch=True)
         img = fn.decoders.image_slice(
-            jpg, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
+            jpg,
+            anchor,
+            shape,
+            device="mixed" if gpu else "cpu",
+            output_type=types.RGB,
             **({"hw_decoder_load": spec.hw_decoder_load} if gpu else {}),
-        )  # fmt: skip
+        )
         img = fn.resize(
             img, resize_x=spec.img_size, resize_y=spec.img_size, interp_type=types.INTERP_CUBIC, antialias=True
         )
@@ -98,9 +103,13 @@ def build_pipeline(spec: LoaderSpec, source: _Source, checkpoint: bytes | None, 
             # DALI's magnitude scale has 31 bins where timm's has 11 (0-10): same fraction of the maximum.
             img = rand_augment.rand_augment(img, n=n, m=round(m * 3), num_magnitude_bins=31, fill_value=128)
         return fn.crop_mirror_normalize(
-            img, dtype=types.FLOAT, output_layout="CHW", mean=[m * 255 for m in IMAGENET_MEAN],
-            std=[s * 255 for s in IMAGENET_STD], mirror=mirror,
-        )  # fmt: skip
+            img,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[m * 255 for m in IMAGENET_MEAN],
+            std=[s * 255 for s in IMAGENET_STD],
+            mirror=mirror,
+        )
 
     return pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
 
@@ -147,7 +156,8 @@ class DaliLoader(EpochLoader):
         names = ", ".join(f"{self.table.key(i)} ({why})" for i, why in found[:5])
         raise DataError(
             f"rank {self.spec.rank}: DALI failed on sample(s) {names}{' ...' if len(found) > 5 else ''}; recorded in "
-            f"{path}: restart the run (same command) and they are skipped and counted"
+            f"{path}: restart the run (same command) and they are skipped and counted",
+            rank_local=True,
         ) from err
 
     def state_dict(self) -> dict:

@@ -76,12 +76,17 @@ class _DaliEval:
         def pipe():
             jpg = fn.external_source(source=source, batch=True)
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            img = fn.resize(img, resize_shorter=round(s.img_size / s.crop), interp_type=types.INTERP_CUBIC,
-                            antialias=True)  # fmt: skip
+            img = fn.resize(
+                img, resize_shorter=round(s.img_size / s.crop), interp_type=types.INTERP_CUBIC, antialias=True
+            )
             return fn.crop_mirror_normalize(
-                img, crop=(s.img_size, s.img_size), dtype=types.FLOAT, output_layout="CHW",
-                mean=[m * 255 for m in IMAGENET_MEAN], std=[d * 255 for d in IMAGENET_STD],
-            )  # fmt: skip
+                img,
+                crop=(s.img_size, s.img_size),
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[m * 255 for m in IMAGENET_MEAN],
+                std=[d * 255 for d in IMAGENET_STD],
+            )
 
         self.it = DALIGenericIterator([pipe()], ["img"], auto_reset=False, prepare_first_batch=False)
         self.n = len(loader.batches)
@@ -110,10 +115,14 @@ class _TorchEval:
         workers = s.num_threads if s.num_threads > 1 else 0
         self.device = torch.device("cuda", s.device_id) if s.device_id is not None else torch.device("cpu")
         self.loader = torch.utils.data.DataLoader(
-            _Crops(s.shards, loader.rows, s.img_size, s.crop), batch_size=s.batch, shuffle=False, num_workers=workers,
-            multiprocessing_context="spawn" if workers else None, persistent_workers=bool(workers),
+            _Crops(s.shards, loader.rows, s.img_size, s.crop),
+            batch_size=s.batch,
+            shuffle=False,
+            num_workers=workers,
+            multiprocessing_context="spawn" if workers else None,
+            persistent_workers=bool(workers),
             pin_memory=self.device.type == "cuda",
-        )  # fmt: skip
+        )
 
     def images(self) -> Iterator[torch.Tensor]:
         for img in self.loader:

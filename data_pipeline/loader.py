@@ -31,8 +31,18 @@ from data_pipeline.table import DataError, SampleTable, read_table
 if TYPE_CHECKING:  # torch is imported where tensors are made: the shard tools start without it
     import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Batch", "DataError", "DatasetView", "EpochLoader", "LoaderSpec",
-           "make_loader", "rank_range", "read_dataset"]  # fmt: skip
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Batch",
+    "DataError",
+    "DatasetView",
+    "EpochLoader",
+    "LoaderSpec",
+    "make_loader",
+    "rank_range",
+    "read_dataset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +152,26 @@ class EpochLoader:
             self.phases = [*phases, Phase(self.spec.world_size, 0, self.excluded)]
             log.warning(
                 "data: epoch %d continues as phase %d (was %d ranks, %d excluded rows; now %d ranks, %d): the "
-                "samples not yet read this epoch are split anew, none repeated", self.epoch, len(self.phases),
-                last.world, len(last.excluded), self.spec.world_size, len(self.excluded),
-            )  # fmt: skip
+                "samples not yet read this epoch are split anew, none repeated",
+                self.epoch,
+                len(self.phases),
+                last.world,
+                len(last.excluded),
+                self.spec.world_size,
+                len(self.excluded),
+            )
 
     # ------------------------------------------------------------------ plan
     def stream(self, epoch: int | None = None, phases: list[Phase] | None = None) -> RankStream:
         s = self.spec
-        return rank_stream(s.seed, self.epoch if epoch is None else epoch, self.n, phases or self.phases, s.rank,
-                           s.samples_per_rank_step)  # fmt: skip
+        return rank_stream(
+            s.seed,
+            self.epoch if epoch is None else epoch,
+            self.n,
+            phases or self.phases,
+            s.rank,
+            s.samples_per_rank_step,
+        )
 
     def future_batches(self) -> Iterator[tuple[int, np.ndarray]]:
         """(epoch, rows) of every micro-batch from the current position on, across epochs."""
@@ -184,8 +205,13 @@ class EpochLoader:
         return torch.from_numpy(self.table.label[rows]), [self.table.key(i) for i in rows]
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "epoch": self.epoch, "phases": [p.to_state() for p in self.phases],
-                "rank": self.spec.rank, "micro_batch": self.spec.micro_batch}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "epoch": self.epoch,
+            "phases": [p.to_state() for p in self.phases],
+            "rank": self.spec.rank,
+            "micro_batch": self.spec.micro_batch,
+        }
 
     def samples_consumed(self) -> int:
         return self.phases[-1].consumed

@@ -41,6 +41,7 @@ import numpy as np
 from data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
 from data_pipeline.sources import LAYOUTS, SourceItem, sample_key, scan
 from data_pipeline.wds_index import Component, IndexedSample, write_index
+from engine.errors import DataError, StackError
 
 log = logging.getLogger("make_shards")
 
@@ -48,7 +49,7 @@ PLAN_VERSION = 1
 MAX_KEY = 90  # keeps "<key>.jpg" inside a plain ustar header (no long-name extension blocks)
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """The output folder cannot be (re)written with these arguments."""
 
 
@@ -268,8 +269,9 @@ def run(args: argparse.Namespace) -> dict:
             parts[i] = part
         else:
             job_items = tuple((it.rel, it.label, keys[it.rel]) for it in shard)
-            todo.append(ShardJob(i, str(src), str(out), job_items, args.quality, args.max_short_side, args.max_pixels,
-                                 names))  # fmt: skip
+            todo.append(
+                ShardJob(i, str(src), str(out), job_items, args.quality, args.max_short_side, args.max_pixels, names)
+            )
     if parts:
         log.info("%d of %d shards already finished and verified; writing %d", len(parts), len(shards), len(todo))
     _write_all(todo, args.workers, not args.no_progress)
@@ -345,8 +347,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("src", help="source image tree (see --layout)")
     ap.add_argument("out", help="output folder for the shards, manifest.parquet, dataset.json, classes.json")
-    ap.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MiB of source bytes "
-                    "(default 256: ~550 shards for ImageNet-1k train)")  # fmt: skip
+    ap.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=256.0,
+        help="target shard size in MiB of source bytes (default 256: ~550 shards for ImageNet-1k train)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the cross-shard shuffle (default 0)")
     ap.add_argument(
         "--workers",
@@ -354,17 +360,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=min(8, os.cpu_count() or 1),
         help="writer processes; the output does not depend on their number (default: min(8, CPUs))",
     )
-    ap.add_argument("--layout", choices=LAYOUTS, default="classes", help="classes: SRC/<class>/<file> (ImageNet "
-                    "train/); val: a flat folder + --labels; flat: no labels (label -1). Default classes")  # fmt: skip
+    ap.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="classes",
+        help="classes: SRC/<class>/<file> (ImageNet "
+        "train/); val: a flat folder + --labels; flat: no labels (label -1). Default classes",
+    )
     ap.add_argument("--labels", help="label file for --layout val")
     ap.add_argument("--classes", help="classes.json to reuse (e.g. the train shards') for consistent labels")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
-    ap.add_argument("--max-short-side", type=int, default=0, help="downscale images whose short side exceeds this "
-                    "(0 = no limit)")  # fmt: skip
-    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                    help="pixel budget per image: larger images are downscaled to it (counted as re-encoded); "
-                    f"non-JPEG images above {4} x the budget are skipped, since decoding them would need that much "
-                    "memory (default %(default)s; 0 = no limit)")  # fmt: skip
+    ap.add_argument(
+        "--max-short-side", type=int, default=0, help="downscale images whose short side exceeds this (0 = no limit)"
+    )
+    ap.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="pixel budget per image: larger images are downscaled to it (counted as re-encoded); "
+        f"non-JPEG images above {4} x the budget are skipped, since decoding them would need that much "
+        "memory (default %(default)s; 0 = no limit)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     args = ap.parse_args(argv)
     if args.shard_size_mb <= 0:
@@ -382,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         run(parse_args(argv))
-    except (ValueError, OSError) as err:
+    except StackError as err:
+        log.error("%s", err)
+        return err.exit_code
+    except OSError as err:
         log.error("%s", err)
         return 1
     return 0

@@ -105,8 +105,11 @@ def check_shard(table: SampleTable, name: str, checks: str, rank: int = 0) -> li
         size = tar.stat().st_size
         fd = os.open(tar, os.O_RDONLY)
     except OSError as err:
-        return [BadSample(name, "*", f"tar unreadable ({err.strerror or err})", rank, len(rows),
-                          tuple(int(r) for r in rows))]  # fmt: skip
+        return [
+            BadSample(
+                name, "*", f"tar unreadable ({err.strerror or err})", rank, len(rows), tuple(int(r) for r in rows)
+            )
+        ]
     try:
         return _check_rows(table, name, rows, checks, rank, size, fd)
     finally:
@@ -123,9 +126,16 @@ def _check_rows(table, name, rows, checks, rank, size, fd) -> list[BadSample]:
     counts = {"manifest": len(rows), "index": n_index, "tar": len(walked) if walked is not None else None}
     known = [v for v in counts.values() if v is not None]
     if len(set(known)) > 1:
-        log.warning("rank %d: shard %s: the manifest lists %d samples, the index %s, the tar %s; samples the "
-                    "manifest lists but the tar does not hold are skipped, tar members the manifest does not list "
-                    "are ignored", rank, name, counts["manifest"], counts["index"], counts["tar"])  # fmt: skip
+        log.warning(
+            "rank %d: shard %s: the manifest lists %d samples, the index %s, the tar %s; samples the "
+            "manifest lists but the tar does not hold are skipped, tar members the manifest does not list "
+            "are ignored",
+            rank,
+            name,
+            counts["manifest"],
+            counts["index"],
+            counts["tar"],
+        )
     bad = []
     for r in rows:
         key, off, n = table.keys[int(r)].as_py(), int(table.offset[r]), int(table.size[r])
@@ -226,9 +236,14 @@ def _write_view(info: DatasetView, out_dir: Path, excluded: tuple[int, ...], bad
     out_dir.mkdir(parents=True, exist_ok=True)
     listing = [{k: v for k, v in asdict(b).items() if k != "rows"} for b in bad]
     (out_dir / "bad_samples.json").write_text(json.dumps(listing, indent=1))
-    view = {"shards": list(info.shards), "num_samples": info.total_samples - len(excluded),
-            "total_samples": info.total_samples, "bad_samples": len(excluded), "bad_by_rank": _by_rank(bad),
-            "excluded": list(excluded)}  # fmt: skip
+    view = {
+        "shards": list(info.shards),
+        "num_samples": info.total_samples - len(excluded),
+        "total_samples": info.total_samples,
+        "bad_samples": len(excluded),
+        "bad_by_rank": _by_rank(bad),
+        "excluded": list(excluded),
+    }
     tmp = out_dir / "view.json.tmp"
     tmp.write_text(json.dumps(view, indent=1))
     os.replace(tmp, out_dir / "view.json")

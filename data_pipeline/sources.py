@@ -16,11 +16,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import DataError
+
 LAYOUTS = ("classes", "val", "flat")
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """The source tree does not match the requested layout."""
 
 

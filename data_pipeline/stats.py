@@ -56,8 +56,10 @@ def render(s: dict, max_classes: int = 40) -> str:
     for name in ("jpeg_kb", "width", "height"):
         d = s[name]
         if d:
-            lines.append(f"{name:8s} min {d['min']:.0f}  p5 {d['p5']:.0f}  median {d['median']:.0f}  "
-                         f"p95 {d['p95']:.0f}  max {d['max']:.0f}  mean {d['mean']:.1f}")  # fmt: skip
+            lines.append(
+                f"{name:8s} min {d['min']:.0f}  p5 {d['p5']:.0f}  median {d['median']:.0f}  "
+                f"p95 {d['p95']:.0f}  max {d['max']:.0f}  mean {d['mean']:.1f}"
+            )
     if s["per_class_range"]:
         lines.append(f"samples per class: {s['per_class_range'][0]} to {s['per_class_range'][1]}")
     items = list(s["per_class"].items())

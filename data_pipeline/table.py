@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import DataError
+
+__all__ = ["DataError", "SampleTable", "check_shard_name", "read_table"]
+
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class DataError(ValueError):
-    """The shard folder is missing, incomplete or inconsistent."""
 
 
 def check_shard_name(name: object, where: Path) -> str:

@@ -53,8 +53,9 @@ class PlanSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, row = item
         s, t = self.spec, self.table
-        frac = crop_params(s.seed, epoch, row, int(t.width[row]), int(t.height[row]), s.crop_scale, s.crop_ratio,
-                           s.flip_prob)  # fmt: skip
+        frac = crop_params(
+            s.seed, epoch, row, int(t.width[row]), int(t.height[row]), s.crop_scale, s.crop_ratio, s.flip_prob
+        )
         img = Image.open(io.BytesIO(t.read(row))).convert("RGB")
         left, top, w, h = pixel_box(frac[:4], img.size[0], img.size[1])
         size = [s.img_size, s.img_size]
@@ -148,5 +149,6 @@ class TorchLoader(EpochLoader):
         names = ", ".join(f"{self.table.key(i)} ({why})" for i, why in found[:5])
         raise DataError(
             f"rank {self.spec.rank}: cannot decode sample(s) {names}; recorded in {path}: restart the run (same "
-            "command) and they are skipped and counted"
+            "command) and they are skipped and counted",
+            rank_local=True,
         ) from None

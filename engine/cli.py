@@ -1,10 +1,11 @@
 """The command line shared by the training entry points (``engine.pretrain``, ``engine.finetune``).
 
 Everything that can be wrong before training is checked here, before the heavy imports and the
-process group: the preset, every ``--set``, the paths the run reads. A problem is one line on
-stderr (from rank 0 only) and exit code 2. Exit codes of a run: 0 done or preempted (saved),
-2 bad config, data, checkpoint or weights file, 3 non-finite training that rollbacks could not fix,
-4 a stalled rank (engine.loop.watchdog).
+process group: the preset, every ``--set``, the paths the run reads, and the run plan for the
+world size (``engine.config.plan``). A problem is one line on stderr (from rank 0 only) and exit
+code 2. Exit codes of a run: 0 done or preempted (saved), 2 a user error (config, data,
+checkpoint, weights, world size, file system), 3 non-finite training that rollbacks could not
+fix, 4 a stalled rank (engine.loop.watchdog). Every one of them is an ``engine.errors`` type.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.config import Config, ConfigError, apply_overrides, resolved, validate
+from engine.config import Config, apply_overrides, plan_run, resolved, validate
+from engine.config.paths import resolve_repo_path
+from engine.errors import ConfigError, StackError
 from engine.presets import get_preset, list_presets
 
 log = logging.getLogger("engine")
 
-EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
-REPO = Path(__file__).resolve().parents[1]
+EXIT_OK = 0
 
 
 def parse_args(stage: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,26 +38,57 @@ def parse_args(stage: str, description: str, argv: list[str] | None = None) -> a
         description=description,
         epilog=f"Run under the deepspeed launcher (deepspeed --num_gpus N --module engine.{stage} ...) or "
         "launchers/pretrain.sh; without a GPU set DS_ACCELERATOR=cpu. Exit codes: 0 done or preempted, "
-        "2 bad config/data/checkpoint, 3 non-finite training, 4 a stalled rank.",
+        "2 a user error (config, data, checkpoint, weights, world size), 3 non-finite training, 4 a stalled rank.",
     )
     ap.add_argument(
         "--preset", required=True, metavar="NAME", help=f"the recipe to start from; one of: {', '.join(names)}"
     )
-    ap.add_argument("--run-dir", help="run folder: checkpoints/, config.json, metrics.jsonl, tensorboard/ (default: "
-                    "the preset's run_dir); relative paths are relative to the current directory")  # fmt: skip
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one config field by dotted path, e.g. --set optim.base_lr=1e-4 (repeatable; "
-                    "--print-config lists the fields)")  # fmt: skip
-    ap.add_argument("--resume", metavar="MODE", help="auto (default: the newest complete checkpoint of the run "
-                    "folder), never (start over), or a checkpoint folder")  # fmt: skip
-    ap.add_argument("--print-config", action="store_true",
-                    help="print the config as set and the values derived from it (image size, taps, lr, "
-                    "accumulation, steps), then exit")  # fmt: skip
-    ap.add_argument("--world-size", type=int, default=0, metavar="N",
-                    help="with --print-config: derive batch arithmetic and steps for N ranks (default: the "
-                    "launcher's WORLD_SIZE, else 1)")  # fmt: skip
-    ap.add_argument("--check", action="store_true", help="check the config and the paths it names, then exit "
-                    "(what launchers/pretrain.sh does before it starts the launcher)")  # fmt: skip
+    ap.add_argument(
+        "--run-dir",
+        help="run folder: checkpoints/, config.json, metrics.jsonl, tensorboard/ (default: the preset's run_dir); "
+        "relative paths are relative to the current directory",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one config field by dotted path, e.g. --set optim.base_lr=1e-4 (repeatable; --print-config "
+        "lists the fields)",
+    )
+    ap.add_argument(
+        "--resume",
+        metavar="MODE",
+        help="auto (default: the newest complete checkpoint of the run folder), never (start over), or a "
+        "checkpoint folder",
+    )
+    ap.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config as set and the run plan derived from it (image size, taps, lr, accumulation, steps, "
+        "FLOPs, memory per GPU), then exit",
+    )
+    ap.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --print-config or --check: plan for N ranks (default: the launcher's WORLD_SIZE, else 1)",
+    )
+    ap.add_argument(
+        "--num-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --print-config or --check: plan for N usable samples (default: read from data.shards)",
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the paths it names and the run plan, then exit (what launchers/pretrain.sh does "
+        "before it starts the launcher)",
+    )
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return ap.parse_args(argv)
 
@@ -67,8 +100,10 @@ def _stage_of(preset: str) -> str:
 def resolve_config(args: argparse.Namespace, stage: str) -> Config:
     cfg = get_preset(args.preset)
     if _stage_of(args.preset) != stage:
-        raise ConfigError(f"--preset {args.preset!r} is a {_stage_of(args.preset)} preset; run it with "
-                          f"python -m engine.{_stage_of(args.preset)}")  # fmt: skip
+        raise ConfigError(
+            f"--preset {args.preset!r} is a {_stage_of(args.preset)} preset; run it with "
+            f"python -m engine.{_stage_of(args.preset)}"
+        )
     if args.run_dir:
         cfg.run_dir = args.run_dir
     if args.resume:
@@ -85,54 +120,56 @@ def check_paths(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{field}={value!r} ({Path(value).resolve()}): {what}")
 
+    if cfg.task == "pretrain" and cfg.target.kind == "clip" and not cfg.target.teacher:
+        raise ConfigError("target.teacher: a CLIP weights file is required for target.kind=clip")
+    if cfg.task == "pretrain" and cfg.target.kind == "mixed" and not cfg.target.generator:
+        raise ConfigError("target.generator: an MAE checkpoint is required for target.kind=mixed")
     d = cfg.data
     for field, shards in (("data.shards", d.shards), ("data.val_shards", d.val_shards)):
         if field == "data.val_shards" and not shards:
             continue
         p = Path(shards)
         need(p.is_dir(), field, shards, "no such folder; create shards with python -m data_pipeline.make_shards")
-        need((p / "dataset.json").is_file() and (p / "manifest.parquet").is_file(), field, shards,
-             "not a finished shard folder (dataset.json and manifest.parquet are missing)")  # fmt: skip
+        need(
+            (p / "dataset.json").is_file() and (p / "manifest.parquet").is_file(),
+            field,
+            shards,
+            "not a finished shard folder (dataset.json and manifest.parquet are missing)",
+        )
     if d.decode_device == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("data.decode_device='gpu': no CUDA device is visible here; use auto or cpu")
-    ds = resolve_repo_path(cfg.engine.ds_config)
-    need(ds.is_file(), "engine.ds_config", cfg.engine.ds_config, "file not found")
+    need(resolve_repo_path(cfg.engine.ds_config).is_file(), "engine.ds_config", cfg.engine.ds_config, "file not found")
     t = cfg.target
     if cfg.task == "pretrain" and t.kind == "clip":
         need(Path(t.teacher).is_file(), "target.teacher", t.teacher, "file not found (CLIP weights are local files)")
     if cfg.task == "pretrain" and t.kind == "mixed":
-        need(Path(t.generator).exists(), "target.generator", t.generator,
-             "not found (a pretraining run folder, a checkpoint folder or an MAE .pth file)")  # fmt: skip
+        need(
+            Path(t.generator).exists(),
+            "target.generator",
+            t.generator,
+            "not found (a pretraining run folder, a checkpoint folder or an MAE .pth file)",
+        )
     if cfg.task != "pretrain" and cfg.init.pretrained:
-        need(Path(cfg.init.pretrained).exists(), "init.pretrained", cfg.init.pretrained,
-             "not found (a pretraining run folder, a checkpoint folder or an engine.tools.export folder)")  # fmt: skip
+        need(
+            Path(cfg.init.pretrained).exists(),
+            "init.pretrained",
+            cfg.init.pretrained,
+            "not found (a pretraining run folder, a checkpoint folder or an engine.tools.export folder)",
+        )
     mode = cfg.checkpoint.resume
     if mode not in ("auto", "never"):
         need(Path(mode).is_dir(), "checkpoint.resume", mode, "no such checkpoint folder")
 
 
-def resolve_repo_path(value: str) -> Path:
-    """A path as given, or else relative to the repository (the shipped ds_configs/)."""
-    p = Path(value)
-    return p if p.exists() or p.is_absolute() else REPO / p
-
-
-def describe(cfg: Config, world_size: int) -> dict:
-    """resolved(cfg) plus the batch arithmetic for ``world_size`` when the shards can be read."""
-    from engine.config import derive
-
+def dataset_size(shards: str) -> int | None:
+    """The shard folder's sample count from dataset.json (None when it cannot be read)."""
     try:
-        import pyarrow.parquet as pq
-
-        n = pq.ParquetFile(Path(cfg.data.shards) / "manifest.parquet").metadata.num_rows
-        return resolved(cfg, derive(cfg, world_size, n), n)
-    except (OSError, ConfigError, ImportError) as err:
-        out = resolved(cfg)
-        out["derived"]["note"] = f"steps and accumulation need the shards and the world size ({err})"
-        return out
+        return int(json.loads((Path(shards) / "dataset.json").read_text())["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def main(stage: str, description: str, make_task: Callable[[], object], argv: list[str] | None = None) -> int:
@@ -142,16 +179,19 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
     quiet = env_rank() != 0  # one message per job, not one per rank
     try:
         cfg = resolve_config(args, stage)
+        world = args.world_size or env_world_size()
+        samples = args.num_samples or dataset_size(cfg.data.shards)
         if args.print_config:
-            print(json.dumps(describe(cfg, args.world_size or env_world_size()), indent=2))
+            print(json.dumps(resolved(cfg, plan_run(cfg, world, samples)), indent=2))
             return EXIT_OK
         check_paths(cfg)
-    except ConfigError as err:
+        plan_run(cfg, world, samples)  # a world size or a dataset the recipe cannot run on: refused now
+    except StackError as err:
         if not quiet:
             print(f"config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return err.exit_code
     if args.check:
-        print(f"config and paths OK: preset {cfg.preset}, run folder {Path(cfg.run_dir).resolve()}")
+        print(f"config and paths OK: preset {cfg.preset}, run folder {Path(cfg.run_dir).resolve()}, {world} rank(s)")
         return EXIT_OK
     cfg.engine.ds_config = str(resolve_repo_path(cfg.engine.ds_config))
     return _run(cfg, make_task)
@@ -159,33 +199,30 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
 
 def _run(cfg: Config, make_task: Callable[[], object]) -> int:
     from engine.loop.dist import quiet_known_noise, release_shared_memory, setup_distributed, setup_logging
+    from engine.serialization import load_guard
 
     quiet_known_noise()
     dist = setup_distributed()
     setup_logging(dist.rank, cfg.log.level)
     try:
-        return _train(cfg, dist, make_task)
+        with load_guard():  # no torch.load in this process runs code from a file (engine.serialization)
+            return _train(cfg, dist, make_task)
     finally:
         release_shared_memory()
 
 
 def _train(cfg: Config, dist, make_task: Callable[[], object]) -> int:
-    from data_pipeline.loader import DataError
-    from engine.loop.checkpoint import CheckpointError
-    from engine.loop.runlock import RunFolderBusy
-    from engine.loop.trainer import NonFiniteError, Trainer
-    from engine.serialization import UnsafeFileError
-    from engine.targets.teachers import TeacherError
+    from engine.loop.trainer import Trainer
 
     try:
         result = Trainer(cfg, dist, make_task()).train()
-    except (ConfigError, TeacherError, DataError, CheckpointError, RunFolderBusy, UnsafeFileError) as err:
-        # Start-up and resume problems: one clear line instead of a traceback per rank.
-        log.error("%s: %s", type(err).__name__, err)
-        return EXIT_CONFIG
-    except NonFiniteError as err:
-        log.error("NonFiniteError: %s", err)
-        return EXIT_NONFINITE
+    except StackError as err:
+        # One line instead of a traceback per rank; errors every rank sees alike are printed by rank 0.
+        if dist.rank == 0 or err.rank_local:
+            log.error("%s", err.one_line())
+        else:
+            log.debug("%s", err.one_line())
+        return err.exit_code
     log.info("done: %s", result)
     return EXIT_OK
 

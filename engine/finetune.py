@@ -15,14 +15,15 @@ from engine.cli import main as cli_main
 
 
 def make_task():
-    from engine.tasks.finetune import FinetuneTask
+    from engine.tasks.classification import FinetuneTask
 
     return FinetuneTask()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main("finetune", "Fine-tune or linearly probe a pretrained encoder (DeepSpeed ZeRO-2, bf16).",
-                    make_task, argv)  # fmt: skip
+    return cli_main(
+        "finetune", "Fine-tune or linearly probe a pretrained encoder (DeepSpeed ZeRO-2, bf16).", make_task, argv
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from engine.cli import main as cli_main
 
 
 def make_task():
-    from engine.tasks.pretrain import PretrainTask
+    from engine.tasks.masked_modeling import PretrainTask
 
     return PretrainTask()
 

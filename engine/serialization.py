@@ -5,7 +5,7 @@ read. Files reach us from the outside (a CLIP or MAE download, a colleague's run
 checkpoint to resume), so nothing here unpickles with arbitrary globals and nothing executes
 TorchScript:
 
-* ``install_load_guard()`` makes every ``torch.load`` in the process (ours and DeepSpeed's: its
+* ``load_guard()`` makes every ``torch.load`` within its block (ours and DeepSpeed's: its
   checkpoint engine, ``zero_to_fp32`` and the universal-checkpoint converter all ask for
   ``weights_only=False``) load with ``weights_only=True`` plus an explicit allow-list of the few
   plain-data classes that DeepSpeed and MAE store (``SAFE_GLOBALS``). A file that needs anything
@@ -22,21 +22,21 @@ safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.errors import UnsafeFileError
+
 log = logging.getLogger(__name__)
-
-
-class UnsafeFileError(ValueError):
-    """A file would need code (or classes outside the allow-list) to be read."""
 
 
 # module path -> class names: plain-data classes found in the files we read. DeepSpeed's bf16
@@ -105,10 +105,20 @@ def _guarded_load(f: Any, map_location: Any = None, pickle_module: Any = None, *
     return safe_load(f, map_location=map_location, **kwargs)
 
 
-def install_load_guard() -> None:
-    """Route every ``torch.load`` of this process through ``safe_load`` (idempotent)."""
-    if torch.load is not _guarded_load:
-        torch.load = _guarded_load
+@contextlib.contextmanager
+def load_guard() -> Iterator[None]:
+    """Within the block, every ``torch.load`` (ours and DeepSpeed's) goes through ``safe_load``.
+
+    Entry points wrap their work in it; it is the only place that replaces ``torch.load``, and the
+    original is back when the block ends (nested blocks are fine)."""
+    if torch.load is _guarded_load:
+        yield
+        return
+    torch.load = _guarded_load
+    try:
+        yield
+    finally:
+        torch.load = _original_load
 
 
 # ------------------------------------------------------------------------------- TorchScript
@@ -122,10 +132,17 @@ class _ScriptObject:
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}  # fmt: skip
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

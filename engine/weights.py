@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 
 from engine.config import Config, from_dict
+from engine.errors import WeightsError
 from engine.loop import checkpoint as ckpt
-from engine.serialization import install_load_guard
+from engine.serialization import load_guard
 
 log = logging.getLogger(__name__)
 
-
-class WeightsError(ValueError):
-    """A weights source is missing, incomplete or of the wrong kind."""
+__all__ = ["EncoderWeights", "WeightsError", "consolidated_state", "encoder_weights", "find_checkpoint", "resolve"]
 
 
 @dataclass
@@ -74,14 +73,13 @@ def consolidated_state(path: Path) -> dict[str, torch.Tensor]:
     """The float32 master weights of a ZeRO checkpoint, gathered from every rank's partition."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    install_load_guard()  # DeepSpeed's consolidation unpickles every file: plain data only
     problems = ckpt.verify(path)
     if problems:
         raise WeightsError(f"{path.resolve()} is damaged: {'; '.join(problems[:3])}")
     # zero_to_fp32 prints its progress (and a progress bar) on every rank: kept unless it fails.
     chatter = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+    try:  # DeepSpeed's consolidation unpickles every file: under the guard, plain data only
+        with load_guard(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     except Exception:
         sys.stderr.write(chatter.getvalue())

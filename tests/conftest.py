@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real-photo shard set, and a helper that runs the deepspeed launcher."""
+"""Shared fixtures for both tiers (tests/unit: in-process; tests/integration: real launches): a small
+real-photo shard set, and helpers that run the deepspeed launcher with a clean environment."""
 
 from __future__ import annotations
 
@@ -13,6 +14,40 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+# What a cluster shell may have exported. A test that starts processes must not inherit them: an
+# exported MASTER_PORT would make every launch share one port, a RANK would tell a world-of-one run
+# it is rank 3.
+DIST_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_JOB_ID",
+    "TORCHELASTIC_RUN_ID",
+    "DEEPSPEED_PORT",
+    "DS_ACCELERATOR",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_environment():
+    """In-process tests see no distributed variables of the shell pytest was started from."""
+    saved = {k: os.environ.pop(k) for k in DIST_VARS if k in os.environ}
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    yield
+    os.environ.pop("DS_ACCELERATOR", None)
+    os.environ.update(saved)
 
 
 def make_shards(src: Path, out: Path, *extra: str) -> None:
@@ -77,7 +112,7 @@ def deepspeed_cmd(nprocs: int, *args: str, module: str = "engine.pretrain") -> l
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.update(extra)
     return env
@@ -101,8 +136,9 @@ def run_deepspeed(
 
 def run_single(*args: str, timeout: int = 300, module: str = "engine.pretrain") -> subprocess.CompletedProcess:
     """``python -m engine.pretrain`` in one process (a world of one, no launcher): for start-up checks."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=cpu_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
@@ -110,8 +146,13 @@ def pixel_run(demo_shards, tmp_path_factory) -> Path:
     """One 6-step 2-rank run of ``deepmim_test_pixel`` that several test files read (copy it before
     changing it): checkpoints at steps 3 and 6, metrics and TensorBoard every 2 steps, figures every 3."""
     run = tmp_path_factory.mktemp("pixel") / "run"
-    sets = [f"data.shards={demo_shards}", "schedule.max_steps=6", "checkpoint.interval=3", "log.interval=2",
-            "log.figure_interval=3"]  # fmt: skip
+    sets = [
+        f"data.shards={demo_shards}",
+        "schedule.max_steps=6",
+        "checkpoint.interval=3",
+        "log.interval=2",
+        "log.figure_interval=3",
+    ]
     sets = [a for x in sets for a in ("--set", x)]
     out = run_deepspeed(2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), *sets)
     assert "Process" in out.stdout + out.stderr  # the deepspeed launcher's own lines: it ran under it

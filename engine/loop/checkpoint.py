@@ -28,15 +28,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from engine.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
 FORMAT_VERSION = 2  # 2: the marker lists the files with sizes and CRC-32
 _TAG = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read."""
 
 
 def tag_for(step: int) -> str:
@@ -99,8 +97,7 @@ def file_problems(path: Path, names: list[str], recorded: dict[str, dict]) -> li
     return problems
 
 
-def verify(path: Path, rank: int = 0, world_size: int = 1,
-           gather: Callable[[object], list] | None = None) -> list[str]:  # fmt: skip
+def verify(path: Path, rank: int = 0, world_size: int = 1, gather: Callable[[object], list] | None = None) -> list[str]:
     """Problems of a complete checkpoint's files (empty: it verifies). Ranks split the files."""
     recorded = read_marker(path).get("files")
     if recorded is None:
@@ -111,17 +108,25 @@ def verify(path: Path, rank: int = 0, world_size: int = 1,
     return [p for part in parts for p in part]
 
 
-def newest_verified(root: Path, rank: int = 0, world_size: int = 1,
-                    gather: Callable[[object], list] | None = None, barrier: Callable[[], None] | None = None
-                    ) -> Path | None:  # fmt: skip
+def newest_verified(
+    root: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[object], list] | None = None,
+    barrier: Callable[[], None] | None = None,
+) -> Path | None:
     """The newest complete checkpoint whose files verify; broken ones are renamed out of the way."""
     for path in reversed(list_checkpoints(root)):
         problems = verify(path, rank, world_size, gather)
         if not problems:
             return path
         if rank == 0:
-            log.warning("checkpoint %s is damaged (%s); it is renamed broken-%s and the next older one is tried",
-                        path, "; ".join(problems[:3]), path.name)  # fmt: skip
+            log.warning(
+                "checkpoint %s is damaged (%s); it is renamed broken-%s and the next older one is tried",
+                path,
+                "; ".join(problems[:3]),
+                path.name,
+            )
             os.replace(path, path.with_name(f"broken-{path.name}"))
         if barrier is not None:
             barrier()
@@ -191,9 +196,20 @@ def to_universal(tag_dir: Path, out_root: Path) -> Path:
     tmp = out_root / (tag_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out_root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "engine.loop.to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
-           "--num_merge_workers", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.loop.to_universal",
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(tmp),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "2",
+        "--num_merge_workers",
+        "2",
+    ]
     root = str(Path(__file__).resolve().parents[2])  # the converter wrapper lives in this repository
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

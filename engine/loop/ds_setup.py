@@ -1,8 +1,8 @@
-"""DeepSpeed engine set-up: the JSON holds DeepSpeed knobs only; batch sizes come from our config.
+"""The DeepSpeed config of a run: the JSON holds DeepSpeed knobs only; batch sizes come from ours.
 
-``train_batch_size = micro_batch * grad_accum * world_size`` is filled in here from
-``engine.config.derive``; a JSON that sets any of the three to something else is refused rather
-than silently overriding the run's batch size.
+``train_batch_size = micro_batch * grad_accum * world_size`` is filled in here from the run plan;
+a JSON that sets any of the three to something else is refused rather than silently overriding
+the run's batch size.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
-from engine.config import Config, ConfigError, Derived
+from engine.config import Config, RunPlan
+from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +29,22 @@ def load_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"engine.ds_config={str(path)!r}: invalid JSON ({err})") from None
 
 
-def resolve_ds_config(cfg: Config, derived: Derived) -> dict:
+def resolve_ds_config(cfg: Config, plan: RunPlan) -> dict:
     """The DeepSpeed dict for this run: the JSON plus batch sizes, cross-checked."""
     ds = load_ds_config(cfg.engine.ds_config)
     apply_ds_overrides(ds, cfg.engine.ds_overrides)
     want = {
         "train_batch_size": cfg.data.global_batch,
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
-        "gradient_accumulation_steps": derived.grad_accum,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
     }
     for key, value in want.items():
         given = ds.get(key, "auto")
         if given not in ("auto", value):
             raise ConfigError(
                 f"{cfg.engine.ds_config}: {key}={given} disagrees with the run's batch settings ({key}={value} "
-                f"from data.global_batch={cfg.data.global_batch}, data.micro_batch={cfg.data.micro_batch}, "
-                f"world size {derived.world_size}); remove it from the JSON (batch sizes are set in the config)"
+                f"from data.global_batch={cfg.data.global_batch}, micro-batch {plan.micro_batch}, "
+                f"world size {plan.world_size}); remove it from the JSON (batch sizes are set in the config)"
             )
         ds[key] = value
     if not ds.get("bf16", {}).get("enabled", False):
@@ -79,18 +78,3 @@ def apply_ds_overrides(ds: dict, overrides: list[str]) -> None:
         if leaf in BATCH_KEYS:
             raise ConfigError(f"engine.ds_overrides: {leaf} comes from data.global_batch and data.micro_batch")
         node[leaf] = value
-
-
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine
-
-
-def model_dtype(ds_config: dict) -> torch.dtype:
-    if ds_config.get("bf16", {}).get("enabled", False):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled", False):
-        return torch.float16
-    return torch.float32

@@ -7,7 +7,8 @@ H100, see bench/results). With ``check_grad_overflow`` off it does not look at a
 replaces it:
 
 * each micro-step's loss adds ``not isfinite(loss)`` to a device flag;
-* before the ZeRO optimizer steps, one multi-tensor norm tests every gradient of this rank's
+* before the ZeRO optimizer steps (reached through ``engine.loop.zero_adapter``), one
+  multi-tensor norm tests every gradient of this rank's
   partitions (all parameter groups) and a local stop request (a signal) is added; the two flags
   are max-all-reduced over the data-parallel group (an enqueued collective, not a host sync), so
   every rank sees the same values at the same step;
@@ -26,13 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import GUARD_RING
+from engine.config.schema import GUARD_RING
+from engine.loop.signals import StopRequest
+from engine.loop.zero_adapter import OptimizerAdapter
 
 log = logging.getLogger(__name__)
-
-
-class GuardUnavailable(RuntimeError):
-    """The DeepSpeed optimizer does not expose what the guard needs."""
 
 
 @dataclass(frozen=True)
@@ -47,54 +46,46 @@ class StepFlags:
 class NonFiniteGuard:
     RING = GUARD_RING
 
-    def __init__(self, zero_optimizer, device: torch.device, group=None, lag: int | None = None):
-        inner = getattr(zero_optimizer, "optimizer", None)
-        if inner is None or not hasattr(zero_optimizer, "averaged_gradients"):
-            raise GuardUnavailable(f"{type(zero_optimizer).__name__} has no averaged_gradients/optimizer")
-        self.zero, self.inner, self.group, self.device = zero_optimizer, inner, group, device
+    def __init__(
+        self,
+        optimizer: OptimizerAdapter,
+        device: torch.device,
+        stop: StopRequest | None = None,
+        group=None,
+        lag: int | None = None,
+    ):
+        self.opt, self.group, self.device = optimizer, group, device
+        self.stop = stop or StopRequest()
         # Fused torch optimizers skip a non-finite update on the device (found_inf). Others (timm's
         # LARS for linear probing) are skipped from the host: one flag read per step, a sync that
         # only a probe (a head-only update) pays.
-        self.on_device = bool(inner.defaults.get("fused"))
+        self.on_device = optimizer.fused
+        self._skip_now = False
         if not self.on_device:
-            self._inner_step = inner.step
-            inner.step = self._host_skipped_step
+            optimizer.hook_inner_step(self._host_skipped_step)
         cuda = device.type == "cuda"
         self.lag = (2 if cuda else 0) if lag is None else lag
         self.flags = torch.zeros(2, device=device)  # [bad, stop], all-reduced with MAX
         self.loss_bad = torch.zeros((), device=device)
         self.skipped = torch.zeros((), device=device)
         self.consecutive = torch.zeros((), device=device)
-        self.stop_requested = False  # set by the trainer's signal handler (host side)
         self.inject_grad = False  # fault drills: poison one gradient before the check
         self.steps = 0
         self._host = [torch.zeros(4, pin_memory=cuda) for _ in range(self.RING)]
         self._events = [torch.cuda.Event() if cuda else None for _ in range(self.RING)]
-        self._orig_step = zero_optimizer.step
-        zero_optimizer.step = self._step
+        optimizer.hook_step(self._step)
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Called every micro-step with the (detached) loss."""
         torch.maximum(self.loss_bad, (~torch.isfinite(loss.detach())).float(), out=self.loss_bad)
 
-    def _grads(self) -> list[torch.Tensor]:
-        out = []
-        for i in range(len(self.zero.bit16_groups)):
-            group = self.zero.averaged_gradients.get(i) if isinstance(self.zero.averaged_gradients, dict) else None
-            flat = getattr(group, "flat_partition", None)
-            if flat is not None:
-                out.append(flat)
-            elif group:
-                out.extend(g for g in group if g is not None)
-        return out
-
-    def _step(self, *args, **kwargs):
-        grads = self._grads()
+    def _step(self, original, *args, **kwargs):
+        grads = self.opt.gradients()
         if self.inject_grad and grads:
             grads[0].view(-1)[0] = float("nan")
             self.inject_grad = False
         self.flags[0].copy_(self.loss_bad)
-        self.flags[1].fill_(1.0 if self.stop_requested else 0.0)
+        self.flags[1].fill_(1.0 if self.stop.requested else 0.0)
         if grads:
             # One multi-tensor norm kernel over every gradient (bf16 or fp32): NaN/inf show in the norms.
             norms = torch.stack(torch._foreach_norm(grads)).float()
@@ -102,11 +93,11 @@ class NonFiniteGuard:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
         if self.on_device:
-            self.inner.found_inf = self.flags[0]
+            self.opt.set_found_inf(self.flags[0])
         else:
             self._skip_now = bool(self.flags[0].item())
         try:
-            return self._orig_step(*args, **kwargs)
+            return original(*args, **kwargs)
         finally:
             self.skipped.add_(self.flags[0])
             self.consecutive.add_(1).mul_(self.flags[0])
@@ -114,10 +105,10 @@ class NonFiniteGuard:
             self.steps += 1
             self._publish()
 
-    def _host_skipped_step(self, *args, **kwargs):
-        if getattr(self, "_skip_now", False):
+    def _host_skipped_step(self, original, *args, **kwargs):
+        if self._skip_now:
             return None
-        return self._inner_step(*args, **kwargs)
+        return original(*args, **kwargs)
 
     def _publish(self) -> None:
         slot = self.steps % self.RING
@@ -152,3 +143,7 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         self.skipped.fill_(state.get("skipped", 0.0))
         self.consecutive.zero_()
+
+    def close(self) -> None:
+        """Put the optimizer's own step methods back."""
+        self.opt.remove()

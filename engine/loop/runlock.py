@@ -19,9 +19,9 @@ import socket
 import time
 from pathlib import Path
 
+from engine.errors import RunFolderBusy
 
-class RunFolderBusy(RuntimeError):
-    """Another live job holds this run folder."""
+__all__ = ["RunFolderBusy", "RunLock"]
 
 
 class RunLock:

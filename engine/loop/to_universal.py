@@ -3,7 +3,7 @@
     python -m engine.loop.to_universal --input_folder CKPT --output_folder OUT [DeepSpeed's flags]
 
 The converter unpickles every checkpoint file with ``weights_only=False``; here it runs with the
-load guard installed first, and its worker processes are forked so they inherit it.
+load guard in place, and its worker processes are forked so they inherit it.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from __future__ import annotations
 import multiprocessing
 import sys
 
-from engine.serialization import install_load_guard
+from engine.serialization import load_guard
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_load_guard()
     multiprocessing.set_start_method("fork", force=True)  # workers inherit the guard
     from deepspeed.checkpoint import ds_to_universal
 
     sys.argv = ["ds_to_universal", *(sys.argv[1:] if argv is None else argv)]
-    ds_to_universal.main(ds_to_universal.parse_arguments())
+    with load_guard():
+        ds_to_universal.main(ds_to_universal.parse_arguments())
     return 0
 
 

@@ -1,11 +1,15 @@
-"""The training loop, for any task. ``Trainer.train()`` owns the order (build, resume, loop,
-save); a micro-step is ``task.forward`` + backward + the engine's step; build steps are small
-named methods.
+"""The training loop, for any task. ``Trainer.train()`` owns the order (build, resume, loop, save);
+a micro-step is ``task.forward`` + backward + the engine's step; build steps are small named
+methods, and every attribute of the trainer is declared in ``__init__``.
 
 Fault handling lives here because it is about the order of things: resuming exactly (loader,
 RNG and task states of every rank are in the checkpoint), reacting to the guard's lagged flags
 (roll back after K non-finite steps, stop cleanly on SIGTERM/SIGUSR1/SIGINT), refusing to resume
 under an incompatible config, and not waiting forever for a stalled rank.
+
+The engine comes from a factory (``engine.loop.engines``): DeepSpeed for runs, a local
+single-process engine for the in-process test tier; fault drills come from an injector that is a
+no-op in real runs (``engine.loop.faults``).
 """
 
 from __future__ import annotations
@@ -16,59 +20,91 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from data_pipeline import preflight
-from data_pipeline.loader import DataError, LoaderSpec, make_loader, read_dataset
-from engine.config import Config, Derived, compare_for_resume, derive, fingerprint, from_dict, resolved, to_dict
+from data_pipeline.loader import DatasetView, EpochLoader, LoaderSpec, make_loader, read_dataset
+from engine.config import Config, RunPlan, fingerprint, plan_run, resolved, to_dict
+from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy
 from engine.loop import checkpoint as ckpt
 from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
-from engine.loop.ds_setup import initialize, model_dtype, resolve_ds_config
+from engine.loop.ds_setup import resolve_ds_config
+from engine.loop.engines import EngineFactory, deepspeed_engine
+from engine.loop.faults import NoFaults, fault_injector
 from engine.loop.guard import NonFiniteGuard
+from engine.loop.resume import check_config, find_resume
 from engine.loop.rng import rng_state, seed_everything, set_rng_state
-from engine.loop.runlock import RunFolderBusy, RunLock
+from engine.loop.runlock import RunLock
 from engine.loop.schedule import lr_at
-from engine.loop.signals import StopSignals
+from engine.loop.signals import StopRequest, StopSignals
+from engine.loop.task import Task, TaskContext
 from engine.loop.watchdog import Watchdog
+from engine.loop.zero_adapter import adapter_for
 from engine.models.flops import peak_flops
 from engine.observe.monitor import KeyAudit, RunMonitor
 from engine.observe.telemetry import MetricMeter, PhaseTimer, peak_memory_gb
-from engine.serialization import install_load_guard
-from engine.tasks.base import Task, TaskContext
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
-    """Training cannot continue without NaN/inf weights; it stops instead of continuing silently."""
-
-
 class Trainer:
-    def __init__(self, cfg: Config, dist: DistInfo, task: Task):
-        self.cfg = cfg
-        self.dist = dist
-        self.task = task
+    def __init__(
+        self,
+        cfg: Config,
+        dist: DistInfo,
+        task: Task,
+        engine_factory: EngineFactory = deepspeed_engine,
+        faults: NoFaults | None = None,
+    ):
+        self.cfg, self.dist, self.task = cfg, dist, task
+        self.engine_factory = engine_factory
+        self.faults = faults if faults is not None else fault_injector(cfg.debug)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.view_dir = self.run_dir / "data_view"
+        self.lock = RunLock(self.run_dir)
+        self.stop = StopRequest()  # set by signals (engine.loop.signals), read by the guard and the loop
+        # progress (checkpointed)
         self.step = 0  # optimizer steps done
         self.rollbacks = 0
         self.stale_flags_through = 0  # guard steps whose flags predate the last rollback
-        self.derived: Derived | None = None
+        # built by build()
         self.built = False
         self.resume_from: Path | None = None
         self.resume_marker: dict | None = None
-        self.loader = None
-        self.lock = RunLock(self.run_dir)
+        self.dataset: DatasetView | None = None
+        self.bad_samples = 0
+        self.plan: RunPlan | None = None
+        self.ds_config: dict = {}
+        self.engine: Any = None
+        self.dtype = torch.float32
+        self.guard: NonFiniteGuard | None = None
+        self.compiled, self.compile_error = False, ""
+        self.peak: float | None = None
+        # built by train()
+        self.signals: StopSignals | None = None
+        self.loader: EpochLoader | None = None
+        self.keys: KeyAudit | None = None
+        self.monitor: RunMonitor | None = None
+        self.timer = PhaseTimer(dist.device)
+        self.meter = MetricMeter()
         self.watchdog: Watchdog | None = None
-        install_load_guard()  # no torch.load in this process runs code from a file (engine.serialization)
+        self.sync_check = cfg.log.sync_debug and dist.device.type == "cuda"
+        self.sync_count, self.sync_examples = 0, []
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         self._lock_run_dir()
-        self._find_resume()
+        self.resume_from = find_resume(self.cfg.checkpoint.resume, self.ckpt_dir, self.dist)
+        if self.resume_from is not None:
+            self.resume_marker = ckpt.read_marker(self.resume_from)
+            if "config" in self.resume_marker:  # refuse an incompatible config before building anything
+                check_config(self.resume_marker["config"], self.cfg)
         self._build_data()
-        self.task.setup(TaskContext(self.cfg, self.dist, self.run_dir, self.resume_marker))
+        self.task.setup(TaskContext(self.cfg, self.plan, self.dist, self.run_dir, self.resume_marker))
+        self.plan = self.task.plan  # a task may refine it (a teacher's real width)
         if self.resume_marker is not None:
             self.task.check_resume(self.resume_marker)
         self._build_engine()
@@ -87,82 +123,71 @@ class Trainer:
         if any_rank(error is not None, self.dist.device):
             raise RunFolderBusy(str(error or f"{self.run_dir.resolve()} is in use by another job"))
 
-    def _find_resume(self) -> None:
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return
-        gather = lambda obj: all_gather_objects(obj, self.dist.world_size)
-        if mode == "auto":
-            newest = ckpt.newest_complete(self.ckpt_dir)
-            self.resume_from = ckpt.newest_verified(self.ckpt_dir, self.dist.rank, self.dist.world_size, gather,
-                                                    barrier)  # fmt: skip
-            if newest is not None and self.resume_from is None:
-                raise ckpt.CheckpointError(f"every complete checkpoint in {self.ckpt_dir} is damaged (renamed "
-                                           "broken-*); not starting over in this run folder")  # fmt: skip
-            if newest is not None and self.resume_from != newest:
-                log.warning("resuming from %s instead of the newest checkpoint %s, which is damaged (now %s)",
-                            self.resume_from, newest.name, newest.with_name(f"broken-{newest.name}"))  # fmt: skip
-        else:
-            path = Path(mode)
-            if not (path / ckpt.MARKER).is_file():
-                raise ckpt.CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
-            problems = ckpt.verify(path, self.dist.rank, self.dist.world_size, gather)
-            if problems:
-                raise ckpt.CheckpointError(f"checkpoint.resume={mode!r} is damaged: {'; '.join(problems[:3])}")
-            self.resume_from = path
-        if self.resume_from is not None:
-            self.resume_marker = ckpt.read_marker(self.resume_from)
-            if "config" in self.resume_marker:  # refuse an incompatible config before building anything
-                self._check_config(from_dict(self.resume_marker["config"]))
-
     def _build_data(self) -> None:
-        """Preflight (shared by all ranks) -> the sample list every rank trains on -> batch maths."""
+        """Preflight (shared by all ranks) -> the sample list every rank trains on -> the run plan."""
         raw = read_dataset(self.cfg.data.shards)
-        view_dir = self.run_dir / "data_view"
         self.dataset = preflight.run(
-            raw, self.cfg.fault.data_checks, view_dir, self.dist.rank, self.dist.world_size,
-            lambda obj: all_gather_objects(obj, self.dist.world_size), barrier,
-        )  # fmt: skip
+            raw,
+            self.cfg.fault.data_checks,
+            self.view_dir,
+            self.dist.rank,
+            self.dist.world_size,
+            lambda obj: all_gather_objects(obj, self.dist.world_size),
+            barrier,
+        )
         self.bad_samples = self.dataset.total_samples - self.dataset.num_samples
         if self.bad_samples:
-            log.warning("data: %d of %d samples skipped as unreadable (listed in %s)", self.bad_samples,
-                        self.dataset.total_samples, view_dir / "bad_samples.json")  # fmt: skip
-        preflight.check_threshold(self.dataset, self.cfg.fault.max_bad_sample_share, view_dir)
-        self.view_dir = view_dir
-        self.derived = derive(self.cfg, self.dist.world_size, self.dataset.num_samples)
-        d = self.derived
+            log.warning(
+                "data: %d of %d samples skipped as unreadable (listed in %s)",
+                self.bad_samples,
+                self.dataset.total_samples,
+                self.view_dir / "bad_samples.json",
+            )
+        preflight.check_threshold(self.dataset, self.cfg.fault.max_bad_sample_share, self.view_dir)
+        classes = self.dataset.num_classes or None
+        self.plan = plan_run(self.cfg, self.dist.world_size, self.dataset.num_samples, classes).require_complete()
+        p = self.plan
         log.info(
             "data: %d samples in %d shards; %d ranks x micro-batch %d x accumulation %d = global batch %d; "
             "%d steps/epoch (%d samples/epoch left out so ranks take equal steps); lr %.3g",
-            self.dataset.num_samples, len(self.dataset.shards), d.world_size, self.cfg.data.micro_batch,
-            d.grad_accum, self.cfg.data.global_batch, d.steps_per_epoch, d.dropped_per_epoch, d.lr,
-        )  # fmt: skip
+            self.dataset.num_samples,
+            len(self.dataset.shards),
+            p.world_size,
+            p.micro_batch,
+            p.grad_accum,
+            p.global_batch,
+            p.steps_per_epoch,
+            p.dropped_per_epoch,
+            p.lr,
+        )
 
     def _build_engine(self) -> None:
-        self.ds_config = resolve_ds_config(self.cfg, self.derived)
+        self.ds_config = resolve_ds_config(self.cfg, self.plan)
         if self.cfg.optim.name != "adamw":  # ZeRO-2 partitions any torch optimizer; DeepSpeed asks to be told
             self.ds_config["zero_allow_untested_optimizer"] = True
-        elastic = self.resume_marker is not None and self.resume_marker["world_size"] != self.dist.world_size
-        if elastic:
+        if self._elastic():
             self.ds_config["checkpoint"] = {"load_universal": True}  # elastic resume, see resume()
-        self.dtype = model_dtype(self.ds_config)
         module = self.task.module
         module.to(self.dist.device)
-        optimizer = self.task.make_optimizer(self.task.param_groups(), self.derived.lr)
-        self.engine = initialize(module, optimizer, self.ds_config)
+        optimizer = self.task.make_optimizer(self.task.param_groups(), self.plan.lr)
+        self.engine, self.dtype = self.engine_factory(module, optimizer, self.ds_config)
         lag = self.cfg.debug.flag_lag if self.cfg.debug.flag_lag >= 0 else None
-        self.guard = NonFiniteGuard(self.engine.optimizer, self.dist.device, lag=lag)
+        self.guard = NonFiniteGuard(adapter_for(self.engine.optimizer), self.dist.device, self.stop, lag=lag)
         self.task.to_device(self.dist.device, self.dtype)
-        self.compiled, self.compile_error = False, ""
         if self.cfg.engine.compile:
             self.compiled, self.compile_error = self.task.compile(self.engine, self.dtype)
-        self.flops = self.task.flops()
-        on_gpu = self.dist.device.type == "cuda"
-        device_name = torch.cuda.get_device_name(self.dist.device) if on_gpu else ""
-        self.peak = peak_flops(device_name, self.cfg.engine.peak_tflops) if on_gpu else None
-        if self.flops is not None:
-            log.info("model FLOPs per image: %.1f GFLOP (%s)", self.flops.per_image / 1e9,
-                     ", ".join(f"{k} {v:.0%}" for k, v in self.flops.shares().items()))  # fmt: skip
+        if self.dist.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.dist.device)
+            self.peak = peak_flops(name, self.cfg.engine.peak_tflops)
+        f = self.plan.flops
+        log.info(
+            "model FLOPs per image: %.1f GFLOP (%s)",
+            f.per_image / 1e9,
+            ", ".join(f"{k} {v:.0%}" for k, v in f.shares().items()),
+        )
+
+    def _elastic(self) -> bool:
+        return self.resume_marker is not None and self.resume_marker["world_size"] != self.dist.world_size
 
     def _loader_spec(self) -> LoaderSpec:
         d = self.cfg.data
@@ -175,8 +200,8 @@ class Trainer:
             shards=d.shards,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            micro_batch=d.micro_batch,
-            samples_per_rank_step=d.micro_batch * self.derived.grad_accum,
+            micro_batch=self.plan.micro_batch,
+            samples_per_rank_step=self.plan.micro_batch * self.plan.grad_accum,
             img_size=aug.img_size,
             seed=self.cfg.seed,
             num_threads=d.num_threads,
@@ -201,8 +226,8 @@ class Trainer:
                 "step": self.step,
                 "epoch": self.loader.epoch,
                 "samples_into_epoch": self.loader.samples_consumed(),
-                "steps_per_epoch": self.derived.steps_per_epoch,
-                "grad_accum": self.derived.grad_accum,
+                "steps_per_epoch": self.plan.steps_per_epoch,
+                "grad_accum": self.plan.grad_accum,
                 "skipped_updates": self.guard.state_dict()["skipped"],
                 "rollbacks": self.rollbacks,
             },
@@ -234,13 +259,12 @@ class Trainer:
         except Exception as err:  # disk full, permissions, a file in the way: never half-succeed
             error = err
         if any_rank(error is not None, self.dist.device):
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"saving checkpoint {tag} failed ({error or 'on another rank'}); the earlier checkpoints in "
                 f"{self.ckpt_dir} are untouched and the newest complete one is used on resume"
             ) from error
         path = self.ckpt_dir / tag
-        if self.cfg.debug.pause_before_marker_s:
-            time.sleep(self.cfg.debug.pause_before_marker_s)  # fault drill: a window to kill a save in
+        self.faults.before_marker()
         if self.dist.is_main:
             info = {"step": self.step, "epoch": self.loader.epoch, "world_size": self.dist.world_size, "keep": keep}
             # the config travels in the marker too, so a resume can refuse it before loading anything
@@ -256,13 +280,17 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return None
-        elastic = self.resume_marker["world_size"] != self.dist.world_size
+        elastic = self._elastic()
         load_path = path
         if elastic:
             if self.dist.is_main:
-                log.warning("elastic resume: %s was written by %d ranks, this run has %d; converting it to a "
-                            "universal checkpoint", path, self.resume_marker["world_size"],
-                            self.dist.world_size)  # fmt: skip
+                log.warning(
+                    "elastic resume: %s was written by %d ranks, this run has %d; converting it to a universal "
+                    "checkpoint",
+                    path,
+                    self.resume_marker["world_size"],
+                    self.dist.world_size,
+                )
                 ckpt.to_universal(path, self.ckpt_dir / "universal")
             barrier()
             load_path = self.ckpt_dir / "universal" / path.name
@@ -270,57 +298,52 @@ class Trainer:
             str(load_path.parent), tag=load_path.name, load_lr_scheduler_states=False
         )
         if client is None:
-            raise ckpt.CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
         train = client["train"]
         self.step = train["step"]
         self.guard.load_state_dict({"skipped": train.get("skipped_updates", 0.0)})
         ranks = client["ranks"]
         if elastic:
-            log.warning("elastic resume: the global batch stays %d; accumulation %d (was %d); the samples of epoch %d "
-                        "not yet read are split over the %d ranks", self.cfg.data.global_batch,
-                        self.derived.grad_accum, train["grad_accum"], train["epoch"], self.dist.world_size)  # fmt: skip
+            log.warning(
+                "elastic resume: the global batch stays %d; accumulation %d (was %d); the samples of epoch %d not yet "
+                "read are split over the %d ranks",
+                self.cfg.data.global_batch,
+                self.plan.grad_accum,
+                train["grad_accum"],
+                train["epoch"],
+                self.dist.world_size,
+            )
         mine = ranks[min(self.dist.rank, len(ranks) - 1)]  # the data plan in it is the same on every rank
         if not elastic:  # per-rank random states only mean something for the same rank
             set_rng_state(mine["rng"])
             self.task.load_state_dict(mine.get("task", {}))
         self.keys.truncate(self.step)
-        log.info("resumed from %s: step %d, epoch %d, %d samples into it", path, self.step, train["epoch"],
-                 train.get("samples_into_epoch", 0))  # fmt: skip
+        log.info(
+            "resumed from %s: step %d, epoch %d, %d samples into it",
+            path,
+            self.step,
+            train["epoch"],
+            train.get("samples_into_epoch", 0),
+        )
         return mine["loader"]
 
-    def _check_config(self, saved: Config) -> None:
-        errors, changes, harmless = compare_for_resume(saved, self.cfg)
-        if errors:
-            raise ckpt.CheckpointError(
-                "cannot resume: incompatible config change(s): " + "; ".join(errors) + " (start a new run_dir instead)"
-            )
-        for line in changes:
-            log.warning("resuming with a changed setting that alters training: %s", line)
-        for line in harmless:
-            log.info("resuming with a changed setting: %s", line)
-
     # ------------------------------------------------------------------ loop
-    def train_step(self, batch) -> torch.Tensor:
+    def train_step(self, batch: Any) -> None:
         """One micro-step: the task's forward, backward, and the optimizer at boundaries."""
         self.timer.start("fwd_bwd")
-        out = self.task.forward(self.engine, batch)
-        loss = out.loss
-        if self.step + 1 in self._nan_loss_pending:  # fault drill (once per step number)
-            loss = loss * float("nan")
+        out = self.task.forward(self.engine, batch, self.timer)
+        loss = self.faults.loss(self.step + 1, out.loss)
         self.guard.observe_loss(loss)
         self.engine.backward(loss)
         self.timer.stop("fwd_bwd")
         self.timer.start("optimizer")
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.guard.inject_grad = boundary and self.step + 1 in self._nan_grad_pending
+        self.guard.inject_grad = boundary and self.faults.poison_gradient(self.step + 1)
         self.engine.step()
-        if boundary:
-            self._nan_loss_pending.discard(self.step + 1)
-            self._nan_grad_pending.discard(self.step + 1)
         self.timer.stop("optimizer")
         self.meter.add(loss.detach(), out.metrics)
 
-    def _train_step_counting_syncs(self, batch) -> None:
+    def _train_step_counting_syncs(self, batch: Any) -> None:
         """train_step under CUDA's sync debug mode; synchronizing calls are counted, not fatal."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -335,64 +358,86 @@ class Trainer:
             self.sync_examples = [f"{w.filename}:{w.lineno}" for w in syncs[:5]]
 
     def _set_lr(self) -> float:
-        d = self.derived
-        lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps, self.cfg.schedule.min_lr)
+        p = self.plan
+        lr = lr_at(self.step, p.lr, p.warmup_steps, p.total_steps, self.cfg.schedule.min_lr)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def train(self) -> dict:
+        if self.cfg.checkpoint.on_signal:  # before the build: a stop during start-up is a preemption too
+            self.signals = StopSignals(self.stop)
+        try:
+            return self._train()
+        finally:
+            if self.guard is not None:
+                self.guard.close()
+            if self.signals is not None:
+                self.signals.restore()
+            self.lock.release()
+
+    def _train(self) -> dict:
         if not self.built:
             self.build()
         if self.dist.is_main:
-            (self.run_dir / "config.json").write_text(
-                json.dumps(resolved(self.cfg, self.derived, self.dataset.num_samples), indent=2)
-            )
+            (self.run_dir / "config.json").write_text(json.dumps(resolved(self.cfg, self.plan), indent=2))
         self.keys = KeyAudit(self.run_dir, self.dist.rank, self.cfg.log.sample_keys)
         loader_state = self.resume()
-        stop = self.derived.stop_step
+        stop = self.plan.stop_step
         if self.step >= stop:
             log.info("run already complete: step %d of %d; nothing to do", self.step, stop)
             return {"step": self.step, "complete": True}
+        if any_rank(self.stop.requested, self.dist.device):  # stopped while starting: nothing new to save
+            return self._preempted(saved=False)
         self.loader = make_loader(self.cfg.data.loader, self._loader_spec(), loader_state)
-        self.monitor = RunMonitor(self.cfg, self.run_dir, self.dist.is_main, self.step, stop,
-                                  self.derived.steps_per_epoch, self.task.name)  # fmt: skip
-        self.timer = PhaseTimer(self.dist.device)
-        self.task.timer = self.timer
-        self.meter = MetricMeter()
-        self.sync_check = self.cfg.log.sync_debug and self.dist.device.type == "cuda"
-        self.sync_count, self.sync_examples = 0, []
-        self._nan_loss_pending = set(self.cfg.debug.nan_loss_steps)
-        self._nan_grad_pending = set(self.cfg.debug.nan_grad_steps)
-        self.signals = StopSignals(self.guard) if self.cfg.checkpoint.on_signal else None
+        self.monitor = RunMonitor(
+            self.cfg, self.run_dir, self.dist.is_main, self.step, stop, self.plan.steps_per_epoch, self.task.name
+        )
         f = self.cfg.fault
-        self.watchdog = Watchdog(self.run_dir, self.dist.rank, self.dist.world_size, f.stall_factor, f.stall_min_s,
-                                 f.stall_exit_s, f.heartbeat_s)  # fmt: skip
+        self.watchdog = Watchdog(
+            self.run_dir,
+            self.dist.rank,
+            self.dist.world_size,
+            f.stall_factor,
+            f.stall_min_s,
+            f.stall_exit_s,
+            f.heartbeat_s,
+        )
         self.engine.train()
-        log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.derived.total_steps)
+        log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.plan.total_steps)
         try:
-            outcome = self._loop(stop)
-            if outcome == "preempted":
+            if self._loop(stop) == "preempted":
                 result = {"step": self.step, "complete": False, "preempted": True}
             else:
-                if self.dist.is_main:
-                    (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
-                    if self.cfg.log.reconstructions:
-                        self._save_figure(self.run_dir / "reconstructions.png")
-                result = self.task.finish(self.engine, {"step": self.step, "epoch": self.loader.epoch,
-                                                        "complete": self.step >= stop})  # fmt: skip
-                result.pop("epoch", None)  # (the loader's count stops short of a final epoch end)
-                if "eval" in result:
-                    self.monitor.record_eval({"step": self.step, "epoch": self.loader.epoch, "final": True,
-                                              **result.pop("eval")})  # fmt: skip
+                result = self._finish(stop)
         finally:
             self.monitor.close()
             self.watchdog.close()
-            if self.signals is not None:
-                self.signals.restore()
         if self.dist.is_main:
             log.info("summary\n%s", self.monitor.summary(result))
         return result
+
+    def _finish(self, stop: int) -> dict:
+        if self.dist.is_main:
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+            if self.cfg.log.reconstructions:
+                self._save_figure(self.run_dir / "reconstructions.png")
+        result = self.task.finish(
+            self.engine, {"step": self.step, "epoch": self.loader.epoch, "complete": self.step >= stop}
+        )
+        result.pop("epoch", None)  # (the loader's count stops short of a final epoch end)
+        if "eval" in result:
+            self.monitor.record_eval(
+                {"step": self.step, "epoch": self.loader.epoch, "final": True, **result.pop("eval")}
+            )
+        return result
+
+    def _preempted(self, saved: bool) -> dict:
+        if self.dist.is_main:
+            (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
+        what = "checkpoint saved" if saved else "nothing new to save"
+        log.warning("stopped by a signal at step %d; %s; exiting 0", self.step, what)
+        return {"step": self.step, "complete": False, "preempted": True}
 
     def _loop(self, stop: int) -> str:
         last_save = self.step
@@ -403,7 +448,7 @@ class Trainer:
             for batch in self.loader:
                 self.timer.add_host("data_wait", time.perf_counter() - fetch)
                 micro = self.loader.position  # 1-based index of this micro-batch in the epoch
-                boundary = micro % self.derived.grad_accum == 0
+                boundary = micro % self.plan.grad_accum == 0
                 logs = boundary and ((self.step + 1) % self.cfg.log.interval == 0 or self.step + 1 == stop)
                 if self.sync_check and not logs:
                     self._train_step_counting_syncs(batch)
@@ -413,10 +458,9 @@ class Trainer:
                 if boundary:
                     self.step += 1
                     window_steps += 1
+                    self.faults.step_done(self.step)
                     self.watchdog.beat(self.step)
                     self.monitor.step(self.step)
-                    if self.cfg.debug.step_sleep_s:
-                        time.sleep(self.cfg.debug.step_sleep_s)
                     if logs:
                         self._log(lr, time.perf_counter() - window_start, window_steps)
                         window_start, window_steps = time.perf_counter(), 0
@@ -424,9 +468,7 @@ class Trainer:
                     if action == "preempt":
                         if last_save != self.step:
                             self.save()
-                        if self.dist.is_main:
-                            (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
-                        log.warning("stopped by a signal at step %d; checkpoint saved; exiting 0", self.step)
+                        self._preempted(saved=True)
                         return "preempted"
                     every = self.cfg.log.figure_interval
                     if every and self.step % every == 0 and self.dist.is_main:
@@ -463,8 +505,12 @@ class Trainer:
         if flags is None or flags.step <= self.stale_flags_through:
             return None  # (steps already answered by a rollback; a stop request is repeated by later steps)
         if flags.bad:
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d skipped so far, %d in a row)",
-                        flags.step, flags.skipped_total, flags.consecutive_bad)  # fmt: skip
+            log.warning(
+                "step %d: non-finite loss or gradient; update skipped (%d skipped so far, %d in a row)",
+                flags.step,
+                flags.skipped_total,
+                flags.consecutive_bad,
+            )
         if flags.consecutive_bad >= self.cfg.fault.max_bad_steps:
             self._rollback(flags.consecutive_bad)
             return "rolled_back"
@@ -481,8 +527,10 @@ class Trainer:
                 f"{bad} consecutive non-finite steps at step {self.step} and no checkpoint to roll back to"
             )
         if ckpt.read_marker(path)["world_size"] != self.dist.world_size:
-            raise NonFiniteError(f"{bad} consecutive non-finite steps; the newest checkpoint {path} is from another "
-                                 "world size and cannot be rolled back to in this process")  # fmt: skip
+            raise NonFiniteError(
+                f"{bad} consecutive non-finite steps; the newest checkpoint {path} is from another world size and "
+                "cannot be rolled back to in this process"
+            )
         if self.rollbacks >= self.cfg.fault.max_rollbacks:
             raise NonFiniteError(
                 f"{bad} consecutive non-finite steps at step {self.step} after {self.rollbacks} rollbacks "
@@ -495,8 +543,13 @@ class Trainer:
         # Flags of the steps run since the ones that triggered this (the lag) still count the bad
         # streak from before: acting on them would roll back again at once.
         self.stale_flags_through = self.guard.steps
-        log.warning("rolled back to %s after %d consecutive non-finite steps (rollback %d); data continues past "
-                    "the offending batches", path, bad, self.rollbacks)  # fmt: skip
+        log.warning(
+            "rolled back to %s after %d consecutive non-finite steps (rollback %d); data continues past the "
+            "offending batches",
+            path,
+            bad,
+            self.rollbacks,
+        )
         self.step = client["train"]["step"]
         self.meter = MetricMeter()  # the skipped steps' NaN losses are not part of any average
 
@@ -516,10 +569,10 @@ class Trainer:
         rate = steps * self.cfg.data.global_batch / seconds
         share = {k: v / seconds for k, v in phases.items()}  # fraction of wall time per phase
         flags = self.guard.latest()
-        per_image = self.flops.per_image if self.flops is not None else 0.0
+        per_image = self.plan.flops.per_image
         rec = {
             "step": self.step,
-            "epoch": self.step / self.derived.steps_per_epoch,
+            "epoch": self.step / self.plan.steps_per_epoch,
             "lr": lr,
             "loss": loss,
             **dict(zip(self.task.metric_names, parts)),
@@ -540,6 +593,14 @@ class Trainer:
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         log.info(
             "step %d/%d ep %.2f lr %.3g loss %.4f%s %.1f img/s%s data %.0f%% teacher %.0f%%",
-            self.step, self.derived.stop_step, rec["epoch"], lr, loss, f" [{part_txt}]" if part_txt else "", rate, mfu,
-            100 * share.get("data_wait", 0.0), 100 * share.get("teacher", 0.0),
-        )  # fmt: skip
+            self.step,
+            self.plan.stop_step,
+            rec["epoch"],
+            lr,
+            loss,
+            f" [{part_txt}]" if part_txt else "",
+            rate,
+            mfu,
+            100 * share.get("data_wait", 0.0),
+            100 * share.get("teacher", 0.0),
+        )

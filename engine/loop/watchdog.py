@@ -31,14 +31,17 @@ import time
 from collections import deque
 from pathlib import Path
 
+from engine.errors import StalledError
+
 log = logging.getLogger(__name__)
 
-EXIT_STALLED = 4
+EXIT_STALLED = StalledError.exit_code
 
 
 class Watchdog:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, factor: float, min_s: float, exit_s: float,
-                 poll_s: float = 2.0):  # fmt: skip
+    def __init__(
+        self, run_dir: Path, rank: int, world_size: int, factor: float, min_s: float, exit_s: float, poll_s: float = 2.0
+    ):
         self.dir = Path(run_dir) / "heartbeat"
         self.rank, self.world = rank, world_size
         self.factor, self.min_s, self.exit_s, self.poll_s = factor, min_s, exit_s, poll_s
@@ -88,8 +91,15 @@ class Watchdog:
                 log.debug("watchdog: %s", err)
 
     def _write_heartbeat(self) -> None:
-        info = {"rank": self.rank, "step": self.step, "wall": time.time(), "since_step_s": time.monotonic() - self.last,
-                "paused": self.paused, "pid": os.getpid(), "host": socket.gethostname()}  # fmt: skip
+        info = {
+            "rank": self.rank,
+            "step": self.step,
+            "wall": time.time(),
+            "since_step_s": time.monotonic() - self.last,
+            "paused": self.paused,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
         path = self.dir / f"rank{self.rank}.json"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(info))
@@ -112,12 +122,25 @@ class Watchdog:
             waited, where = now - self.last, f"for step {self.step + 1}"
             if waited > limit and now - self.warned_at > max(limit, 30.0):
                 self.warned_at = now
-                log.error("watchdog: rank %d has waited %.0f s %s (median step %.2f s): %s", self.rank, waited, where,
-                          statistics.median(self.durations), self.others())  # fmt: skip
+                log.error(
+                    "watchdog: rank %d has waited %.0f s %s (median step %.2f s): %s",
+                    self.rank,
+                    waited,
+                    where,
+                    statistics.median(self.durations),
+                    self.others(),
+                )
         if self.exit_s and waited > max(self.exit_s, limit or 0.0):
-            log.error("watchdog: rank %d has waited %.0f s %s (fault.stall_exit_s=%.0f): %s; exiting with code %d so "
-                      "the job ends (the newest complete checkpoint is untouched)", self.rank, waited, where,
-                      self.exit_s, self.others(), EXIT_STALLED)  # fmt: skip
+            log.error(
+                "watchdog: rank %d has waited %.0f s %s (fault.stall_exit_s=%.0f): %s; exiting with code %d so "
+                "the job ends (the newest complete checkpoint is untouched)",
+                self.rank,
+                waited,
+                where,
+                self.exit_s,
+                self.others(),
+                EXIT_STALLED,
+            )
             for h in logging.getLogger().handlers:
                 h.flush()
             sys.stderr.flush()
@@ -137,8 +160,10 @@ class Watchdog:
                 continue
             silent = now - hb["wall"]
             if silent > 2 * self.poll_s + 1:
-                notes.append(f"rank {r} (pid {hb['pid']} on {hb['host']}) is silent for {silent:.0f} s at step "
-                             f"{hb['step']}: stopped, hung or gone")  # fmt: skip
+                notes.append(
+                    f"rank {r} (pid {hb['pid']} on {hb['host']}) is silent for {silent:.0f} s at step "
+                    f"{hb['step']}: stopped, hung or gone"
+                )
             elif hb["step"] < self.step:
                 notes.append(f"rank {r} is behind, at step {hb['step']}")
         return "; ".join(notes) or "every other rank is alive at this step (a slow collective or file system?)"

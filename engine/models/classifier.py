@@ -10,25 +10,28 @@ frozen encoder. Loading names every key it drops or adds; any other mismatch is 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from engine.config import Config, ConfigError
+from engine.errors import ConfigError
 from engine.models.registry import get_variant
+
+if TYPE_CHECKING:
+    from engine.config import Config, RunPlan
 
 log = logging.getLogger(__name__)
 
 NEW_KEYS = ("fc_norm.", "head.")  # keys a pretrained encoder never has
 
 
-def timm_args(cfg: Config, num_classes: int) -> tuple[str, dict]:
+def timm_args(cfg: Config, plan: RunPlan, num_classes: int) -> tuple[str, dict]:
     """timm model name and keyword arguments of the classifier (what export.json records)."""
-    spec = get_variant(cfg.model.arch)
+    spec = get_variant(plan.arch)
     kwargs = dict(spec.timm_kwargs)
-    size = cfg.model.img_size or spec.img_size
-    if size != spec.img_size:
-        kwargs["img_size"] = size
+    if plan.img_size != spec.img_size:
+        kwargs["img_size"] = plan.img_size
     kwargs.update(num_classes=num_classes, global_pool=cfg.finetune.global_pool)
     return spec.timm_name, kwargs
 
@@ -52,11 +55,11 @@ class ProbeHead(nn.Sequential):
         return w, fc.bias.float() - w @ bn.running_mean.float()
 
 
-def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
+def build_classifier(cfg: Config, plan: RunPlan, num_classes: int) -> nn.Module:
     import timm
 
     f = cfg.finetune
-    name, kwargs = timm_args(cfg, num_classes)
+    name, kwargs = timm_args(cfg, plan, num_classes)
     model = timm.create_model(name, pretrained=False, drop_path_rate=f.drop_path, **kwargs)
     head = model.head
     nn.init.trunc_normal_(head.weight, std=f.head_init_std)
@@ -88,8 +91,11 @@ def load_encoder(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
         )
     new = sorted(k for k in ours if k not in state)
     dropped = sorted(k for k in state if k not in ours)
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(ours[k].shape)}" for k in state
-             if k in ours and state[k].shape != ours[k].shape]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(ours[k].shape)}"
+        for k in state
+        if k in ours and state[k].shape != ours[k].shape
+    ]
     bad_new = [k for k in new if not k.startswith(NEW_KEYS)]
     bad_dropped = [k for k in dropped if not k.startswith("norm.")]
     if bad_new or bad_dropped or wrong:

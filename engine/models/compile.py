@@ -69,8 +69,9 @@ def probe(step: Callable[[], torch.Tensor], inputs: torch.Tensor) -> None:
     torch.autograd.grad(loss, [inputs], allow_unused=True)
 
 
-def try_compile(modules: list[nn.Module], backend: str, mode: str, step: Callable[[], torch.Tensor],
-                inputs: torch.Tensor) -> tuple[bool, str]:  # fmt: skip
+def try_compile(
+    modules: list[nn.Module], backend: str, mode: str, step: Callable[[], torch.Tensor], inputs: torch.Tensor
+) -> tuple[bool, str]:
     """Compile, probe, and fall back to eager on any failure. Returns (compiled, reason)."""
     try:
         n = compile_blocks(modules, backend, mode)

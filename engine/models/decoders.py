@@ -95,8 +95,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         return flex_attention(q, k, v)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]  # fmt: skip
+    kernel = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend]
     with sdpa_kernel([kernel]):
         return F.scaled_dot_product_attention(q, k, v)
 
@@ -214,8 +218,10 @@ class DecoderStack(nn.Module):
 
     def set_attention(self, backend: str, qkv_layout: str) -> None:
         if backend not in ATTENTION_BACKENDS or qkv_layout not in QKV_LAYOUTS:
-            raise ValueError(f"decoder attention {backend!r} / qkv layout {qkv_layout!r}: allowed values are "
-                             f"{list(ATTENTION_BACKENDS)} / {list(QKV_LAYOUTS)}")  # fmt: skip
+            raise ValueError(
+                f"decoder attention {backend!r} / qkv layout {qkv_layout!r}: allowed values are "
+                f"{list(ATTENTION_BACKENDS)} / {list(QKV_LAYOUTS)}"
+            )
         for blk in self.blocks:
             blk.attention_backend, blk.qkv_layout = backend, qkv_layout
 

@@ -1,4 +1,4 @@
-"""Model FLOPs per trained image, counted the way ../shared/design/performance.md prescribes.
+"""Model FLOPs per trained image, counted as docs/performance.md describes.
 
 1 MAC = 2 FLOPs. A transformer block on N tokens of width D (MLP ratio 4) costs
 ``12*N*D^2 + 2*N^2*D`` MACs. The encoder runs the patch embedding on all patches and its blocks on
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.models.mim import num_kept
-
 # Dense bf16 peak per device (TFLOP/s), for MFU. Matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
     "H200": 989.4,
@@ -24,6 +22,11 @@ PEAK_BF16_TFLOPS = {
     "A10": 125.0,
     "V100": 125.0,  # fp16 tensor cores (no bf16)
 }
+
+
+def num_kept(num_patches: int, ratio: float) -> int:
+    """Visible patches per image under MAE masking (the rest are masked)."""
+    return int(num_patches * (1 - ratio))
 
 
 def block_macs(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:

@@ -39,6 +39,10 @@ def convert_encoder_to_fp8(model: nn.Module, emulate: bool | None = None) -> int
     from torchao.float8.float8_linear import Float8Linear
 
     converted = sum(isinstance(m, Float8Linear) for m in model.modules())
-    log.info("fp8: %d of %d linear layers of the encoder's blocks train in FP8%s", converted, before,
-             " (emulated: no FP8 GEMMs on this device)" if emulate else "")  # fmt: skip
+    log.info(
+        "fp8: %d of %d linear layers of the encoder's blocks train in FP8%s",
+        converted,
+        before,
+        " (emulated: no FP8 GEMMs on this device)" if emulate else "",
+    )
     return converted

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from timm.layers import PatchEmbed
@@ -23,10 +24,14 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.config import Config, ConfigError
+from engine.errors import ConfigError
 from engine.models.decoders import DecoderStack
+from engine.models.flops import num_kept
+from engine.models.losses import LOSSES
 from engine.models.registry import VariantSpec, get_variant
-from engine.targets.losses import LOSSES
+
+if TYPE_CHECKING:
+    from engine.config import Config, RunPlan
 
 # ----------------------------------------------------------------------------------------------
 # Small pure functions
@@ -64,10 +69,6 @@ class MaskState:
     ids_keep: torch.Tensor
     ids_restore: torch.Tensor
     mask: torch.Tensor
-
-
-def num_kept(num_patches: int, ratio: float) -> int:
-    return int(num_patches * (1 - ratio))
 
 
 def random_masking(
@@ -202,25 +203,6 @@ def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
 # Full model
 
 
-def resolve_taps(cfg: Config, spec: VariantSpec) -> list[int]:
-    taps = list(cfg.model.taps) if cfg.model.taps else list(spec.default_taps)
-    if sorted(set(taps)) != taps:
-        raise ConfigError(f"model.taps={taps}: must be strictly increasing block numbers")
-    if taps[0] < 1 or taps[-1] != spec.depth:
-        raise ConfigError(
-            f"model.taps={taps}: blocks are 1-indexed and the last tap must be the final block "
-            f"({spec.depth} for {spec.name})"
-        )
-    return taps
-
-
-def resolve_img_size(cfg: Config, spec: VariantSpec) -> int:
-    size = cfg.model.img_size or spec.img_size
-    if size % spec.patch_size:
-        raise ConfigError(f"model.img_size={size}: must be a multiple of the patch size {spec.patch_size}")
-    return size
-
-
 class DeepMIM(nn.Module):
     """Encoder with taps + one independent decoder per tap (stacked, see ``DecoderStack``)."""
 
@@ -287,16 +269,16 @@ class DeepMIM(nn.Module):
         return (taps * self.tap_weights).sum(), taps, preds
 
 
-def build_model(cfg: Config, feature_dim: int | None = None) -> DeepMIM:
-    spec = get_variant(cfg.model.arch)
+def build_model(cfg: Config, plan: RunPlan) -> DeepMIM:
+    """The pretraining model of a run: shapes from the plan, options from the config."""
     return DeepMIM(
-        spec=spec,
-        img_size=resolve_img_size(cfg, spec),
-        taps=resolve_taps(cfg, spec),
+        spec=get_variant(plan.arch),
+        img_size=plan.img_size,
+        taps=list(plan.taps),
         decoder_dim=cfg.model.decoder_dim,
         decoder_depth=cfg.model.decoder_depth,
         decoder_heads=cfg.model.decoder_heads,
-        pred_dim=feature_dim if feature_dim is not None else 3 * spec.patch_size**2,
+        pred_dim=plan.pred_dim,
         loss_kind="cosine" if cfg.target.kind == "clip" else "mse",
         tap_weights=list(cfg.target.weights) or None,
         fused=cfg.model.fused_decoders,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,16 @@ TB_TAGS = {
 
 
 class RunMonitor:
-    def __init__(self, cfg, run_dir: Path, is_main: bool, start_step: int, stop_step: int, steps_per_epoch: int,
-                 desc: str = "train"):  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        run_dir: Path,
+        is_main: bool,
+        start_step: int,
+        stop_step: int,
+        steps_per_epoch: int,
+        desc: str = "train",
+    ):
         self.cfg, self.run_dir, self.is_main = cfg, run_dir, is_main
         self.start_step, self.stop_step, self.steps_per_epoch = start_step, stop_step, steps_per_epoch
         self.t0 = time.time()
@@ -52,8 +60,16 @@ class RunMonitor:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             # in a log file (progress=on), a line every 30 s instead of a redraw per step
-            self.bar = tqdm(total=stop_step, initial=start_step, unit="step", desc=desc, dynamic_ncols=True,
-                            file=sys.stderr, smoothing=0.05, mininterval=0.1 if tty else 30.0)  # fmt: skip
+            self.bar = tqdm(
+                total=stop_step,
+                initial=start_step,
+                unit="step",
+                desc=desc,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.05,
+                mininterval=0.1 if tty else 30.0,
+            )
             # log lines are printed above the bar instead of being glued to it
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
@@ -122,8 +138,10 @@ class RunMonitor:
                 f"block {k[len('loss_tap') :]} {v:.4f}" for k, v in rec.items() if k.startswith("loss_tap")
             )
             lines.append(f"  last loss {rec['loss']:.4f}" + (f" ({parts})" if parts else ""))
-            lines.append(f"  skipped updates {rec.get('skipped_updates', 0)}, rollbacks {rec.get('rollbacks', 0)}, "
-                         f"unreadable samples skipped {rec.get('bad_samples', 0)}")  # fmt: skip
+            lines.append(
+                f"  skipped updates {rec.get('skipped_updates', 0)}, rollbacks {rec.get('rollbacks', 0)}, "
+                f"unreadable samples skipped {rec.get('bad_samples', 0)}"
+            )
         if result.get("top1") is not None:
             best = result["best_epoch"]
             lines.append(

@@ -4,7 +4,7 @@
 registers them.
 """
 
-from engine.presets import finetune, pretrain  # noqa: F401  (register their presets)
+from engine.presets import finetune_recipes, pretrain_recipes  # noqa: F401  (register their presets)
 from engine.presets.registry import get_preset, list_presets, preset
 
 __all__ = ["get_preset", "list_presets", "preset"]

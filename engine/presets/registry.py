@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine.config import Config, ConfigError
+from engine.config import Config
+from engine.errors import ConfigError
 
 _PRESETS: dict[str, Callable[[], Config]] = {}
 

@@ -6,9 +6,15 @@ trained against: [1, N, L, P] when every decoder shares it, [T, N, L, P] when ea
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from engine.errors import TeacherError
 from engine.models.mim import MaskState, patchify
+
+if TYPE_CHECKING:
+    from engine.config import Config, RunPlan
 
 
 def normalized_pixel_target(imgs: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
@@ -65,8 +71,15 @@ class MixedTarget:
 
     kind = "mixed"
 
-    def __init__(self, generator: torch.nn.Module, generator_norm_pix: bool, alphas: list[float], patch_size: int,
-                 norm_pix: bool, mix_space: str):  # fmt: skip
+    def __init__(
+        self,
+        generator: torch.nn.Module,
+        generator_norm_pix: bool,
+        alphas: list[float],
+        patch_size: int,
+        norm_pix: bool,
+        mix_space: str,
+    ):
         self.module = generator
         self.generator_norm_pix = generator_norm_pix
         self.alphas = torch.tensor(alphas, dtype=torch.float32).view(-1, 1, 1, 1)
@@ -113,8 +126,9 @@ class ClipTarget:
         return self.module(imgs.to(dtype))[None]  # [1, N, L, C]
 
 
-def build_target(cfg, spec, img_size: int, num_taps: int, generator: str | None = None):
-    """The configured target, the decoders' prediction width, and a reference for checkpoints.
+def build_target(cfg: Config, plan: RunPlan, generator: str | None = None):
+    """The configured target, a reference for checkpoints, and the teacher's shape as read from
+    its weights (None for pixels).
 
     Teachers are loaded on the CPU in float32 here; the trainer moves them to the device and
     the engine's dtype. All teacher problems surface now, before any training. ``generator``
@@ -122,25 +136,35 @@ def build_target(cfg, spec, img_size: int, num_taps: int, generator: str | None 
     """
     from pathlib import Path
 
-    from engine.targets.teachers import TeacherError, file_sha256, load_clip_teacher, load_generator
+    from engine.config import TeacherShape
+    from engine.targets.teachers import file_sha256, load_clip_teacher, load_generator
 
     t = cfg.target
-    p = spec.patch_size
+    p = plan.patch_size
+    num_taps = len(plan.taps)
     if t.kind == "pixel":
-        return PixelTarget(p, t.norm_pix), 3 * p * p, {"kind": "pixel"}
+        return PixelTarget(p, t.norm_pix), {"kind": "pixel"}, None
     if t.kind == "clip":
-        teacher = load_clip_teacher(t.teacher, grid=img_size // p)
+        teacher = load_clip_teacher(t.teacher, grid=plan.grid)
         if t.feature_dim and t.feature_dim != teacher.out_dim:
             raise TeacherError(
                 f"target.feature_dim={t.feature_dim} but the CLIP weights {t.teacher} produce {teacher.out_dim}-d "
                 "features; the decoders must predict the teacher's width"
             )
         a = teacher.arch
-        ref = {"kind": "clip", "path": str(Path(t.teacher).resolve()), "sha256": file_sha256(t.teacher),
-               "width": a.width, "layers": a.layers, "patch": a.patch, "out_dim": a.out_dim,
-               "img_size": teacher.grid * a.patch}  # fmt: skip
-        return ClipTarget(teacher), teacher.out_dim, ref
-    gen = load_generator(generator or t.generator, img_size)
+        size = teacher.grid * a.patch
+        ref = {
+            "kind": "clip",
+            "path": str(Path(t.teacher).resolve()),
+            "sha256": file_sha256(t.teacher),
+            "width": a.width,
+            "layers": a.layers,
+            "patch": a.patch,
+            "out_dim": a.out_dim,
+            "img_size": size,
+        }
+        return ClipTarget(teacher), ref, TeacherShape("clip", a.width, a.layers, a.patch, a.out_dim, size)
+    gen = load_generator(generator or t.generator, plan.img_size)
     if gen.model.patch_size != p:
         raise TeacherError(f"generator {gen.source}: patch size {gen.model.patch_size} differs from the student's {p}")
     if t.generator_norm_pix == "auto":
@@ -160,6 +184,23 @@ def build_target(cfg, spec, img_size: int, num_taps: int, generator: str | None 
     alphas = list(t.mix_alphas) or progressive_alphas(num_taps)
     if len(alphas) != num_taps:
         raise TeacherError(f"target.mix_alphas has {len(alphas)} values for {num_taps} taps")
-    ref = {"kind": "mixed", "path": str(Path(gen.source).resolve()), "sha256": file_sha256(gen.source),
-           "generator_norm_pix": gen_norm, "alphas": alphas, "mix_space": t.mix_space}  # fmt: skip
-    return MixedTarget(gen.model, gen_norm, alphas, p, t.norm_pix, t.mix_space), 3 * p * p, ref
+    ref = {
+        "kind": "mixed",
+        "path": str(Path(gen.source).resolve()),
+        "sha256": file_sha256(gen.source),
+        "generator_norm_pix": gen_norm,
+        "alphas": alphas,
+        "mix_space": t.mix_space,
+    }
+    m = gen.model
+    shape = TeacherShape(
+        "mixed",
+        m.spec.dim,
+        m.spec.depth,
+        p,
+        3 * p * p,
+        plan.img_size,
+        m.decoders.embed.weight.shape[1],
+        len(m.decoders.blocks),
+    )
+    return MixedTarget(m, gen_norm, alphas, p, t.norm_pix, t.mix_space), ref, shape

@@ -27,19 +27,18 @@ import torch
 from torch import nn
 
 from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
+from engine.errors import TeacherError, UnsafeFileError
 from engine.loop.checkpoint import newest_complete
 from engine.models.mim import DeepMIM
 from engine.models.registry import VariantSpec, get_variant, list_variants
-from engine.serialization import UnsafeFileError, is_torchscript_archive, read_torchscript_tensors, safe_load
+from engine.serialization import is_torchscript_archive, read_torchscript_tensors, safe_load
+
+__all__ = ["TeacherError", "file_sha256", "load_clip_teacher", "load_generator", "snapshot_generator"]
 
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class TeacherError(ValueError):
-    """Teacher weights are missing, malformed, or do not fit the student."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -233,8 +232,11 @@ def strict_load(model: nn.Module, sd: dict, what: str) -> None:
     ours = model.state_dict()
     missing = sorted(set(ours) - set(sd))
     unexpected = sorted(set(sd) - set(ours))
-    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(ours[k].shape)}" for k in sorted(set(ours) & set(sd))
-             if ours[k].shape != sd[k].shape]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} != {tuple(ours[k].shape)}"
+        for k in sorted(set(ours) & set(sd))
+        if ours[k].shape != sd[k].shape
+    ]
     if missing or unexpected or wrong:
         raise TeacherError(
             f"{what} do not fit the architecture: missing {missing[:6]}, unexpected {unexpected[:6]}, "
@@ -310,8 +312,13 @@ def snapshot_generator(source: str | Path, dest: Path) -> dict | None:
     info = {"given": str(src.resolve()), "checkpoint": str(own.parent.resolve()), "step": step}
     total = _planned_steps(src if (src / "checkpoints").is_dir() else own.parent.parent.parent)
     if total is not None and step is not None and step < total:
-        log.warning("generator %s is at step %d of its %d planned steps (not complete); this run uses that "
-                    "checkpoint from now on", src, step, total)  # fmt: skip
+        log.warning(
+            "generator %s is at step %d of its %d planned steps (not complete); this run uses that "
+            "checkpoint from now on",
+            src,
+            step,
+            total,
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     torch.save({"module": state["module"], "config": state["config"], "snapshot": info}, tmp)
@@ -322,25 +329,24 @@ def snapshot_generator(source: str | Path, dest: Path) -> dict | None:
 
 def _planned_steps(run_dir: Path) -> int | None:
     try:
-        return int(json.loads((run_dir / "config.json").read_text())["derived"]["stop_step"])
+        return int(json.loads((run_dir / "config.json").read_text())["plan"]["stop_step"])
     except (OSError, KeyError, ValueError, TypeError):
         return None
 
 
 def _load_own_generator(state: dict, file: Path, img_size: int) -> Generator:
-    from engine.config import from_dict
+    from engine.config import from_dict, plan_run
 
     cfg = from_dict(state["config"])
     if cfg.target.kind != "pixel":
         raise TeacherError(
             f"generator {file}: trained with target.kind={cfg.target.kind!r}; a pixel-target run is needed"
         )
-    spec = get_variant(cfg.model.arch)
-    size = cfg.model.img_size or spec.img_size
+    plan = plan_run(cfg)
+    spec, size = get_variant(plan.arch), plan.img_size
     if size != img_size:
         raise TeacherError(f"generator {file}: image size {size} differs from the student's {img_size}")
-    taps = list(cfg.model.taps) or list(spec.default_taps)
-    final = len(taps) - 1
+    final = len(plan.taps) - 1
     model = _generator_model(spec, size, cfg.model.decoder_dim, cfg.model.decoder_depth, cfg.model.decoder_heads)
     sd = {}
     for k, v in state["module"].items():

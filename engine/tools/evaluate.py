@@ -30,13 +30,18 @@ if TYPE_CHECKING:  # the heavy imports happen inside the functions: --help answe
 log = logging.getLogger("engine.tools.evaluate")
 
 
-def load_encoder(run: str | None = None, step: int | None = None, export: str | None = None,
-                 random_arch: str | None = None, img_size: int = 0) -> tuple[MaskedViTEncoder, Config]:  # fmt: skip
+def load_encoder(
+    run: str | None = None,
+    step: int | None = None,
+    export: str | None = None,
+    random_arch: str | None = None,
+    img_size: int = 0,
+) -> tuple[MaskedViTEncoder, Config]:
     """Our encoder with weights from a run (consolidated fp32), an export folder, or random init."""
     import torch
 
-    from engine.config import Config
-    from engine.models.mim import MaskedViTEncoder, resolve_img_size
+    from engine.config import Config, plan_run
+    from engine.models.mim import MaskedViTEncoder
     from engine.models.registry import get_variant
 
     state = None
@@ -50,9 +55,9 @@ def load_encoder(run: str | None = None, step: int | None = None, export: str | 
         cfg.model.arch = random_arch
         cfg.model.img_size = img_size
         state = None
-    spec = get_variant(cfg.model.arch)
+    plan = plan_run(cfg)
     torch.manual_seed(0)
-    enc = MaskedViTEncoder(spec, resolve_img_size(cfg, spec))
+    enc = MaskedViTEncoder(get_variant(plan.arch), plan.img_size)
     if state is not None:
         enc.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return enc.eval(), cfg
@@ -119,8 +124,10 @@ def overlap_warning(train_shards: str, val_shards: str) -> str | None:
 
     a, b = Path(train_shards).resolve(), Path(val_shards).resolve()
     if a == b:
-        return (f"the validation shards are the training shards ({a}): the accuracies measure memorization, "
-                "not generalization; use a held-out split (make_shards of another folder)")  # fmt: skip
+        return (
+            f"the validation shards are the training shards ({a}): the accuracies measure memorization, "
+            "not generalization; use a held-out split (make_shards of another folder)"
+        )
     ca = set(pq.read_table(a / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist())
     cb = pq.read_table(b / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist()
     shared = sum(1 for c in cb if c in ca)
@@ -167,14 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from engine.models.mim import resolve_img_size
-    from engine.models.registry import get_variant
+    from engine.config import plan_run
+    from engine.serialization import load_guard
 
     warning = overlap_warning(args.train_shards, args.val_shards)
     if warning:
         log.warning("%s", warning)
-    enc, cfg = load_encoder(args.run, args.step, args.export, args.random, args.img_size)
-    size = resolve_img_size(cfg, get_variant(cfg.model.arch))
+    with load_guard():
+        enc, cfg = load_encoder(args.run, args.step, args.export, args.random, args.img_size)
+    size = plan_run(cfg).img_size
     rows = evaluate(enc, size, args.train_shards, args.val_shards, args.knn_k)
     print(
         render(rows, f"{cfg.model.arch} ({args.run or args.export or 'random init'}), accuracy % on {args.val_shards}")

@@ -57,9 +57,8 @@ def split_encoder(state: dict) -> tuple[dict, list[str]]:
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> dict:
     from safetensors.torch import save_file
 
-    from engine.config import from_dict, to_dict
+    from engine.config import from_dict, plan_run, to_dict
     from engine.loop import checkpoint as ckpt
-    from engine.models.registry import get_variant
     from engine.targets.teachers import file_sha256
     from engine.weights import consolidated_state, find_checkpoint
 
@@ -68,14 +67,15 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     marker = ckpt.read_marker(path)
     cfg = from_dict(marker["config"])
     state = consolidated_state(path)
-    img = cfg.model.img_size or get_variant(cfg.model.arch).img_size
+    plan = plan_run(cfg)
+    img = plan.img_size
     if cfg.task == "pretrain":
         weights, dropped = split_encoder(state)
         name, kwargs = timm_target(cfg.model.arch, img)
         kwargs["num_classes"] = 0
         kind, file, note = "encoder", "encoder.safetensors", "decoders are pretraining heads; teachers are never saved"
     else:
-        weights, name, kwargs = _classifier(cfg, marker, state)
+        weights, name, kwargs = _classifier(cfg, plan, marker, state)
         dropped, kind, file = [], "classifier", "model.safetensors"
         note = "a linear probe's BatchNorm is folded into its head"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,19 +98,27 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
         "sha256": {file: file_sha256(out_dir / file)},
     }
     (out_dir / "export.json").write_text(json.dumps(meta, indent=2))
-    log.info("exported %d %s tensors (step %d) to %s%s; load with timm.create_model(%r, pretrained=False%s)",
-             len(weights), kind, marker["step"], out_dir / file, f"; dropped {len(dropped)} decoder tensors" if dropped
-             else "", name, "".join(f", {k}={v!r}" for k, v in kwargs.items()))  # fmt: skip
+    log.info(
+        "exported %d %s tensors (step %d) to %s%s; load with timm.create_model(%r, pretrained=False%s)",
+        len(weights),
+        kind,
+        marker["step"],
+        out_dir / file,
+        f"; dropped {len(dropped)} decoder tensors" if dropped else "",
+        name,
+        "".join(f", {k}={v!r}" for k, v in kwargs.items()),
+    )
     return meta
 
 
-def _classifier(cfg, marker: dict, state: dict) -> tuple[dict, str, dict]:
+def _classifier(cfg, plan, marker: dict, state: dict) -> tuple[dict, str, dict]:
+    from engine.errors import CheckpointError
     from engine.models.classifier import build_classifier, export_state
 
     ref = marker.get("classifier")
     if ref is None:
-        raise ValueError(f"{marker.get('step')}: a {cfg.task} checkpoint without its classifier record")
-    model = build_classifier(cfg, ref["num_classes"])
+        raise CheckpointError(f"{marker.get('step')}: a {cfg.task} checkpoint without its classifier record")
+    model = build_classifier(cfg, plan, ref["num_classes"])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return export_state(model.eval()), ref["timm_model"], dict(ref["timm_kwargs"])
 
@@ -141,15 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=int, help="export this step's checkpoint (default: the newest complete one)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from engine.loop.checkpoint import CheckpointError
-    from engine.serialization import UnsafeFileError
-    from engine.weights import WeightsError
+    from engine.errors import StackError
+    from engine.serialization import load_guard
 
     try:
-        export(args.run_dir, args.out_dir, args.step)
-    except (WeightsError, CheckpointError, UnsafeFileError, ValueError) as err:
-        log.error("%s", err)
-        return 1
+        with load_guard():
+            export(args.run_dir, args.out_dir, args.step)
+    except StackError as err:
+        print(f"export: {err.one_line()}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

@@ -41,14 +41,22 @@ def random_openai_clip(arch: ClipArch, seed: int = 0, with_text_tower: bool = Tr
     }
     for i in range(arch.layers):
         b = f"visual.transformer.resblocks.{i}."
-        sd.update({
-            b + "ln_1.weight": 1 + rnd(w), b + "ln_1.bias": rnd(w),
-            b + "attn.in_proj_weight": rnd(3 * w, w), b + "attn.in_proj_bias": rnd(3 * w),
-            b + "attn.out_proj.weight": rnd(w, w), b + "attn.out_proj.bias": rnd(w),
-            b + "ln_2.weight": 1 + rnd(w), b + "ln_2.bias": rnd(w),
-            b + "mlp.c_fc.weight": rnd(4 * w, w), b + "mlp.c_fc.bias": rnd(4 * w),
-            b + "mlp.c_proj.weight": rnd(w, 4 * w), b + "mlp.c_proj.bias": rnd(w),
-        })  # fmt: skip
+        sd.update(
+            {
+                b + "ln_1.weight": 1 + rnd(w),
+                b + "ln_1.bias": rnd(w),
+                b + "attn.in_proj_weight": rnd(3 * w, w),
+                b + "attn.in_proj_bias": rnd(3 * w),
+                b + "attn.out_proj.weight": rnd(w, w),
+                b + "attn.out_proj.bias": rnd(w),
+                b + "ln_2.weight": 1 + rnd(w),
+                b + "ln_2.bias": rnd(w),
+                b + "mlp.c_fc.weight": rnd(4 * w, w),
+                b + "mlp.c_fc.bias": rnd(4 * w),
+                b + "mlp.c_proj.weight": rnd(w, 4 * w),
+                b + "mlp.c_proj.bias": rnd(w),
+            }
+        )
     if with_text_tower:  # a full CLIP state dict also holds the text tower; the loader ignores it
         sd.update(
             {"token_embedding.weight": rnd(10, w), "logit_scale": torch.tensor(4.6), "text_projection": rnd(w, w)}
@@ -77,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--patch", type=int, default=8, help="patch size in pixels (default 8)")
     rc.add_argument("--grid", type=int, default=8, help="patches per side of the input (default 8: 64 px at patch 8)")
     rc.add_argument("--out-dim", type=int, default=32, help="output (projection) width (default 32; ViT-B/16: 512)")
-    rc.add_argument("--layout", choices=("openai", "timm"), default="openai",
-                    help="key layout: openai (clip.load(...).state_dict()) or timm (default openai)")  # fmt: skip
+    rc.add_argument(
+        "--layout",
+        choices=("openai", "timm"),
+        default="openai",
+        help="key layout: openai (clip.load(...).state_dict()) or timm (default openai)",
+    )
     rc.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
     args = ap.parse_args(argv)
     import torch

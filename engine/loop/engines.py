@@ -1,0 +1,113 @@
+"""What the loop needs from an engine, and the two engines that provide it.
+
+The loop calls an engine's forward (``engine(*inputs)``), ``backward``, ``step``,
+``is_gradient_accumulation_boundary``, ``train``/``eval``, ``save_checkpoint`` and
+``load_checkpoint``, and reaches its optimizer through ``engine.loop.zero_adapter``.
+
+* ``deepspeed_engine``: DeepSpeed ZeRO-2 in bf16, what every run uses.
+* ``local_engine``: a single-process engine in plain PyTorch with the same calls and the same
+  accumulation rule. It is what the in-process test tier builds the real ``Trainer`` on (save
+  cadence, rollback, preemption and resume decisions without launching processes), and a way to
+  step through the loop in a debugger. It trains in float32 and refuses more than one rank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.errors import CheckpointError, ConfigError
+
+EngineFactory = Callable[[nn.Module, torch.optim.Optimizer, dict], tuple[Any, torch.dtype]]
+
+
+def model_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
+
+
+def deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> tuple[Any, torch.dtype]:
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine, model_dtype(ds_config)
+
+
+class LocalEngine:
+    """DeepSpeed's engine calls on one process: forward, backward scaled by the accumulation,
+    an optimizer step every ``gradient_accumulation_steps`` micro-steps, and checkpoints as one
+    ``local_states.pt`` per tag (module, optimizer, client state)."""
+
+    FILE = "local_states.pt"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError("the local engine runs one process; use DeepSpeed for more ranks")
+        self.module, self.optimizer = module, optimizer
+        self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
+        self.micro_steps = 0
+        self.global_steps = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_steps += 1
+        self.micro_steps += 1
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "global_steps": self.global_steps,
+            "micro_steps": self.micro_steps,
+            "client_state": client_state,
+        }
+        torch.save(state, path / self.FILE)
+        if save_latest:
+            (Path(save_dir) / "latest").write_text(tag)
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> tuple[str, dict]:
+        path = Path(load_dir) / tag / self.FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not a local-engine checkpoint")
+        from engine.serialization import safe_load
+
+        state = safe_load(path)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
+        return str(path.parent), state["client_state"]
+
+    def __repr__(self) -> str:
+        return json.dumps({"engine": "local", "grad_accum": self.grad_accum, "global_steps": self.global_steps})
+
+
+def local_engine(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> tuple[Any, torch.dtype]:
+    return LocalEngine(module, optimizer, ds_config), torch.float32

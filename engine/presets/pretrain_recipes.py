@@ -1,0 +1,103 @@
+"""Named presets: plain functions that return a ``Config``.
+
+The ViT presets follow the paper's recipe (global batch 4096, 1600 epochs, base lr 1.5e-4 scaled
+by batch/256, 40 warm-up epochs, AdamW (0.9, 0.95), weight decay 0.05, mask ratio 0.75). DeepMIM
+presets use four 4-block x 512 decoders at the variant's taps; MAE presets are the plain baseline
+(one 8-block x 512 decoder on the final block). Tiny presets are CPU-sized for the quickstart and
+the tests.
+"""
+
+from __future__ import annotations
+
+from engine.config import Config
+from engine.models.registry import get_variant
+from engine.presets.registry import preset
+
+
+def _paper(arch: str, micro_batch: int, mae: bool, kind: str = "pixel") -> Config:
+    cfg = Config()
+    cfg.target.kind = kind
+    cfg.model.arch = arch
+    cfg.data.global_batch = 4096
+    # auto micro-batch: the per-GPU share of the global batch (64 on 64 GPUs), accumulating only where
+    # that share is larger than what fits in memory (e.g. 16 x 256 on a single 80 GB GPU for ViT-B)
+    cfg.data.micro_batch, cfg.data.max_micro_batch = 0, micro_batch
+    cfg.schedule.epochs = 1600
+    cfg.schedule.warmup_epochs = 40
+    if mae:
+        cfg.model.taps = [get_variant(arch).depth]
+        cfg.model.decoder_depth = 8
+    return cfg
+
+
+_VIT = {  # short name -> (variant, largest micro-batch per GPU that fits 80 GB with the default settings)
+    "b16": ("deepmim_vit_base_patch16", 256),
+    "l16": ("deepmim_vit_large_patch16", 128),
+    "h14": ("deepmim_vit_huge_patch14", 64),
+}
+
+# Mixed and CLIP presets need a local teacher file: set target.generator (an MAE run folder or
+# an official MAE .pth with its decoder) or target.teacher (CLIP ViT-B/16 weights, OpenAI or timm
+# layout). Start-up fails with a message naming the field when it is missing.
+for _short, (_arch, _mb) in _VIT.items():
+    for _kind in ("pixel", "mixed", "clip"):
+        preset(f"deepmim_vit_{_short}_{_kind}")(lambda a=_arch, m=_mb, k=_kind: _paper(a, m, mae=False, kind=k))
+    preset(f"mae_vit_{_short}_pixel")(lambda a=_arch, m=_mb: _paper(a, m, mae=True))
+
+
+def _tiny(mae: bool, kind: str = "pixel") -> Config:
+    """ViT-tiny/8 at 64 px on the bundled real photos: trains on 2 CPU ranks in a few minutes."""
+    cfg = Config()
+    cfg.target.kind = kind
+    if kind == "mixed":  # the two-stage recipe: stage 1 is mae_tiny_pixel into runs/mae_tiny
+        cfg.target.generator = "runs/mae_tiny"
+    if kind == "clip":  # random weights from `python -m engine.tools.teacher_tools random-clip` (see README)
+        cfg.target.teacher = "data/tiny_clip_random.pt"
+    cfg.model.arch = "deepmim_vit_tiny_patch8"
+    cfg.model.decoder_dim = 128
+    cfg.model.decoder_depth = 2
+    cfg.model.decoder_heads = 4
+    if mae:
+        cfg.model.taps = [get_variant(cfg.model.arch).depth]
+        cfg.model.decoder_depth = 4
+    cfg.data.shards = "data/demo_shards"
+    cfg.data.global_batch = 32
+    cfg.data.micro_batch = 16
+    cfg.data.num_threads = 1
+    cfg.optim.base_lr = 1.5e-3  # small batch, short run: a larger base lr than the paper's
+    cfg.schedule.epochs = 20
+    cfg.schedule.warmup_epochs = 2
+    cfg.checkpoint.interval = 100
+    cfg.checkpoint.keep_last = 2
+    cfg.log.interval = 10
+    return cfg
+
+
+for _kind in ("pixel", "mixed", "clip"):
+    preset(f"deepmim_tiny_{_kind}")(lambda k=_kind: _tiny(mae=False, kind=k))
+preset("mae_tiny_pixel")(lambda: _tiny(mae=True))
+
+
+def _test(mae: bool = False, kind: str = "pixel") -> Config:
+    """The smallest model (ViT-test/4 at 16 px): unit and launcher tests."""
+    cfg = _tiny(mae=mae, kind=kind)
+    cfg.model.arch = "deepmim_vit_test_patch4"
+    cfg.model.decoder_dim = 32
+    cfg.model.decoder_depth = 2 if mae else 1
+    cfg.model.decoder_heads = 2
+    if mae:
+        cfg.model.taps = [get_variant(cfg.model.arch).depth]
+    cfg.target.generator = "runs/mae_test" if kind == "mixed" else ""
+    cfg.target.teacher = "data/test_clip_random.pt" if kind == "clip" else ""
+    cfg.data.global_batch = 8
+    cfg.data.micro_batch = 4
+    cfg.schedule.epochs = 2
+    cfg.schedule.warmup_epochs = 0.5
+    cfg.checkpoint.interval = 2
+    cfg.log.interval = 1
+    return cfg
+
+
+for _kind in ("pixel", "mixed", "clip"):
+    preset(f"deepmim_test_{_kind}")(lambda k=_kind: _test(kind=k))
+preset("mae_test_pixel")(lambda: _test(mae=True))

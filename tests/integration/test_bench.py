@@ -1,0 +1,91 @@
+"""The benchmark harness runs on CPU (dry run) and writes the JSON the README tables come from."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.report import render
+from tests.conftest import ROOT, cpu_env
+
+
+def test_gpu_check_dry_run_writes_json(tmp_path):
+    env = cpu_env(OUT=str(tmp_path))
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    step = json.loads((tmp_path / "model_step_dryrun.json").read_text())
+    assert step["device"].startswith("cpu") and step["versions"]["torch"] and step["precision"]
+    configs = {(r["config"], r["engine"]) for r in step["results"] if r["status"] == "ok"}
+    assert {
+        ("reference", "plain"),
+        ("fused-split", "plain"),
+        ("fused-split-mathattn-fp8", "plain"),
+        ("fused-split", "deepspeed"),
+        ("fused-split", "deepspeed no-overlap"),
+    } <= configs
+    assert any("vs reference" in k for k in step["ratios"])
+    # a ratio pairs rows of one invocation: the appended DeepSpeed variant with the plain step measured beside it
+    ds = next(r for r in step["results"] if r["engine"] == "deepspeed no-overlap")
+    plain = next(
+        r for r in step["results"] if r["engine"] == "plain" and r["config"] == "fused-split" and r["run"] == ds["run"]
+    )
+    assert ds["run"] == 2 and {r["run"] for r in step["results"]} == {1, 2}
+    key = "deepmim_vit_test_patch4/clip/fused-split deepspeed no-overlap step time / plain"
+    assert step["ratios"][key] == plain["img_per_s"] / ds["img_per_s"]
+    for r in step["results"]:
+        assert r["batch"] == 8 and r["img_per_s"] > 0 and r["gflop_per_img"] > 0
+    data = json.loads((tmp_path / "data_dryrun.json").read_text())
+    assert {r["loader"] for r in data["results"]} == {"dali", "torch"} and all(
+        r["img_per_s"] > 0 for r in data["results"]
+    )
+    table = render([str(tmp_path / "model_step_dryrun.json"), str(tmp_path / "data_dryrun.json")])
+    assert "| model | target | path |" in table and "fused-split-mathattn-fp8" in table
+
+
+def test_data_pipeline_benchmark(tmp_path, demo_shards):
+    out = tmp_path / "dp.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.data_pipeline",
+            "--shards",
+            str(demo_shards),
+            "--threads",
+            "1",
+            "--batch",
+            "8",
+            "--batches",
+            "3",
+            "--img-size",
+            "32",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert {r["loader"] for r in d["results"]} == {"dali", "torch"}
+    assert all(r["img_per_s"] > 0 and r["images"] == 24 for r in d["results"])
+    assert "dali/torch at 1 threads" in d["ratios"]
+
+
+def test_committed_gpu_results_render():
+    """The committed H100 JSON files parse and name their device."""
+    results = ROOT / "bench" / "results"
+    files = sorted(str(p) for p in results.glob("*.json"))
+    assert files, "no committed benchmark results"
+    for f in files:
+        assert "H100" in json.loads(Path(f).read_text())["device"]
+    assert "H100" in render(files)
+    assert os.path.exists(results / "README.md")

@@ -1,0 +1,105 @@
+"""Export to timm, per-block evaluation, and the TensorBoard log of a real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.tools.evaluate import evaluate, load_encoder, render
+from engine.tools.export import export, load_timm_encoder
+from tests.conftest import ROOT, cpu_env
+
+
+@pytest.fixture
+def trained_run(pixel_run) -> Path:
+    return pixel_run
+
+
+@pytest.mark.launcher
+def test_export_loads_strictly_into_timm_with_equal_features(trained_run, tmp_path):
+    out = tmp_path / "export"
+    meta = export(trained_run, out)
+    assert meta["source_step"] == 6 and meta["timm_model"] == "vit_tiny_patch16_224"
+    assert meta["dropped_keys"] and all(k.startswith("decoders.") for k in meta["dropped_keys"])
+    weights = load_file(str(out / "encoder.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())  # consolidated fp32 masters
+    # the fp32 masters round to the bf16 weights the model trained with
+    module = torch.load(trained_run / "checkpoints/step_00000006/mp_rank_00_model_states.pt", weights_only=False)[
+        "module"
+    ]
+    assert all(torch.equal(weights[k].to(torch.bfloat16), module[f"encoder.{k}"]) for k in weights)
+    import hashlib
+
+    assert (
+        meta["sha256"]["encoder.safetensors"] == hashlib.sha256((out / "encoder.safetensors").read_bytes()).hexdigest()
+    )
+    timm_model = load_timm_encoder(out)  # strict=True inside
+    ours, _ = load_encoder(export=str(out))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(timm_model.forward_features(x), ours.forward_all(x)[-1], atol=1e-5)
+    # the CLI, and a clear error for a missing step
+    cmd = [sys.executable, "-m", "engine.tools.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    assert proc.returncode == 1 and "no complete checkpoint at step 5" in proc.stderr
+
+
+@pytest.mark.launcher
+def test_evaluator_gives_one_row_per_block(trained_run, demo_shards):
+    enc, cfg = load_encoder(run=str(trained_run))
+    assert cfg.model.arch == "deepmim_vit_test_patch4"
+    rows = evaluate(enc, 16, str(demo_shards), str(demo_shards), k=5)
+    assert [r["block"] for r in rows] == [1, 2, 3, 4]
+    assert all(0.0 <= r["linear"] <= 1.0 and 0.0 <= r["knn"] <= 1.0 for r in rows)
+    table = render(rows)
+    assert table.count("\n") == 1 + len(rows)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.tools.evaluate",
+            "--random",
+            "deepmim_vit_test_patch4",
+            "--train-shards",
+            str(demo_shards),
+            "--val-shards",
+            str(demo_shards),
+        ],
+        cwd=ROOT,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "| 4 |" in proc.stdout and "linear probe" in proc.stdout
+
+
+@pytest.mark.launcher
+def test_tensorboard_and_figures(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    ev.Reload()
+    scalars = set(ev.Tags()["scalars"])
+    for tag in (
+        "loss/total",
+        "loss/block2",
+        "loss/block3",
+        "loss/block4",
+        "optim/lr",
+        "speed/img_per_s",
+        "time/data_wait_share",
+        "memory/peak_gb",
+        "faults/skipped_updates",
+    ):
+        assert tag in scalars, tag
+    assert [e.step for e in ev.Scalars("loss/total")] == [2, 4, 6]
+    assert "figures/reconstructions" in ev.Tags()["images"]
+    assert sorted(p.name for p in (trained_run / "figures").iterdir()) == ["step_00000003.png", "step_00000006.png"]
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]

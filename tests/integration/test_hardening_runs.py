@@ -1,0 +1,220 @@
+"""Hostile and unlucky inputs under real launches: no code runs from weight files, one job per run
+folder, no orphans, no silent stall."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.loop.checkpoint import MARKER, list_checkpoints
+from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_single
+from tests.helpers import MARK, Payload, text, wait_for
+
+
+def base(run: Path, shards: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--preset",
+        "deepmim_test_pixel",
+        "--run-dir",
+        str(run),
+        "--set",
+        f"data.shards={shards}",
+        "--set",
+        f"schedule.max_steps={steps}",
+        "--set",
+        "log.reconstructions=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def small_run(demo_shards, tmp_path_factory) -> Path:
+    """Two steps in a world of one: a real run folder with a checkpoint to tamper with."""
+    run = tmp_path_factory.mktemp("small") / "run"
+    proc = run_single(*base(run, demo_shards, 2, "--set", "checkpoint.interval=2"))
+    assert proc.returncode == 0, text(proc)[-3000:]
+    return run
+
+
+def poisoned_copy(run: Path, dst: Path, marker: Path) -> Path:
+    """The run with a pickle payload inside its model-states file, marker kept intact."""
+    shutil.copytree(run, dst)
+    f = list_checkpoints(dst / "checkpoints")[-1] / "mp_rank_00_model_states.pt"
+    state = torch.load(f, weights_only=False)  # the test's own file: trusted here, on purpose
+    state["extra"] = Payload(marker)
+    torch.save(state, f)
+    marker_json = f.parent / MARKER
+    info = json.loads(marker_json.read_text())
+    info.pop("files", None)  # as if written by an older version: nothing to verify against
+    marker_json.write_text(json.dumps(info))
+    return f
+
+
+def test_generator_run_folder_with_a_payload_is_refused(small_run, tmp_path):
+    from engine.targets.teachers import TeacherError, load_generator
+
+    marker = tmp_path / MARK
+    f = poisoned_copy(small_run, tmp_path / "run", marker)
+    with pytest.raises(TeacherError) as err:
+        load_generator(tmp_path / "run", 16)
+    assert str(f) in str(err.value) and "refused" in str(err.value) and "posix.system" in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.launcher
+def test_resume_from_a_checkpoint_with_a_payload_is_refused(small_run, demo_shards, tmp_path):
+    marker = tmp_path / MARK
+    f = poisoned_copy(small_run, tmp_path / "run", marker)
+    proc = run_single(*base(tmp_path / "run", demo_shards, 4, "--resume", str(f.parent)))
+    assert proc.returncode == 2, text(proc)[-3000:]
+    assert "UnsafeFileError" in text(proc) and str(f) in text(proc)
+    assert not marker.exists()
+
+
+def test_export_of_a_run_with_a_payload_is_refused(small_run, tmp_path):
+    marker = tmp_path / MARK
+    f = poisoned_copy(small_run, tmp_path / "run", marker)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.tools.export", str(tmp_path / "run"), str(tmp_path / "out")],
+        cwd=ROOT,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and str(f) in text(proc) and "refused" in text(proc), text(proc)[-2000:]
+    assert not marker.exists() and not (tmp_path / "out" / "encoder.safetensors").exists()
+
+
+def test_our_checkpoints_are_plain_data(small_run):
+    """Everything a run writes loads with weights_only=True and only DeepSpeed's three classes."""
+    from engine.serialization import safe_load
+
+    ck = list_checkpoints(small_run / "checkpoints")[-1]
+    for f in ck.glob("*.pt"):
+        assert safe_load(f) is not None
+
+
+def running(run: Path) -> list[int]:
+    """Pids of the processes whose command line names this run folder."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if str(run) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+def started(run: Path, steps: int) -> bool:
+    m = run / "metrics.jsonl"
+    return m.is_file() and len(m.read_text().splitlines()) >= steps
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_second_job_is_refused_and_a_signal_to_the_runner_stops_every_rank(demo_shards, tmp_path, sig):
+    """A 2-rank job under the `deepspeed` runner: a second job on its run folder is refused while it
+    runs; SIGTERM or SIGINT to the runner alone (as `kill <pid>` or Ctrl-C on it would) stops every
+    rank the clean way (save, PREEMPTED), and the run folder is free again."""
+    from engine.loop.runlock import RunLock
+
+    run = tmp_path / "run"
+    slow = ("--set", "debug.step_sleep_s=0.3", "--set", "schedule.epochs=50")
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        # A shell started in the background hands its jobs SIGINT ignored (and Python then installs
+        # no Ctrl-C handler): give the runner the default disposition a terminal's foreground job has.
+        proc = subprocess.Popen(
+            deepspeed_cmd(2, *base(run, demo_shards, 300, *slow)),
+            cwd=ROOT,
+            env=cpu_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        wait_for(lambda: started(run, 2))
+        if sig == signal.SIGTERM:
+            second = run_single(*base(run, demo_shards, 300))  # the lock is rank 0's: one process shows it
+            assert second.returncode == 2 and "RunFolderBusy" in text(second)
+            assert "is in use by another job (pid " in text(second) and str(run) in text(second)
+        proc.send_signal(sig)
+        wait_for(lambda: not running(run), timeout=120)
+    finally:
+        for pid in running(run):
+            os.kill(pid, signal.SIGKILL)
+    assert (run / "PREEMPTED").is_file(), log.read_text()[-4000:]
+    stopped = int((run / "PREEMPTED").read_text())
+    assert (run / "checkpoints" / f"step_{stopped:08d}" / MARKER).is_file()
+    lock = RunLock(run)
+    lock.acquire()
+    lock.release()
+
+
+@pytest.mark.launcher
+def test_watchdog_names_a_stalled_rank_and_exits(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    opts = (
+        "--set",
+        "fault.stall_min_s=1",
+        "--set",
+        "fault.stall_factor=3",
+        "--set",
+        "fault.stall_exit_s=8",
+        "--set",
+        "fault.heartbeat_s=1",
+        "--set",
+        "checkpoint.interval=2",
+        "--set",
+        "debug.step_sleep_s=0.1",
+        "--set",
+        "schedule.epochs=50",
+    )
+    cmd = deepspeed_cmd(2, *base(run, demo_shards, 300, *opts))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=cpu_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: started(run, 6))
+        ranks = [
+            [p for p in running(run) if f"--local_rank={r}".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+            for r in (0, 1)
+        ]
+        rank0, rank1 = ranks
+        assert len(rank0) == len(rank1) == 1
+        os.kill(rank1[0], signal.SIGSTOP)
+        lines = []
+        for line in proc.stdout:  # until rank 0's watchdog gives up ...
+            lines.append(line)
+            if "exiting with code 4" in line:
+                break
+        wait_for(lambda: not Path(f"/proc/{rank0[0]}").exists(), timeout=30)
+        time.sleep(2)  # the launcher polls once a second: let it see rank 0's exit code first
+        os.kill(rank1[0], signal.SIGKILL)  # ... then spare DeepSpeed's launcher its 30 s wait for a stopped process
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        for pid in running(run):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 4, out[-3000:]
+    assert "watchdog: rank 0 has waited" in out and f"rank 1 (pid {rank1[0]}" in out and "is silent" in out
+    assert "exiting with code 4" in out
+    assert list_checkpoints(run / "checkpoints")  # the last complete checkpoint is still there

@@ -1,0 +1,107 @@
+"""Commands as a user types them: the launcher script's ports, paths and hostfile, and start-up
+errors that come at once."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, cpu_env
+
+
+def launch(cwd: Path, shards: Path, run_dir: str, steps: int, *opts: str, **kw) -> subprocess.Popen:
+    cmd = [
+        "bash",
+        str(ROOT / "launchers" / "pretrain.sh"),
+        *opts,
+        "--",
+        "--preset",
+        "deepmim_test_pixel",
+        "--run-dir",
+        run_dir,
+        "--set",
+        f"data.shards={shards}",
+        "--set",
+        f"schedule.max_steps={steps}",
+        "--set",
+        "log.reconstructions=false",
+    ]
+    return subprocess.Popen(cmd, cwd=cwd, env=cpu_env(**kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.launcher
+def test_two_runs_at_once_from_another_folder_with_relative_run_dirs(demo_shards, tmp_path):
+    """Started together without ports, from a folder outside the checkout: both get their own port,
+    neither waits, and each run folder is where the user's relative path says (one process each:
+    what matters here is the launcher, twice at once)."""
+    procs = [launch(tmp_path, demo_shards, f"runs/r{i}", 3, "--gpus", "1") for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    for i in range(2):
+        assert (tmp_path / "runs" / f"r{i}" / "checkpoints" / "step_00000003" / "complete.json").is_file()
+        assert not (ROOT / "runs" / f"r{i}").exists()
+    text = "".join(o + e for o, e in outs)  # and the known noise is gone from what a user reads
+    for noise in ("Setting CUDA_VISIBLE_DEVICES", "FutureWarning", "built successfully", "CUDA_HOME", "[INFO] [launch"):
+        assert noise not in text, noise
+
+
+def test_taken_port_is_one_line_at_once(demo_shards, tmp_path):
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = launch(tmp_path, demo_shards, "runs/x", 2, "--gpus", "2", "--master-port", str(port))
+        _out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and f"port {port} is in use" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()  # refused before any process started
+
+
+def test_wrong_shard_path_is_one_line_at_once(tmp_path):
+    p = launch(tmp_path, tmp_path / "no_such_shards", "runs/x", 2, "--gpus", "2")
+    _out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.count("\n") == 1, err
+    assert f"data.shards='{tmp_path / 'no_such_shards'}'" in err and "make_shards" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.launcher
+def test_documented_no_ssh_two_node_command_runs_a_world_of_two(demo_shards, tmp_path):
+    """docs/launching.md's command, on every "node" of a two-line hostfile (slots=1 each), as written
+    but for K and the local master address: the hostfile's slots decide the world size (2, not 4)."""
+    doc = (ROOT / "docs" / "launching.md").read_text()
+    documented = re.search(
+        r"launchers/pretrain.sh --hostfile hostfile --no-ssh --node-rank K --master-addr node0 "
+        r"--master-port 29500 -- \\",
+        doc,
+    )
+    assert documented, "the documented command changed: update this test"
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    procs = [
+        launch(
+            tmp_path,
+            demo_shards,
+            "runs/two",
+            2,
+            "--hostfile",
+            "hostfile",
+            "--no-ssh",
+            "--node-rank",
+            str(k),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+        )
+        for k in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    text = "".join(o + e for o, e in outs)
+    assert "2 ranks x micro-batch 4" in text

@@ -1,0 +1,252 @@
+"""The training loop's decisions, in-process: the real ``Trainer`` on the local engine
+(``engine.loop.engines.local_engine``), the real task, loader, checkpoints, guard and signals.
+Save cadence, exact resume, rollback, preemption and the choice of checkpoint, without a launch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import apply_overrides, validate
+from engine.errors import CheckpointError, DataError, NonFiniteError
+from engine.loop import checkpoint as ckpt
+from engine.loop.dist import DistInfo
+from engine.loop.engines import LocalEngine, local_engine
+from engine.loop.faults import FaultDrills
+from engine.loop.trainer import Trainer
+from engine.presets import get_preset
+from engine.tasks.masked_modeling import PretrainTask
+from tests.helpers import copy_shards, corrupt_header, corrupt_jpeg, truncate_tar
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def config(run: Path, shards: Path, steps: int, *sets: str):
+    cfg = get_preset("deepmim_test_pixel")
+    base = [
+        f"data.shards={shards}",
+        f"run_dir={run}",
+        f"schedule.max_steps={steps}",
+        "data.loader=torch",
+        "log.reconstructions=false",
+        "log.tensorboard=false",
+        "log.sample_keys=true",
+        "fault.heartbeat_s=60",
+    ]
+    apply_overrides(cfg, [*base, *sets])
+    validate(cfg)
+    return cfg
+
+
+def train(run: Path, shards: Path, steps: int, *sets: str, faults=None) -> dict:
+    cfg = config(run, shards, steps, *sets)
+    return Trainer(cfg, CPU, PretrainTask(), engine_factory=local_engine, faults=faults).train()
+
+
+def steps_saved(run: Path) -> list[int]:
+    return [ckpt.step_of(p.name) for p in ckpt.list_checkpoints(run / "checkpoints")]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    path = ckpt.list_checkpoints(run / "checkpoints")[-1] / LocalEngine.FILE
+    state = torch.load(path, weights_only=False)
+    return {**state["module"], **{f"opt.{k}": v for k, v in _flat(state["optimizer"]["state"]).items()}}
+
+
+def _flat(state: dict) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v for i, st in state.items() for k, v in st.items() if isinstance(v, torch.Tensor)}
+
+
+def keys(run: Path) -> str:
+    return (run / "sample_keys" / "rank0.tsv").read_text()
+
+
+def test_save_cadence_and_retention(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    assert train(run, demo_shards, 7, "checkpoint.interval=3", "checkpoint.keep_last=2") == {
+        "step": 7,
+        "complete": True,
+    }
+    assert steps_saved(run) == [6, 7]  # 3 was pruned by keep_last, the last step is always saved
+    marker = ckpt.read_marker(run / "checkpoints" / "step_00000007")
+    assert marker["step"] == 7 and marker["world_size"] == 1 and marker["files"]
+
+
+def test_interrupted_and_resumed_equals_straight(demo_shards, tmp_path):
+    """N straight steps equal k steps + resume + N-k steps: weights, Adam moments, sample keys."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, demo_shards, 12, "checkpoint.interval=4")
+    train(split, demo_shards, 5, "checkpoint.interval=4")
+    assert steps_saved(split) == [4, 5]
+    train(split, demo_shards, 12, "checkpoint.interval=4")
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert keys(straight) == keys(split) and len(keys(split).splitlines()) == 12 * 2  # accumulation 2 on one rank
+
+
+def test_a_finished_run_does_nothing(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    train(run, demo_shards, 3)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert train(run, demo_shards, 3) == {"step": 3, "complete": True}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_nan_steps_are_skipped_then_rolled_back(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    result = train(
+        run, demo_shards, 10, "checkpoint.interval=4", "debug.nan_loss_steps=[6,7,8]", "fault.max_bad_steps=3"
+    )
+    assert result["complete"] and result["step"] == 10
+    log = (run / "metrics.jsonl").read_text()
+    assert '"rollbacks": 1' in log
+    # the rollback returned to step 4 and went on past the offending batches: 6 more steps to 10
+    assert len(keys(run).splitlines()) == (4 + 4 + 6) * 2
+
+
+def test_rollback_without_a_checkpoint_stops_with_exit_code_3(demo_shards, tmp_path):
+    with pytest.raises(NonFiniteError) as err:
+        train(tmp_path / "run", demo_shards, 10, "checkpoint.interval=100", "debug.nan_loss_steps=[1,2,3]")
+    assert err.value.exit_code == 3 and "no checkpoint to roll back to" in str(err.value)
+
+
+class SignalAt(FaultDrills):
+    """Sends this process a real signal after an optimizer step (the handler path of a run)."""
+
+    def __init__(self, cfg, step: int, sig: signal.Signals):
+        super().__init__(cfg.debug)
+        self.at, self.sig = step, sig
+
+    def step_done(self, step: int) -> None:
+        super().step_done(step)
+        if step == self.at:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_the_step_and_marks_the_run_preempted(demo_shards, tmp_path, sig):
+    run = tmp_path / "run"
+    cfg = config(run, demo_shards, 20, "checkpoint.interval=100")
+    result = Trainer(cfg, CPU, PretrainTask(), local_engine, SignalAt(cfg, 3, sig)).train()
+    # the request joins the next step's fault flags, so every rank stops after that same step
+    assert result == {"step": 4, "complete": False, "preempted": True}
+    assert steps_saved(run) == [4] and (run / "PREEMPTED").read_text().strip() == "4"
+    assert signal.getsignal(sig) is not None  # the handlers are put back
+    result = train(run, demo_shards, 5, "checkpoint.interval=100")  # and the same command continues
+    assert result == {"step": 5, "complete": True} and not (run / "PREEMPTED").exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    train(run, demo_shards, 4, "checkpoint.interval=2")
+    newest = run / "checkpoints" / "step_00000004" / LocalEngine.FILE
+    newest.write_bytes(newest.read_bytes()[:-10])
+    result = train(run, demo_shards, 6, "checkpoint.interval=2")
+    assert result["step"] == 6
+    assert (run / "checkpoints" / "broken-step_00000004").is_dir()
+
+
+def test_every_checkpoint_damaged_refuses_to_start_over(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    train(run, demo_shards, 2, "checkpoint.interval=2")
+    f = run / "checkpoints" / "step_00000002" / LocalEngine.FILE
+    f.write_bytes(b"x" + f.read_bytes()[1:])
+    with pytest.raises(CheckpointError, match="every complete checkpoint"):
+        train(run, demo_shards, 4)
+
+
+def test_incompatible_config_is_refused_before_anything_is_built(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    train(run, demo_shards, 2)
+    with pytest.raises(CheckpointError, match=r"model.decoder_dim: 32 -> 64"):
+        train(run, demo_shards, 4, "model.decoder_dim=64")
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_a_nan_gradient_skips_one_update_and_the_lag_window_does_not_roll_back_twice(demo_shards, tmp_path, lag):
+    """A NaN gradient at step 3 is one skipped update; NaN losses at 6-9 (max_bad_steps=3) are one
+    rollback. With lag 2 (how flags are read on a GPU) the streak still running in the lag window
+    must not trigger a second one."""
+    run = tmp_path / "run"
+    sets = ("checkpoint.interval=2", "log.interval=1", "debug.nan_grad_steps=3", "debug.nan_loss_steps=6,7,8,9",
+            f"debug.flag_lag={lag}")  # fmt: skip
+    assert train(run, demo_shards, 12, *sets)["step"] == 12
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["rollbacks"] == 1 and rows[-1]["skipped_updates"] == 5
+    assert all(torch.isfinite(v.float()).all() for v in weights(run).values())
+
+
+def test_micro_batch_change_on_resume_reads_every_sample_once_per_epoch(demo_shards, tmp_path, caplog):
+    """Global batch 8: micro-batch 4 for 4 steps, then 2 (accumulation 4) to the end of the second
+    epoch. Each epoch (9 steps of 8) reads every one of the 72 samples once."""
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    train(run, demo_shards, 4, "checkpoint.interval=4")
+    train(run, demo_shards, 18, "checkpoint.interval=4", "data.micro_batch=2")
+    assert "resuming with a changed setting: data.micro_batch: 4 -> 2" in caplog.text
+    per_step: dict[int, list[str]] = {}
+    for line in keys(run).splitlines():
+        step, _micro, ks = line.split("\t")
+        per_step.setdefault(int(step), []).extend(ks.split(","))
+    assert sorted(per_step) == list(range(1, 19))
+    for epoch in (range(1, 10), range(10, 19)):
+        seen = [k for s in epoch for k in per_step[s]]
+        assert len(seen) == len(set(seen)) == 72
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_an_undecodable_jpeg_is_named_recorded_and_skipped_next_time(demo_shards, tmp_path, loader):
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    names = json.loads((shards / "dataset.json").read_text())["shards"]
+    key = corrupt_header(shards, names[1])  # passes the cheap start-up check; no decoder can decode it
+    run = tmp_path / "run"
+    opts = ("fault.max_bad_sample_share=0.05", "checkpoint.interval=2", f"data.loader={loader}")
+    with pytest.raises(DataError, match=rf"{names[1]}/{key}.*restart the run") as err:
+        train(run, shards, 18, *opts)
+    assert err.value.exit_code == 2 and err.value.rank_local  # printed by the rank that hit it
+    recorded = json.loads((run / "data_view" / "runtime_bad_rank0.json").read_text())
+    assert [r["key"] for r in recorded] == [f"{names[1]}/{key}"]
+    assert train(run, shards, 18, *opts)["complete"]  # no second crash: the sample is skipped
+    plan = json.loads((run / "config.json").read_text())["plan"]
+    assert plan["num_samples"] == 71 and "failed at run time" in (run / "data_view" / "bad_samples.json").read_text()
+
+
+def test_corrupt_and_truncated_data_is_skipped_and_counted_or_refused_above_the_threshold(demo_shards, tmp_path):
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    names = json.loads((shards / "dataset.json").read_text())["shards"]
+    corrupt_jpeg(shards, names[0])
+    lost = truncate_tar(shards, names[-1], keep_samples=2)
+    run = tmp_path / "run"
+    train(run, shards, 6, "fault.max_bad_sample_share=0.1")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["bad_samples"] == 1 + lost
+    bad = json.loads((run / "data_view" / "bad_samples.json").read_text())
+    assert len(bad) == 1 + lost and {b["shard"] for b in bad} == {names[0], names[-1]}
+    with pytest.raises(DataError, match=r"above fault.max_bad_sample_share=0.100%"):
+        train(tmp_path / "run2", shards, 6)  # the default threshold: refused before training
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_resume_logs_what_changed(demo_shards, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    train(run, demo_shards, 2)
+    train(run, demo_shards, 4, "log.interval=2", "optim.base_lr=2e-3")
+    assert "resuming with a changed setting: log.interval: 1 -> 2" in caplog.text
+    assert "resuming with a changed setting that alters training: optim.base_lr" in caplog.text
+
+
+def test_a_failed_save_is_one_error_and_keeps_earlier_checkpoints(demo_shards, tmp_path):
+    """A file where the step-6 checkpoint folder must go makes the save fail for real."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000006").write_text("in the way")
+    with pytest.raises(CheckpointError, match="saving checkpoint step_00000006 failed.*earlier checkpoints"):
+        train(run, demo_shards, 8, "checkpoint.interval=3")
+    assert steps_saved(run) == [3]
