@@ -70,6 +70,27 @@ def profile_table(d: dict) -> list[str]:
     return lines
 
 
+def metrics_table(d: dict) -> list[str]:
+    """Trainer metrics.jsonl lines of several runs: the last logged step of each."""
+    lines = [f"**Trainer runs** ({d['device']}, {d['date'][:10]}; {d['note']})", ""]
+    keys = ["run", "step", "img_per_s", "share_data_wait", "time_optimizer_s", "host_syncs_non_logging_steps"]
+    lines += [_row(keys), _row(["---"] * len(keys))]
+    for run, rows in d["runs"].items():
+        last = rows[-1]
+        lines.append(
+            _row(
+                [
+                    run,
+                    *(
+                        _fmt(last.get(k), ".3f") if isinstance(last.get(k), float) else last.get(k, "-")
+                        for k in keys[1:]
+                    ),
+                ]
+            )
+        )
+    return lines
+
+
 def render(paths: list[str]) -> str:
     out = []
     for p in sorted(paths):
@@ -77,7 +98,9 @@ def render(paths: list[str]) -> str:
         if "benchmark" not in d:
             continue
         kind = d["benchmark"]
-        table = {"model_step": model_step_table, "profile_step": profile_table}.get(kind, simple_table)
+        table = {"model_step": model_step_table, "profile_step": profile_table, "trainer_metrics": metrics_table}.get(
+            kind, simple_table
+        )
         out += [*table(d), ""]
     return "\n".join(out)
 

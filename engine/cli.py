@@ -198,12 +198,33 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
 
 
 def _run(cfg: Config, make_task: Callable[[], object]) -> int:
-    from engine.loop.dist import quiet_known_noise, release_shared_memory, setup_distributed, setup_logging
+    import time
+
+    from engine.loop.dist import (
+        env_local_rank,
+        quiet_known_noise,
+        release_shared_memory,
+        setup_distributed,
+        setup_logging,
+    )
+    from engine.loop.ops import shm_op_built, use_environment_cache
     from engine.serialization import load_guard
 
+    ops = use_environment_cache()  # the same op build whatever the shell or launcher (engine.loop.ops)
+    building = os.environ.get("DS_ACCELERATOR") == "cpu" and not shm_op_built(ops) and env_local_rank() == 0
+    if building:
+        print(
+            f"building DeepSpeed's CPU communication op into {ops} (once per environment; about a minute on "
+            "2 cores; make setup does it ahead)",
+            file=sys.stderr,
+            flush=True,
+        )
+    t0 = time.perf_counter()
     quiet_known_noise()
     dist = setup_distributed()
     setup_logging(dist.rank, cfg.log.level)
+    if building:
+        log.info("DeepSpeed's CPU communication op built in %.0f s", time.perf_counter() - t0)
     try:
         with load_guard():  # no torch.load in this process runs code from a file (engine.serialization)
             return _train(cfg, dist, make_task)

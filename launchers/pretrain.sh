@@ -27,8 +27,6 @@ DS=${DEEPSPEED:-$REPO/.venv/bin/deepspeed}
 PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-# DeepSpeed's JIT-built ops (the CPU communication op) live with the environment, built once by `make setup`
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PY" -c 'import sys; print(sys.prefix)')/torch_extensions}
 
 usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 

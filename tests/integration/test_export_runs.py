@@ -47,7 +47,7 @@ def test_export_loads_strictly_into_timm_with_equal_features(trained_run, tmp_pa
     # the CLI, and a clear error for a missing step
     cmd = [sys.executable, "-m", "engine.tools.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
-    assert proc.returncode == 1 and "no complete checkpoint at step 5" in proc.stderr
+    assert proc.returncode == 2 and "no complete checkpoint at step 5" in proc.stderr
 
 
 @pytest.mark.launcher
