@@ -61,8 +61,13 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   [ -z "$hostfile" ] && gpus=${gpus:-2}
 fi
 
-# the config and the paths it names, before any process group or port is set up
-"$PY" -m "$module" --check "$@" >/dev/null || exit 2
+# the hostfile, the world size, the config, the paths it names and the run plan for that world size,
+# before any process group or port is set up (a mistake is one line, exit code 2)
+plan=(--gpus "${gpus:-0}" --master-addr "$addr")
+[ -n "$hostfile" ] && plan+=(--hostfile "$hostfile")
+[ "$no_ssh" = 1 ] && plan+=(--no-ssh)
+world=$("$PY" -m engine.tools.launch_plan "${plan[@]}") || exit 2
+"$PY" -m "$module" --check --world-size "$world" "$@" >/dev/null || exit 2
 
 local_master=1
 case "${addr:-127.0.0.1}" in 127.0.0.1|localhost|"$(hostname)"|"$(hostname -f 2>/dev/null)") ;; *) local_master=0 ;; esac

@@ -50,6 +50,27 @@ def _hermetic_environment():
     os.environ.update(saved)
 
 
+def _untracked() -> set[str]:
+    """Untracked and ignored paths of the checkout (folders as one entry)."""
+    proc = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    lines = {ln[3:] for ln in proc.stdout.splitlines() if ln[:2] in ("??", "!!")}
+    return {p for p in lines if "__pycache__" not in p and not p.startswith((".pytest_cache", ".ruff_cache"))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_write_only_under_their_tmp_dirs():
+    """A test that leaves a file in the checkout (a run folder, a weights file) fails the session."""
+    before = _untracked()
+    yield
+    left = sorted(_untracked() - before)
+    assert not left, f"tests left files in the checkout: {left[:10]}"
+
+
 def make_shards(src: Path, out: Path, *extra: str) -> None:
     from data_pipeline.make_shards import main
 

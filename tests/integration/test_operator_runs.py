@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cpu_env
+from tests.conftest import ROOT, cpu_env, run_deepspeed
 
 
 def launch(cwd: Path, shards: Path, run_dir: str, steps: int, *opts: str, **kw) -> subprocess.Popen:
@@ -105,3 +105,24 @@ def test_documented_no_ssh_two_node_command_runs_a_world_of_two(demo_shards, tmp
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     text = "".join(o + e for o, e in outs)
     assert "2 ranks x micro-batch 4" in text
+
+
+def test_a_world_size_the_recipe_cannot_use_is_refused_before_launch(demo_shards, tmp_path):
+    """3 processes cannot share a global batch of 8: one line with the nearest batches, no process."""
+    p = launch(tmp_path, demo_shards, "runs/x", 2, "--gpus", "3")
+    _out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.count("\n") == 1, err
+    assert "data.global_batch=8 on 3 ranks" in err and "data.global_batch=9" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_error_found_after_launch_is_printed_once(demo_shards, tmp_path):
+    """Both ranks find the damaged marker; rank 0 alone says so, and the launcher exits 2."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002" / "complete.json").write_text("{not json")
+    proc = run_deepspeed(
+        2, "--preset", "deepmim_test_pixel", "--run-dir", str(run), "--set", f"data.shards={demo_shards}", check=False
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and text.count("CheckpointError:") == 1 and "Traceback" not in text, text[-3000:]
