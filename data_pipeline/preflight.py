@@ -7,7 +7,8 @@ Run once at start-up (and on every resume), before any loader is built. Per shar
   disagreement is reported with the shard's name; the loaders read the manifest, so a manifest row
   whose bytes are not where it says in the tar (phantom rows, a truncated tar) is skipped, and tar
   members the manifest does not list are ignored;
-* ``checks=markers`` (default): every JPEG must start with SOI and have EOI near its end, and the
+* ``checks=markers`` (default): every image must have its format's start and end markers (JPEG SOI
+  and EOI, PNG signature and IEND, WebP's RIFF header and size), and the
   label stored in the tar must equal the manifest's; ``checks=decode`` also decodes each image
   (slow; for suspect data); ``checks=index`` only compares manifest offsets with the tar size;
 * samples that failed to decode during an earlier run of this run folder (recorded by the loaders
@@ -85,15 +86,35 @@ def _jpeg_ok(fd: int, offset: int, size: int) -> str | None:
     return None
 
 
+def _png_ok(fd: int, offset: int, size: int) -> str | None:
+    if size < 20 or os.pread(fd, 8, offset) != b"\x89PNG\r\n\x1a\n":
+        return "corrupt PNG (no PNG signature)"
+    if b"IEND" not in os.pread(fd, 12, offset + size - 12):
+        return "corrupt or truncated PNG (no IEND chunk at its end)"
+    return None
+
+
+def _webp_ok(fd: int, offset: int, size: int) -> str | None:
+    head = os.pread(fd, 12, offset)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return "corrupt WebP (no RIFF/WEBP header)"
+    if int.from_bytes(head[4:8], "little") + 8 > size:
+        return "truncated WebP (its RIFF size is larger than the member)"
+    return None
+
+
+MARKER_CHECKS = {"jpeg": _jpeg_ok, "png": _png_ok, "webp": _webp_ok}
+
+
 def decode_error(data: bytes) -> str | None:
-    """Full decode with PIL (every byte of entropy data); the reason when it fails."""
+    """Full decode with PIL (every byte of the image data); the reason when it fails."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
     except Exception as err:  # PIL raises many types
-        return f"JPEG does not decode ({type(err).__name__}: {str(err)[:120]})"
+        return f"image does not decode ({type(err).__name__}: {str(err)[:120]})"
     return None
 
 
@@ -139,29 +160,40 @@ def _check_rows(table, name, rows, checks, rank, size, fd) -> list[BadSample]:
     bad = []
     for r in rows:
         key, off, n = table.keys[int(r)].as_py(), int(table.offset[r]), int(table.size[r])
-        reason = None
-        if off + n > size:
-            reason = "truncated tar (sample extends past the end of the file)"
-        elif walked is not None:
-            s = walked.get(key)
-            comps = {c.ext: c for c in s.components} if s is not None else {}
-            if "jpg" not in comps:
-                reason = "in the manifest but not in the tar"
-            elif (comps["jpg"].offset, comps["jpg"].size) != (off, n):
-                reason = f"the manifest's byte range {off}+{n} is not the tar member's"
-            elif "cls" not in comps:
-                reason = "sample lacks its .cls file"
-        if reason is None and checks in ("markers", "decode"):
-            reason = _jpeg_ok(fd, off, n)
-            if reason is None:
-                cls = comps["cls"]
-                if os.pread(fd, cls.size, cls.offset).decode(errors="replace").strip() != str(int(table.label[r])):
-                    reason = f"label in the tar differs from the manifest's ({int(table.label[r])})"
-        if reason is None and checks == "decode":
-            reason = decode_error(os.pread(fd, n, off))
+        reason = _row_problem(table, r, key, off, n, size, fd, walked, checks)
         if reason:
             bad.append(BadSample(name, key, reason, rank, 1, (int(r),)))
     return bad
+
+
+def _row_problem(table, r, key, off, n, size, fd, walked, checks) -> str | None:
+    """Why manifest row ``r`` cannot be trained on, or None."""
+    if off + n > size:
+        return "truncated tar (sample extends past the end of the file)"
+    comps: dict[str, Component] = {}
+    if walked is not None:
+        s = walked.get(key)
+        comps = {c.ext.lower(): c for c in s.components} if s is not None else {}
+        if not comps:
+            return "in the manifest but not in the tar"
+        if not any((c.offset, c.size) == (off, n) for c in comps.values()):
+            return f"the manifest's byte range {off}+{n} is not one of the sample's tar members"
+        label = table.label_source
+        if label == "cls" and "cls" not in comps:
+            return "sample lacks its .cls file"
+        if label.startswith("json:") and "json" not in comps:
+            return "sample lacks its .json file (its label)"
+    if checks in ("markers", "decode"):
+        reason = MARKER_CHECKS[table.format(r)](fd, off, n)
+        if reason is not None:
+            return reason
+        cls = comps.get("cls") if table.label_source == "cls" else None
+        stored = os.pread(fd, cls.size, cls.offset).decode(errors="replace").strip() if cls is not None else None
+        if stored is not None and stored != str(int(table.label[r])):
+            return f"label in the tar differs from the manifest's ({int(table.label[r])})"
+    if checks == "decode":
+        return decode_error(os.pread(fd, n, off))
+    return None
 
 
 # ------------------------------------------------------------------------------ run-time faults

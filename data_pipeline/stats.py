@@ -38,7 +38,7 @@ def compute(out: str | Path) -> dict:
         "shards": len(meta["shards"]),
         "classes": len(per_class),
         "bytes": int(sum(t["size"])),
-        "reencoded": sum(1 for a in t["action"] if a != "copied"),
+        "reencoded": sum(1 for a in t["action"] if a.startswith("reencoded")),
         "skipped_at_write": meta.get("num_skipped", 0),
         "per_class": dict(sorted(per_class.items())),
         "per_class_range": [min(per_class.values()), max(per_class.values())] if per_class else [],

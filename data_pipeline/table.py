@@ -1,5 +1,9 @@
 """The samples of a shard folder as columns, read from its Parquet manifest.
 
+A shard folder is what ``make_shards`` writes (the tars beside the manifest) or what
+``index_shards`` writes for tars that stay where they are (``dataset.json`` names each tar by its
+path, and the samples' label source and image formats).
+
 Both loaders address samples by their manifest row (a stable integer id): the byte range of the
 JPEG inside its tar, its stored width and height, and its label all come from the manifest, so
 reading a sample is one ``pread`` and no tar has to be walked. The DALI index files stay in the
@@ -44,13 +48,20 @@ class SampleTable:
     label: np.ndarray  # [N] int64 (-1 for unlabeled data)
     keys: object  # pyarrow string array [N] (compact; read one at a time)
     num_classes: int = 0
+    tar_paths: dict[str, str] = field(default_factory=dict)  # shard -> tar path, for tars indexed in place
+    label_source: str = "cls"  # cls | json:FIELD | none: where the tar keeps a sample's label
+    formats: np.ndarray | None = None  # [N] image format (jpeg, png, webp); None = JPEG throughout
     _files: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.offset)
 
     def tar(self, name: str) -> Path:
-        return self.root / f"{name}.tar"
+        given = self.tar_paths.get(name)
+        return Path(given) if given else self.root / f"{name}.tar"
+
+    def format(self, i: int) -> str:
+        return "jpeg" if self.formats is None else str(self.formats[int(i)])
 
     def idx(self, name: str) -> Path:
         return self.root / f"{name}.idx"
@@ -100,7 +111,9 @@ def read_table(root: str | Path) -> SampleTable:
         )
     meta = json.loads(meta_path.read_text())
     shards = tuple(check_shard_name(s, meta_path) for s in meta["shards"])
-    t = pq.read_table(manifest, columns=["key", "label", "shard", "offset", "size", "width", "height"])
+    columns = ["key", "label", "shard", "offset", "size", "width", "height"]
+    has_format = "format" in pq.ParquetFile(manifest).schema_arrow.names
+    t = pq.read_table(manifest, columns=[*columns, "format"] if has_format else columns)
     if t.num_rows != meta["num_samples"]:
         raise DataError(f"{root}: manifest has {t.num_rows} rows but dataset.json says {meta['num_samples']}")
     names = t.column("shard").to_numpy(zero_copy_only=False)
@@ -121,4 +134,7 @@ def read_table(root: str | Path) -> SampleTable:
         label=t.column("label").to_numpy().astype(np.int64),
         keys=t.column("key").combine_chunks(),
         num_classes=int(meta.get("num_classes", 0)),
+        tar_paths={str(k): str(v) for k, v in meta.get("tars", {}).items()},
+        label_source=str(meta.get("label", "cls")),
+        formats=t.column("format").to_numpy(zero_copy_only=False) if has_format else None,
     )

@@ -2,10 +2,12 @@
 
     python -m data_pipeline.verify OUT [--decode] [--workers 8]
 
-For every shard: the tar exists and matches the size and checksum recorded when it was written;
+For every shard (tars beside the manifest, or where ``index_shards`` found them): the tar exists
+and matches the size (and checksum) recorded when it was written or indexed;
 its members, walked from the tar headers, agree with the index file (names, data offsets, sizes);
 every sample in the manifest is in the index at the recorded offset and size, with the recorded
-checksum of its JPEG bytes and label; nothing is in the tar that the manifest does not list.
+checksum of its image bytes and label; nothing is in the tar that the manifest does not list (samples
+skipped when indexing are listed in skipped.json instead).
 ``--decode`` also decodes every image. Prints one line per problem and a summary; exits 1 when
 anything is wrong, 0 otherwise.
 """
@@ -27,19 +29,20 @@ from data_pipeline.wds_index import IndexError_, read_index
 log = logging.getLogger("verify")
 
 
-def verify_shard(args: tuple[str, str, list[dict], bool]) -> list[str]:
-    root, name, rows, decode = args
+def verify_shard(args: tuple[str, str, str, list[dict], bool, str, set[str]]) -> list[str]:
+    root, name, tar_path, rows, decode, label_source, skipped = args
     root_p = Path(root)
-    tar, idx, part = root_p / f"{name}.tar", root_p / f"{name}.idx", root_p / f"{name}.part.json"
+    tar, idx, part = Path(tar_path), root_p / f"{name}.idx", root_p / f"{name}.part.json"
     problems: list[str] = []
     if not tar.is_file():
-        return [f"{name}: tar file is missing"]
+        return [f"{name}: tar file {tar} is missing"]
     data = tar.read_bytes()
     if part.is_file():
         rec = json.loads(part.read_text())
         if rec.get("tar_bytes") != len(data):
-            problems.append(f"{name}: tar is {len(data)} bytes, {rec.get('tar_bytes')} when written")
-        elif rec.get("tar_checksum") != checksum(data):
+            what = "indexed" if "tar_mtime_ns" in rec else "written"
+            problems.append(f"{name}: tar is {len(data)} bytes, {rec.get('tar_bytes')} when {what}")
+        elif "tar_checksum" in rec and rec["tar_checksum"] != checksum(data):
             problems.append(f"{name}: tar checksum differs from the one recorded when it was written")
     walked = {s.key: s for s in scan_tar_index(tar)}
     last = max((c.offset + c.size for s in walked.values() for c in s.components), default=0)
@@ -61,25 +64,27 @@ def verify_shard(args: tuple[str, str, list[dict], bool]) -> list[str]:
         if s is None:
             problems.append(f"{name}/{key}: in the manifest but not in the tar")
             continue
-        comps = {c.ext: c for c in s.components}
-        if "jpg" not in comps or "cls" not in comps:
-            missing = sorted({"jpg", "cls"} - set(comps))
-            problems.append(f"{name}/{key}: the tar holds no .{' or .'.join(missing)} for it (truncated tar?)")
+        comps = {c.ext.lower(): c for c in s.components}
+        img = next((c for c in comps.values() if (c.offset, c.size) == (row["offset"], row["size"])), None)
+        if img is None:
+            problems.append(f"{name}/{key}: no tar member at the manifest's {row['offset']}+{row['size']}")
             continue
-        jpg, cls = comps["jpg"], comps["cls"]
-        if (jpg.offset, jpg.size) != (row["offset"], row["size"]):
-            problems.append(f"{name}/{key}: at {jpg.offset}+{jpg.size}, manifest says {row['offset']}+{row['size']}")
+        cls = comps.get("cls") if label_source == "cls" else None
+        if label_source == "cls" and cls is None:
+            problems.append(f"{name}/{key}: the tar holds no .cls for it (truncated tar?)")
             continue
-        payload = data[jpg.offset : jpg.offset + jpg.size]
+        payload = data[img.offset : img.offset + img.size]
         if checksum(payload) != row["checksum"]:
-            problems.append(f"{name}/{key}: JPEG bytes do not match the manifest checksum")
-        if data[cls.offset : cls.offset + cls.size].decode(errors="replace") != str(row["label"]):
+            problems.append(f"{name}/{key}: image bytes do not match the manifest checksum")
+        if cls is not None and data[cls.offset : cls.offset + cls.size].decode(errors="replace").strip() != str(
+            row["label"]
+        ):
             problems.append(f"{name}/{key}: label differs from the manifest ({row['label']})")
         if decode:
             reason = decode_error(payload)
             if reason:
                 problems.append(f"{name}/{key}: {reason}")
-    extra = sorted(set(walked) - listed)
+    extra = sorted(set(walked) - listed - skipped)
     if extra:
         problems.append(f"{name}: {len(extra)} sample(s) in the tar are not in the manifest, e.g. {extra[:3]}")
     return problems
@@ -101,7 +106,12 @@ def verify(out: str | Path, decode: bool = False, workers: int = 1) -> list[str]
     if meta["num_samples"] != len(rows):
         problems.append(f"dataset.json says {meta['num_samples']} samples, the manifest has {len(rows)}")
     names = sorted(set(meta["shards"]) | set(by_shard))
-    jobs = [(str(out), n, by_shard.get(n, []), decode) for n in names]
+    tars, label = meta.get("tars", {}), str(meta.get("label", "cls"))
+    skipped_at = _skipped_keys(out)
+    jobs = []
+    for n in names:
+        tar = tars.get(n, str(out / f"{n}.tar"))
+        jobs.append((str(out), n, tar, by_shard.get(n, []), decode, label, skipped_at.get(tar, set())))
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             results = pool.map(verify_shard, jobs)
@@ -110,6 +120,20 @@ def verify(out: str | Path, decode: bool = False, workers: int = 1) -> list[str]
     for r in results:
         problems += r
     return problems
+
+
+def _skipped_keys(out: Path) -> dict[str, set[str]]:
+    """tar path -> keys index_shards left out on purpose (listed in skipped.json as 'tar:key')."""
+    try:
+        items = json.loads((out / "skipped.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        tar, sep, key = str(item.get("source", "")).rpartition(".tar:")
+        if sep:
+            found[tar + ".tar"].add(key)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

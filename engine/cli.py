@@ -164,6 +164,28 @@ def check_paths(cfg: Config) -> None:
         need(Path(mode).is_dir(), "checkpoint.resume", mode, "no such checkpoint folder")
 
 
+def check_weights(cfg: Config, plan) -> None:
+    """Weight files the run reads fit it: their architecture is read from the file (shapes only) and
+    compared with the preset's before anything is launched."""
+    t = cfg.target
+    if cfg.task != "pretrain" and cfg.init.pretrained:
+        from engine.models.classifier import check_encoder_fits
+        from engine.weights import inspect_source
+
+        info = inspect_source(cfg.init.pretrained)
+        if info.shape is None:
+            raise ConfigError(f"init.pretrained={cfg.init.pretrained!r}: {info.describe()}, not a ViT encoder")
+        check_encoder_fits(info.shape, plan, f"init.pretrained={cfg.init.pretrained!r}")
+    if cfg.task == "pretrain" and t.kind == "mixed":
+        from engine.targets.teachers import inspect_generator
+
+        inspect_generator(t.generator, plan.img_size, plan.patch_size)
+    if cfg.task == "pretrain" and t.kind == "clip":
+        from engine.targets.teachers import inspect_clip
+
+        inspect_clip(t.teacher)
+
+
 def dataset_size(shards: str) -> int | None:
     """The shard folder's sample count from dataset.json (None when it cannot be read)."""
     try:
@@ -185,7 +207,9 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
             print(json.dumps(resolved(cfg, plan_run(cfg, world, samples)), indent=2))
             return EXIT_OK
         check_paths(cfg)
-        plan_run(cfg, world, samples)  # a world size or a dataset the recipe cannot run on: refused now
+        plan = plan_run(cfg, world, samples)  # a world size or a dataset the recipe cannot run on: refused now
+        if args.check:
+            check_weights(cfg, plan)  # the launcher's check: files read for their shapes, before any process
     except StackError as err:
         if not quiet:
             print(f"config error: {err}", file=sys.stderr)

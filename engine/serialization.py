@@ -8,7 +8,7 @@ TorchScript:
 * ``load_guard()`` makes every ``torch.load`` within its block (ours and DeepSpeed's: its
   checkpoint engine, ``zero_to_fp32`` and the universal-checkpoint converter all ask for
   ``weights_only=False``) load with ``weights_only=True`` plus an explicit allow-list of the few
-  plain-data classes that DeepSpeed and MAE store (``SAFE_GLOBALS``). A file that needs anything
+  plain-data classes that DeepSpeed stores (``DEEPSPEED_CLASSES``). A file that needs anything
   else is refused with ``UnsafeFileError``, which names the file and the global it asked for.
 * ``read_torchscript_tensors()`` reads the tensors of a TorchScript archive (OpenAI ships CLIP
   this way) with a restricted unpickler: module objects become inert attribute bags, tensors are
@@ -39,28 +39,31 @@ from engine.errors import UnsafeFileError
 log = logging.getLogger(__name__)
 
 
-# module path -> class names: plain-data classes found in the files we read. DeepSpeed's bf16
-# ZeRO-2 optimizer states hold the first three; MAE's official checkpoints may carry their
-# argparse namespace. Each only has its attribute dict restored: nothing is called.
-_SAFE_CLASSES = {
-    "deepspeed.runtime.fp16.loss_scaler": ("LossScaler", "DynamicLossScaler"),
-    "deepspeed.runtime.zero.config": ("ZeroStageEnum",),
-    "deepspeed.utils.tensor_fragment": ("fragment_address",),
-    "argparse": ("Namespace",),
-}
+# The plain-data classes a file may name, by who writes them. Each only has its attribute dict
+# restored: nothing is called. DeepSpeed's bf16 ZeRO-2 checkpoints hold the first three (what
+# ``load_guard`` allows, for DeepSpeed's own loads); an official MAE/DeepMIM ``checkpoint-N.pth``
+# carries its argparse namespace, allowed only where such files are read (engine.weight_formats).
+DEEPSPEED_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 @functools.cache
-def safe_globals() -> tuple:
+def _classes(names: tuple[str, ...]) -> tuple:
     import importlib
 
     found = []
-    for module, names in _SAFE_CLASSES.items():
+    for dotted in names:
+        module, _, name = dotted.rpartition(".")
         try:
             mod = importlib.import_module(module)
         except ImportError:  # DeepSpeed absent (a tool run without it): its classes cannot occur
             continue
-        found += [getattr(mod, n) for n in names if hasattr(mod, n)]
+        if hasattr(mod, name):
+            found.append(getattr(mod, name))
     return tuple(found)
 
 
@@ -71,12 +74,18 @@ def _describe(f: Any) -> str:
     return str(f) if isinstance(f, (str, Path)) else getattr(f, "name", type(f).__name__)
 
 
-def safe_load(f: Any, map_location: Any = "cpu", **kwargs) -> Any:
-    """``torch.load`` with ``weights_only=True`` and the allow-list; refusals name the file."""
+def safe_load(
+    f: Any, map_location: Any = "cpu", allow: tuple[str, ...] = DEEPSPEED_CLASSES, mmap: bool = False, **kwargs
+) -> Any:
+    """``torch.load`` with ``weights_only=True`` and the allow-list ``allow`` (dotted class names);
+    refusals name the file. ``mmap`` maps tensors instead of reading them (shapes at no cost), for
+    files in torch's zip format; other files are read."""
     kwargs.pop("weights_only", None)
     kwargs.pop("pickle_module", None)  # a custom pickle module would bypass the restricted unpickler
     try:
-        with torch.serialization.safe_globals(list(safe_globals())):
+        with torch.serialization.safe_globals(list(_classes(tuple(allow)))):
+            if mmap and isinstance(f, (str, Path)) and zipfile.is_zipfile(f):
+                return _original_load(f, map_location=map_location, weights_only=True, mmap=True, **kwargs)
             return _original_load(f, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
         needs = _first_line_with(str(err), ("GLOBAL", "global", "class"))

@@ -94,7 +94,7 @@ def _read_safetensors(path: Path, lazy: bool) -> dict[str, Any]:
     """Tensors (or, lazily, their shapes) of a safetensors file; a damaged header is one error."""
     from safetensors import SafetensorError, safe_open
 
-    _check_safetensors_header(path)
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             if lazy:
@@ -104,7 +104,7 @@ def _read_safetensors(path: Path, lazy: bool) -> dict[str, Any]:
         raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
 
 
-def _check_safetensors_header(path: Path) -> None:
+def check_safetensors_header(path: Path) -> None:
     """The header is an 8-byte length and JSON whose byte ranges fit the file: checked before the
     library reads it, so a corrupt or hostile header is a clear error, not a huge allocation."""
     size = path.stat().st_size

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from data_pipeline.wds_index import read_index
 from engine.loop.checkpoint import list_checkpoints
@@ -96,3 +100,73 @@ def corrupt_header(root: Path, shard: str, which: int = 0) -> str:
         f.seek(jpg.offset)
         f.write(bytes(data))
     return s.key
+
+
+def to_official_layout(model, numbered: bool = False) -> dict:
+    """Our DeepMIM model -> the official key layout, written independently of the loaders: MAE's
+    (one decoder: ``decoder_embed``, ``decoder_blocks.i``, ...) or, ``numbered``, DeepMIM's (one per
+    tap: ``decoder_embed1..T``, ``decoder_blocks1.i``, ``mask_token1..T``, ...)."""
+    sd = {k[len("encoder.") :]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    d = model.decoders
+    sd["decoder_pos_embed"] = d.pos_embed.detach()
+    for t in range(d.num if numbered else 1):
+        n = str(t + 1) if numbered else ""
+        sd[f"mask_token{n}"] = d.mask_token.detach()[t].view(1, 1, -1)
+        for name in ("embed", "norm", "pred"):
+            mod = getattr(d, name)
+            sd[f"decoder_{name}{n}.weight"], sd[f"decoder_{name}{n}.bias"] = (
+                mod.weight.detach()[t],
+                mod.bias.detach()[t],
+            )
+        for i, blk in enumerate(d.blocks):
+            for ours, theirs in (
+                ("norm1", "norm1"),
+                ("qkv", "attn.qkv"),
+                ("proj", "attn.proj"),
+                ("norm2", "norm2"),
+                ("fc1", "mlp.fc1"),
+                ("fc2", "mlp.fc2"),
+            ):
+                mod = getattr(blk, ours)
+                sd[f"decoder_blocks{n}.{i}.{theirs}.weight"] = mod.weight.detach()[t]
+                sd[f"decoder_blocks{n}.{i}.{theirs}.bias"] = mod.bias.detach()[t]
+    return sd
+
+
+def photo_bytes(demo_tree: Path, i: int, fmt: str = "JPEG") -> tuple[bytes, str]:
+    """A real photo crop of the demo tree, as JPEG or PNG bytes, and its class folder."""
+    files = sorted(p for p in demo_tree.rglob("*") if p.is_file())
+    f = files[i % len(files)]
+    if fmt == "JPEG":
+        return f.read_bytes(), f.parent.name
+    buf = io.BytesIO()
+    Image.open(f).convert("RGB").save(buf, format=fmt)
+    return buf.getvalue(), f.parent.name
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def make_img2dataset(src: Path, demo_tree: Path) -> Path:
+    """img2dataset's layout: 00000.tar, 00001.tar with NNNNNNNNN.{jpg,txt,json}; captions in .txt,
+    a class name in the json's 'label' field; two PNGs (under .png), one corrupt JPEG, one sample
+    without an image."""
+    for t in range(2):
+        members = []
+        for i in range(10):
+            key = f"{t:05d}{i:04d}"
+            fmt = "PNG" if i in (3, 7) else "JPEG"
+            data, cls = photo_bytes(demo_tree, 10 * t + i, fmt)
+            if t == 1 and i == 5:
+                data = b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20
+            meta = {"url": f"https://example.com/{key}", "caption": f"a photo of {cls}", "label": cls}
+            if not (t == 0 and i == 9):  # this one lost its image
+                members.append((f"{key}.{'png' if fmt == 'PNG' else 'jpg'}", data))
+            members += [(f"{key}.txt", meta["caption"].encode()), (f"{key}.json", json.dumps(meta).encode())]
+        write_tar(src / f"{t:05d}.tar", members)
+    return src

@@ -119,6 +119,8 @@ def newest_verified(
     for path in reversed(list_checkpoints(root)):
         problems = verify(path, rank, world_size, gather)
         if not problems:
+            if rank == 0 and (root / "latest").is_file() and (root / "latest").read_text().strip() != path.name:
+                write_latest(root, path.name)  # it named a checkpoint that was just set aside
             return path
         if rank == 0:
             log.warning(
@@ -155,6 +157,16 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_latest(root: Path, tag: str) -> None:
+    """``root/latest`` names ``tag``, the way DeepSpeed's own tools find a checkpoint
+    (``zero_to_fp32.py``, ``ds_to_universal``, ``engine.load_checkpoint`` without a tag). Written only
+    after the checkpoint's marker, and to a verified checkpoint after a fallback, so it never names
+    a partial one; our resume still decides by markers alone."""
+    tmp = root / "latest.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / "latest")
 
 
 def apply_retention(root: str | Path, keep_last: int) -> list[Path]:

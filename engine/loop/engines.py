@@ -36,7 +36,15 @@ def model_dtype(ds_config: dict) -> torch.dtype:
 
 def deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> tuple[Any, torch.dtype]:
     import deepspeed
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
+    # The client state DeepSpeed's ds_to_universal asks for ("Verify that client creates this state"):
+    # with it, the converter works on our checkpoints without --inject_missing_state.
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine, model_dtype(ds_config)
 

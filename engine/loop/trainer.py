@@ -270,6 +270,7 @@ class Trainer:
             # the config travels in the marker too, so a resume can refuse it before loading anything
             info.update(config=to_dict(self.cfg), config_fingerprint=fingerprint(self.cfg), **self.task.reference())
             ckpt.mark_complete(path, info)
+            ckpt.write_latest(self.ckpt_dir, tag)
             ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         barrier()
         log.info("saved checkpoint %s in %.1fs%s", path, time.perf_counter() - t0, " (kept)" if keep else "")

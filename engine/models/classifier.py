@@ -74,6 +74,17 @@ def build_classifier(cfg: Config, plan: RunPlan, num_classes: int) -> nn.Module:
     return model
 
 
+def check_encoder_fits(shape, plan: RunPlan, what: str) -> None:
+    """An encoder read from a file must be the plan's variant (width, depth, patch); another image
+    size is fine (the position embedding is resampled)."""
+    spec = get_variant(plan.arch)
+    if (shape.width, shape.depth, shape.patch) != (spec.dim, spec.depth, spec.patch_size):
+        raise ConfigError(
+            f"{what} holds a {shape.describe()}; model.arch={spec.name} is a ViT width {spec.dim}, {spec.depth} "
+            f"blocks, patch {spec.patch_size}: use a preset of that size (or another file)"
+        )
+
+
 def load_encoder(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, list[str]]:
     """Pretrained encoder weights (timm layout) into the classifier. Returns the keys dropped (in the
     weights, not in the model: the final norm under average pooling) and new (in the model, not in
@@ -86,8 +97,15 @@ def load_encoder(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     if pe is not None and pe.shape != ours["pos_embed"].shape:  # another image size: resample the grid
         grid = model.patch_embed.grid_size
         state["pos_embed"] = resample_abs_pos_embed(pe, list(grid), num_prefix_tokens=1)
+        old = round((pe.shape[1] - 1) ** 0.5)
         log.info(
-            "%s: position embedding resampled from %s to %s", what, tuple(pe.shape), tuple(ours["pos_embed"].shape)
+            "%s: the encoder was pretrained on a %dx%d patch grid; its position embedding is resampled (bicubic, as "
+            "MAE does) to this run's %dx%d grid",
+            what,
+            old,
+            old,
+            grid[0],
+            grid[1],
         )
     new = sorted(k for k in ours if k not in state)
     dropped = sorted(k for k in state if k not in ours)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 
 from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
-from engine.errors import TeacherError, UnsafeFileError
+from engine.errors import TeacherError, UnsafeFileError, WeightsError
 from engine.loop.checkpoint import newest_complete
 from engine.models.mim import DeepMIM
 from engine.models.registry import VariantSpec, get_variant, list_variants
-from engine.serialization import is_torchscript_archive, read_torchscript_tensors, safe_load
+from engine.serialization import DEEPSPEED_CLASSES, is_torchscript_archive, read_torchscript_tensors, safe_load
+from engine.weight_formats import check_limits, check_safetensors_header
 
 __all__ = ["TeacherError", "file_sha256", "load_clip_teacher", "load_generator", "snapshot_generator"]
 
@@ -57,8 +59,16 @@ def _load_file(path: str | Path) -> dict:
     if not path.is_file():
         raise TeacherError(f"teacher weights {path}: file not found")
     try:
-        obj = read_torchscript_tensors(path) if is_torchscript_archive(path) else safe_load(path)
-    except UnsafeFileError as err:
+        if is_torchscript_archive(path):
+            obj = read_torchscript_tensors(path)
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            check_safetensors_header(path)
+            obj = load_file(str(path))
+        else:  # our checkpoints (DeepSpeed's classes) or an official checkpoint-N.pth (its argparse args)
+            obj = safe_load(path, allow=(*DEEPSPEED_CLASSES, "argparse.Namespace"))
+    except (UnsafeFileError, TeacherError) as err:
         raise TeacherError(str(err)) from None
     except Exception as err:
         raise TeacherError(f"teacher weights {path}: cannot read ({type(err).__name__}: {err})") from None
@@ -145,13 +155,16 @@ def clip_arch_timm(sd: dict[str, torch.Tensor]) -> ClipArch:
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
         raise TeacherError(f"CLIP position embedding has {tokens} patch tokens, not a square grid")
-    return ClipArch(
+    arch = ClipArch(
         width=w.shape[0],
         layers=_count_blocks(sd, "blocks."),
         patch=w.shape[-1],
         grid=grid,
         out_dim=sd["head.weight"].shape[0],
     )
+    # the shapes come from a file: bounded before a model of that size is allocated
+    check_limits("CLIP weights", width=arch.width, depth=arch.layers, patch=arch.patch, grid=grid, out_dim=arch.out_dim)
+    return arch
 
 
 class ClipTeacher(nn.Module):
@@ -207,6 +220,47 @@ class ClipTeacher(nn.Module):
             x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
         tokens = self.vit.forward_features(x)  # [N, 1+L, width], ln_post applied
         return self.vit.head(tokens[:, 1:])  # projection on every patch token; cls excluded
+
+
+def inspect_clip(path: str | Path) -> ClipArch | None:
+    """Before launch: the CLIP file's shapes (lazily, without reading the tensors) are a CLIP tower of a
+    sane size. TorchScript archives are only checked when loaded (their tensors come as a whole)."""
+    from engine.weight_formats import read_state
+
+    p = Path(path)
+    if is_torchscript_archive(p):
+        return None
+    try:
+        sd, _ = read_state(p, lazy=True)
+    except WeightsError as err:
+        raise TeacherError(f"target.teacher: {err}") from None
+    if isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    shapes = {k: tuple(v) if isinstance(v, tuple) else tuple(v.shape) for k, v in sd.items()}
+    if any(k.startswith("visual.") for k in shapes):
+        need = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj")
+        missing = [k for k in need if k not in shapes]
+        if missing:
+            raise TeacherError(f"OpenAI CLIP weights {p} lack {missing}")
+        tokens = shapes["visual.positional_embedding"][0]
+        prefix = "visual.transformer.resblocks."
+        as_timm = {
+            "patch_embed.proj.weight": _Shape(shapes["visual.conv1.weight"]),
+            "pos_embed": _Shape((1, tokens, shapes["visual.conv1.weight"][0])),
+            "head.weight": _Shape(shapes["visual.proj"][::-1]),
+        }
+        as_timm.update({"blocks." + k[len(prefix) :]: None for k in shapes if k.startswith(prefix)})
+        return clip_arch_timm(as_timm)
+    if "patch_embed.proj.weight" in shapes:
+        return clip_arch_timm({k: _Shape(v) for k, v in shapes.items()})
+    raise TeacherError(f"{p}: not CLIP weights in the OpenAI layout (visual.* keys) or timm's layout")
+
+
+class _Shape:
+    """Stands in for a tensor where only ``.shape`` is read."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
 
 
 def load_clip_teacher(path: str | Path, grid: int | None = None) -> ClipTeacher:
@@ -382,20 +436,80 @@ def official_mae_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def deepmim_final_decoder(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official DeepMIM checkpoint (decoders numbered 1..n) as an MAE with its final decoder."""
+    n = len({k.split(".")[0] for k in sd if re.match(r"decoder_embed\d+\.", k)})
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(decoder_embed|decoder_blocks|decoder_norm|decoder_pred|mask_token)(\d+)(.*)$", k)
+        if m is None:
+            out[k] = v
+        elif int(m.group(2)) == n:
+            out[m.group(1) + m.group(3)] = v
+    return out
+
+
 def _load_official_generator(raw: dict, path: Path, img_size: int) -> Generator:
     sd = raw.get("model", raw)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if "decoder_embed1.weight" in sd:
+        n = len({k.split(".")[0] for k in sd if re.match(r"decoder_embed\d+\.", k)})
+        out = sd[f"decoder_pred{n}.weight"].shape[0]
+        p = sd["patch_embed.proj.weight"].shape[-1]
+        if out != 3 * p * p:
+            raise TeacherError(
+                f"generator {path}: an official DeepMIM-CLIP checkpoint ({n} decoders predicting {out}-d CLIP "
+                "features); the mixed target needs a pixel MAE (e.g. mae_pretrain_vit_base_full.pth, or one of our "
+                "pixel-target runs)"
+            )
+        sd = deepmim_final_decoder(sd)  # a DeepMIM pixel model: its final decoder generates
     if "decoder_embed.weight" not in sd:
         raise TeacherError(
-            f"generator {path}: no decoder weights (decoder_embed.*); the MAE checkpoint must include the decoder, "
-            "e.g. mae_pretrain_vit_base_full.pth or mae_visualize_vit_base.pth"
+            f"generator {path}: an MAE encoder without its decoder (no decoder_embed.*); the mixed target needs the "
+            "decoder too, e.g. mae_pretrain_vit_base_full.pth or mae_visualize_vit_base.pth"
         )
     pw = sd["patch_embed.proj.weight"]
     depth = _count_blocks(sd, "blocks.")
     spec = _variant_for(pw.shape[0], depth, pw.shape[-1])
     size = math.isqrt(sd["pos_embed"].shape[1] - 1) * spec.patch_size
     if size != img_size:
-        raise TeacherError(f"generator {path}: image size {size} differs from the student's {img_size}")
+        raise TeacherError(
+            f"generator {path}: image size {size} differs from the student's {img_size} (a generator's position "
+            "embedding is not resampled: its reconstructions would change)"
+        )
     dec_dim = sd["decoder_embed.weight"].shape[0]
     model = _generator_model(spec, size, dec_dim, _count_blocks(sd, "decoder_blocks."), 16)  # MAE: 16 heads
     strict_load(model, official_mae_to_ours(sd), f"generator weights in {path}")
     return Generator(freeze(model), None, str(path))
+
+
+def inspect_generator(path: str | Path, img_size: int, patch: int) -> str:
+    """Before launch: the generator source is something a mixed target can use (shapes only)."""
+    from engine.weight_formats import inspect_file
+
+    p = Path(path)
+    if p.is_dir():
+        own = _own_checkpoint_file(p)
+        if own is None:
+            raise TeacherError(f"generator {p}: no complete checkpoint found in this folder")
+        return f"our run's checkpoint {own.parent}"
+    info = inspect_file(p)
+    if info.kind == "deepmim-clip":
+        raise TeacherError(
+            f"generator {p}: an official DeepMIM-CLIP checkpoint ({info.decoders} decoders predicting "
+            f"{info.pred_dim}-d CLIP features); the mixed target needs a pixel MAE"
+        )
+    if info.kind in ("mae", "timm"):
+        raise TeacherError(
+            f"generator {p}: {info.describe()} without a decoder; the mixed target needs the decoder too, e.g. "
+            "mae_pretrain_vit_base_full.pth"
+        )
+    if info.kind not in ("mae-full", "mae-checkpoint", "deepmim", "ours"):
+        raise TeacherError(f"generator {p}: {info.describe()}, not an MAE with its decoder")
+    shape = info.shape
+    if shape.patch != patch or shape.img_size != img_size:
+        raise TeacherError(
+            f"generator {p}: {shape.describe()}; the student sees {img_size} px in patches of {patch} (a generator "
+            "is not resampled)"
+        )
+    return info.describe()

@@ -21,7 +21,7 @@ from data_pipeline.eval_loader import EvalLoader, EvalSpec
 from data_pipeline.loader import read_dataset
 from engine.errors import ConfigError
 from engine.loop.task import AugmentSpec, StepOutput, Task, TaskContext, Timer
-from engine.models.classifier import ProbeHead, build_classifier, load_encoder, timm_args
+from engine.models.classifier import ProbeHead, build_classifier, check_encoder_fits, load_encoder, timm_args
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,19 @@ class FinetuneTask(Task):
         from engine.weights import encoder_weights
 
         w = encoder_weights(src)
-        if w.config.model.arch != self.cfg.model.arch:
-            raise ConfigError(
-                f"init.pretrained={src!r} holds a {w.config.model.arch} encoder; model.arch is {self.cfg.model.arch}"
-            )
+        check_encoder_fits(w.shape, self.plan, f"init.pretrained={src}")
         report = load_encoder(self.module, w.state, f"init.pretrained={src}")
+        dropped = sorted(set(report["dropped"]) | set(w.dropped))
         log.info(
-            "loaded the pretrained encoder from %s (%s, step %s); dropped %s; new %s",
+            "loaded the pretrained encoder from %s (%s%s); dropped %d keys (%s); new %s",
             w.origin["path"],
-            w.origin["kind"],
-            w.origin["step"],
-            report["dropped"] or "nothing",
+            w.origin["what"],
+            f", step {w.origin['step']}" if w.origin["step"] is not None else "",
+            len(dropped),
+            _summarize(dropped),
             report["new"],
         )
-        return {**w.origin, **report}
+        return {**w.origin, "dropped": dropped, "new": report["new"]}
 
     def _mixup(self):
         f = self.cfg.finetune
@@ -295,3 +294,12 @@ class FinetuneTask(Task):
 
     def figure(self, engine, path: Path) -> bool:
         return False
+
+
+def _summarize(keys: list[str], limit: int = 6) -> str:
+    """A short list of key names, grouping numbered families (decoder_blocks1.0..3 -> decoder_blocks1.*)."""
+    import re
+
+    groups = sorted({re.sub(r"\.\d+\..*$", ".*", k) for k in keys})
+    text = ", ".join(groups[:limit])
+    return text + (f", ... ({len(groups) - limit} more)" if len(groups) > limit else "") if groups else "nothing"

@@ -1,20 +1,24 @@
-"""Export a run for use elsewhere: a ZeRO-2 checkpoint -> timm safetensors + export.json.
+"""Export a run for use elsewhere: a ZeRO-2 checkpoint -> a folder timm, Hugging Face and MAE read.
 
-    python -m engine.tools.export RUN_DIR OUT_DIR [--step N]
+    python -m engine.tools.export RUN_DIR OUT_DIR [--step N] [--format timm|mae]
 
-A pretraining run gives ``encoder.safetensors``: the encoder only (decoders are pretraining heads;
-teachers are never in a checkpoint), loadable into ``timm.create_model(name, num_classes=0)``.
-A fine-tuning or linear-probing run gives ``model.safetensors``: the whole classifier (a linear
-probe's BatchNorm folded into its head), loadable into ``timm.create_model(name, **kwargs)``.
-Weights are the float32 master weights consolidated from every rank's ZeRO-2 partition by
-DeepSpeed's ``zero_to_fp32``, not the bf16 copies the model trained with. ``export.json`` records
-the timm name and keyword arguments, the input normalization and evaluation transform, the source
-checkpoint and step, the config, what was dropped and the file's SHA-256:
+``OUT_DIR`` gets, for every run:
 
-    import json, timm, safetensors.torch
-    meta = json.load(open("OUT_DIR/export.json"))
-    model = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
-    model.load_state_dict(safetensors.torch.load_file(f"OUT_DIR/{meta['weights']}"), strict=True)
+* ``model.safetensors``: float32 weights in timm's ``VisionTransformer`` names. A pretraining run
+  gives its encoder (decoders are pretraining heads; teachers are never in a checkpoint), loadable
+  with ``num_classes=0``; a fine-tuning or linear-probing run gives the whole classifier (a linear
+  probe's BatchNorm folded into its head). They are the master weights consolidated from every
+  rank's ZeRO-2 partition by DeepSpeed's ``zero_to_fp32``, not the bf16 copies the model trained with.
+* ``config.json``: what timm and the Hugging Face hub read (``architecture``, ``model_args``,
+  ``pretrained_cfg`` with mean, std, input size, crop and interpolation, ``num_classes``), written by
+  timm's own ``save_config_for_hf``: ``timm.create_model("local-dir:OUT_DIR", pretrained=True)``
+  builds and loads the model, and ``timm.data.resolve_data_config({}, model=model)`` returns the
+  statistics the model was trained with, so timm's ``train.py``/``validate.py`` normalize correctly.
+* ``export.json``: our record (timm name and keyword arguments, a description of the architecture,
+  normalization, evaluation transform, source checkpoint and step, config, dropped keys, SHA-256).
+
+``--format mae`` also writes ``mae_checkpoint.pth`` = ``{'model': state_dict}``, what the official
+MAE and DeepMIM ``main_finetune.py --finetune`` and ``main_linprobe.py`` read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +34,8 @@ log = logging.getLogger("engine.tools.export")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data_pipeline.loader's, without importing the data stack
 IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS = "model.safetensors"
+MAE_FILE = "mae_checkpoint.pth"
 
 
 def timm_target(arch: str, img_size: int) -> tuple[str, dict]:
@@ -39,6 +46,14 @@ def timm_target(arch: str, img_size: int) -> tuple[str, dict]:
     if img_size != spec.img_size:
         kwargs["img_size"] = img_size
     return spec.timm_name, kwargs
+
+
+def describe_arch(arch: str, img_size: int) -> str:
+    """What the exported model is, whatever timm name it is built from."""
+    from engine.models.registry import get_variant
+
+    s = get_variant(arch)
+    return f"ViT patch {s.patch_size}, width {s.dim}, depth {s.depth}, {s.heads} heads, {img_size} px ({s.name})"
 
 
 def split_encoder(state: dict) -> tuple[dict, list[str]]:
@@ -54,8 +69,18 @@ def split_encoder(state: dict) -> tuple[dict, list[str]]:
     return encoder, dropped
 
 
-def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> dict:
+def _readable(path: Path) -> None:
+    """Files of an export are as readable as the rest of the run folder (the umask decides)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, fmt: str = "timm") -> dict:
+    import timm
+    import torch
     from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
 
     from engine.config import from_dict, plan_run, to_dict
     from engine.loop import checkpoint as ckpt
@@ -73,19 +98,36 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
         weights, dropped = split_encoder(state)
         name, kwargs = timm_target(cfg.model.arch, img)
         kwargs["num_classes"] = 0
-        kind, file, note = "encoder", "encoder.safetensors", "decoders are pretraining heads; teachers are never saved"
+        kind, note = "encoder", "decoders are pretraining heads; teachers are never saved"
+        crop = 0.875
     else:
         weights, name, kwargs = _classifier(cfg, plan, marker, state)
-        dropped, kind, file = [], "classifier", "model.safetensors"
+        dropped, kind = [], "classifier"
         note = "a linear probe's BatchNorm is folded into its head"
+        crop = cfg.finetune.eval_crop
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    model.load_state_dict(weights, strict=True)  # what a user's strict load will see
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out_dir / file), metadata={"timm_model": name, "source_step": str(marker["step"])})
-    crop = cfg.finetune.eval_crop if cfg.task != "pretrain" else 0.875
+    save_file(weights, str(out_dir / WEIGHTS), metadata={"timm_model": name, "source_step": str(marker["step"])})
+    data = {
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "input_size": (3, img, img),
+        "crop_pct": crop,
+        "interpolation": "bicubic",
+        "crop_mode": "center",
+    }
+    save_config_for_hf(model, str(out_dir / "config.json"), model_args=kwargs, data_config=data)
+    files = [WEIGHTS, "config.json"]
+    if fmt == "mae":
+        torch.save({"model": weights}, out_dir / MAE_FILE)
+        files.append(MAE_FILE)
     meta = {
         "kind": kind,
-        "weights": file,
+        "weights": WEIGHTS,
         "timm_model": name,
         "timm_kwargs": kwargs,
+        "architecture": describe_arch(cfg.model.arch, img),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "eval_transform": {"resize_short_side": round(img / crop), "center_crop": img, "interpolation": "bicubic"},
         "source": str(path.resolve()),
@@ -95,18 +137,19 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
         "tensors": len(weights),
         "dropped_keys": sorted(dropped),
         "dropped_note": note,
-        "sha256": {file: file_sha256(out_dir / file)},
+        "sha256": {f: file_sha256(out_dir / f) for f in files},
     }
     (out_dir / "export.json").write_text(json.dumps(meta, indent=2))
+    for f in [*files, "export.json"]:
+        _readable(out_dir / f)
     log.info(
-        "exported %d %s tensors (step %d) to %s%s; load with timm.create_model(%r, pretrained=False%s)",
+        "exported %d %s tensors (step %d) to %s%s; load with timm.create_model('local-dir:%s', pretrained=True)",
         len(weights),
         kind,
         marker["step"],
-        out_dir / file,
+        out_dir / WEIGHTS,
         f"; dropped {len(dropped)} decoder tensors" if dropped else "",
-        name,
-        "".join(f", {k}={v!r}" for k, v in kwargs.items()),
+        out_dir,
     )
     return meta
 
@@ -131,7 +174,7 @@ def load_exported(out_dir: str | Path):
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / "export.json").read_text())
     model = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
-    model.load_state_dict(load_file(str(out_dir / meta.get("weights", "encoder.safetensors"))), strict=True)
+    model.load_state_dict(load_file(str(out_dir / meta.get("weights", WEIGHTS))), strict=True)
     return model.eval()
 
 
@@ -141,12 +184,19 @@ load_timm_encoder = load_exported  # the name the encoder-only export used
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m engine.tools.export",
-        description="Export a pretraining run's encoder, or a fine-tuning run's classifier, as timm safetensors "
-        "with export.json (timm name, kwargs, normalization, evaluation transform, provenance).",
+        description="Export a pretraining run's encoder, or a fine-tuning run's classifier, as a folder timm and "
+        "Hugging Face read (model.safetensors, config.json) with export.json (provenance).",
     )
     ap.add_argument("run_dir", help="a run folder (pretraining, fine-tuning or linear probing)")
-    ap.add_argument("out_dir", help="where encoder.safetensors or model.safetensors and export.json go")
+    ap.add_argument("out_dir", help="where model.safetensors, config.json and export.json go")
     ap.add_argument("--step", type=int, help="export this step's checkpoint (default: the newest complete one)")
+    ap.add_argument(
+        "--format",
+        choices=("timm", "mae"),
+        default="timm",
+        help="timm (default): the files above; "
+        "mae: also mae_checkpoint.pth ({'model': state_dict}) for MAE's and DeepMIM's main_finetune.py",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from engine.errors import StackError
@@ -154,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with load_guard():
-            export(args.run_dir, args.out_dir, args.step)
+            export(args.run_dir, args.out_dir, args.step, args.format)
     except StackError as err:
         print(f"export: {err.one_line()}", file=sys.stderr)
         return err.exit_code

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,30 +26,93 @@ def trained_run(pixel_run) -> Path:
 @pytest.mark.launcher
 def test_export_loads_strictly_into_timm_with_equal_features(trained_run, tmp_path):
     out = tmp_path / "export"
-    meta = export(trained_run, out)
+    meta = export(trained_run, out, fmt="mae")
     assert meta["source_step"] == 6 and meta["timm_model"] == "vit_tiny_patch16_224"
+    assert meta["architecture"].startswith("ViT patch 4, width 32, depth 4")  # true to the model, whatever its name
     assert meta["dropped_keys"] and all(k.startswith("decoders.") for k in meta["dropped_keys"])
-    weights = load_file(str(out / "encoder.safetensors"))
+    weights = load_file(str(out / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in weights.values())  # consolidated fp32 masters
     # the fp32 masters round to the bf16 weights the model trained with
     module = torch.load(trained_run / "checkpoints/step_00000006/mp_rank_00_model_states.pt", weights_only=False)[
         "module"
     ]
     assert all(torch.equal(weights[k].to(torch.bfloat16), module[f"encoder.{k}"]) for k in weights)
-    import hashlib
-
-    assert (
-        meta["sha256"]["encoder.safetensors"] == hashlib.sha256((out / "encoder.safetensors").read_bytes()).hexdigest()
-    )
+    for name in ("model.safetensors", "config.json", "mae_checkpoint.pth"):
+        assert meta["sha256"][name] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    for f in out.iterdir():  # world-readable, like the rest of the run folder
+        assert f.stat().st_mode & 0o044 == 0o044, f
     timm_model = load_timm_encoder(out)  # strict=True inside
     ours, _ = load_encoder(export=str(out))
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(timm_model.forward_features(x), ours.forward_all(x)[-1], atol=1e-5)
+    # MAE's main_finetune.py reads checkpoint['model']
+    mae = torch.load(out / "mae_checkpoint.pth", weights_only=True)["model"]
+    assert mae.keys() == weights.keys() and all(torch.equal(mae[k], weights[k]) for k in weights)
     # the CLI, and a clear error for a missing step
     cmd = [sys.executable, "-m", "engine.tools.export", str(trained_run), str(tmp_path / "e2"), "--step", "5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "no complete checkpoint at step 5" in proc.stderr
+
+
+@pytest.mark.launcher
+def test_timm_reads_the_export_with_its_own_loader_and_data_config(trained_run, tmp_path):
+    """timm.create_model("local-dir:...") builds and loads the export, and timm's data pipeline
+    (resolve_data_config, used by train.py and validate.py) gets the statistics it was trained with."""
+    import timm
+    from timm.data import resolve_data_config
+
+    out = tmp_path / "export"
+    meta = export(trained_run, out)
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    ref = load_timm_encoder(out)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), ref.forward_features(x))
+    data = resolve_data_config({}, model=model)
+    assert list(data["mean"]) == meta["normalization"]["mean"] and list(data["std"]) == meta["normalization"]["std"]
+    assert tuple(data["input_size"]) == (3, 16, 16) and data["interpolation"] == "bicubic"
+    assert round(16 / data["crop_pct"]) == meta["eval_transform"]["resize_short_side"]
+
+
+@pytest.mark.launcher
+def test_deepspeeds_own_tools_read_our_checkpoints_as_documented(trained_run, tmp_path):
+    """checkpoints/latest names the newest complete checkpoint; zero_to_fp32.py and ds_to_universal run
+    without extra flags and give the export's tensors."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    export(run, tmp_path / "export")
+    weights = load_file(str(tmp_path / "export" / "model.safetensors"))
+    proc = subprocess.run(
+        [sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(tmp_path / "fp32")],
+        cwd=tmp_path,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    full = torch.load(tmp_path / "fp32" / "pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(full[f"encoder.{k}"], v) for k, v in weights.items())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpts / "step_00000006"),
+            "--output_folder",
+            str(tmp_path / "universal"),
+        ],
+        cwd=tmp_path,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for k, v in weights.items():
+        assert torch.equal(torch.load(tmp_path / "universal" / "zero" / f"encoder.{k}" / "fp32.pt")["param"], v)
 
 
 @pytest.mark.launcher

@@ -92,7 +92,7 @@ def test_export_of_a_run_with_a_payload_is_refused(small_run, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and str(f) in text(proc) and "refused" in text(proc), text(proc)[-2000:]
-    assert not marker.exists() and not (tmp_path / "out" / "encoder.safetensors").exists()
+    assert not marker.exists() and not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_our_checkpoints_are_plain_data(small_run):

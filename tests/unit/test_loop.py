@@ -174,8 +174,13 @@ def test_a_nan_gradient_skips_one_update_and_the_lag_window_does_not_roll_back_t
     rollback. With lag 2 (how flags are read on a GPU) the streak still running in the lag window
     must not trigger a second one."""
     run = tmp_path / "run"
-    sets = ("checkpoint.interval=2", "log.interval=1", "debug.nan_grad_steps=3", "debug.nan_loss_steps=6,7,8,9",
-            f"debug.flag_lag={lag}")  # fmt: skip
+    sets = (
+        "checkpoint.interval=2",
+        "log.interval=1",
+        "debug.nan_grad_steps=3",
+        "debug.nan_loss_steps=6,7,8,9",
+        f"debug.flag_lag={lag}",
+    )
     assert train(run, demo_shards, 12, *sets)["step"] == 12
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["rollbacks"] == 1 and rows[-1]["skipped_updates"] == 5

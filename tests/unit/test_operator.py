@@ -18,6 +18,8 @@ ENTRY_POINTS = [
     "engine.tools.teacher_tools",
     "engine.loop.ops",
     "data_pipeline.make_shards",
+    "data_pipeline.index_shards",
+    "engine.tools.launch_plan",
     "data_pipeline.verify",
     "data_pipeline.stats",
     "data_pipeline.demo_data",

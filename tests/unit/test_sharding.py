@@ -177,7 +177,7 @@ def test_verify_catches_tampering_and_a_missing_index(demo_shards, tmp_path):
     info.idx(info.shards[2]).unlink()
     problems = verify.verify(out)
     text = "\n".join(problems)
-    assert f"{info.shards[1]}/{s.key}: JPEG bytes do not match the manifest checksum" in text
+    assert f"{info.shards[1]}/{s.key}: image bytes do not match the manifest checksum" in text
     assert f"{info.shards[1]}: tar checksum differs" in text
     assert f"{info.shards[2]}" in text and "missing" in text
     assert verify.main([str(out)]) == 1

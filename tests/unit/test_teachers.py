@@ -21,6 +21,7 @@ from engine.targets.teachers import (
     load_generator,
 )
 from engine.tools.teacher_tools import random_openai_clip, random_timm_clip
+from tests.helpers import to_official_layout
 
 ARCH = ClipArch(width=64, layers=2, patch=4, grid=4, out_dim=24)
 
@@ -245,33 +246,6 @@ def test_progressive_alphas():
     assert progressive_alphas(1) == [1.0]
 
 
-def to_official_layout(model: DeepMIM) -> dict:
-    """Our single-tap model -> the official MAE key layout, written independently of the loader."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("encoder."):
-            sd[k[len("encoder.") :]] = v
-    d = model.decoders
-    sd["mask_token"] = d.mask_token.detach()[0].view(1, 1, -1)
-    sd["decoder_pos_embed"] = d.pos_embed.detach()
-    for name in ("embed", "norm", "pred"):
-        mod = getattr(d, name)
-        sd[f"decoder_{name}.weight"], sd[f"decoder_{name}.bias"] = mod.weight.detach()[0], mod.bias.detach()[0]
-    for i, blk in enumerate(d.blocks):
-        for ours, theirs in (
-            ("norm1", "norm1"),
-            ("qkv", "attn.qkv"),
-            ("proj", "attn.proj"),
-            ("norm2", "norm2"),
-            ("fc1", "mlp.fc1"),
-            ("fc2", "mlp.fc2"),
-        ):
-            mod = getattr(blk, ours)
-            sd[f"decoder_blocks.{i}.{theirs}.weight"] = mod.weight.detach()[0]
-            sd[f"decoder_blocks.{i}.{theirs}.bias"] = mod.bias.detach()[0]
-    return sd
-
-
 def test_official_mae_layout_loads_and_reproduces_the_model(tmp_path, monkeypatch):
     spec = get_variant("deepmim_vit_test_patch4")
     torch.manual_seed(3)
@@ -286,7 +260,7 @@ def test_official_mae_layout_loads_and_reproduces_the_model(tmp_path, monkeypatc
     # without the decoder it is refused with a helpful message
     enc_only = {k: v for k, v in to_official_layout(model).items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": enc_only}, tmp_path / "enc.pth")
-    with pytest.raises(TeacherError, match="no decoder weights"):
+    with pytest.raises(TeacherError, match="an MAE encoder without its decoder"):
         load_generator(tmp_path / "enc.pth", 16)
     # and a generator for another image size is refused
     with pytest.raises(TeacherError, match="image size 16 differs"):
