@@ -34,6 +34,7 @@ class EvalSpec:
     decode_device: str = "cpu"
     device_id: int | None = None
     excluded: tuple[int, ...] = ()
+    label_map: tuple[int, ...] | None = None  # stored label -> the head's (data_pipeline.labels)
 
 
 class EvalLoader:
@@ -55,8 +56,10 @@ class EvalLoader:
             return
         if self._impl is None:
             self._impl = _DaliEval(self) if self.kind == "dali" else _TorchEval(self)
+        lookup = np.asarray(self.spec.label_map, dtype=np.int64) if self.spec.label_map is not None else None
         for rows, img in zip(self.batches, self._impl.images(), strict=False):
-            labels = torch.from_numpy(self.table.label[rows]).to(img.device)
+            stored = self.table.label[rows]
+            labels = torch.from_numpy(stored if lookup is None else lookup[stored]).to(img.device)
             yield Batch(img=img, label=labels, keys=[self.table.key(i) for i in rows], rows=rows)
 
 

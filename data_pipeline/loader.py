@@ -77,6 +77,7 @@ class LoaderSpec:
     hw_decoder_load: float = 0.65  # DALI mixed decode: share of images for the GPU's hardware JPEG decoder
     excluded: tuple[int, ...] = ()  # manifest rows not to read (unreadable; from the start-up check)
     view: str = ""  # run's data_view folder: where samples that fail at run time are recorded
+    on_change: str = "refuse"  # resuming mid-epoch on other data or another seed: refuse | next_epoch
 
 
 @dataclass
@@ -125,6 +126,42 @@ def read_dataset(root: str | Path, view: str | Path | None = None) -> DatasetVie
     return DatasetView(table, tuple(v["excluded"]))
 
 
+def data_identity(table: SampleTable, seed: int) -> dict:
+    """What decides an epoch's order: the seed, the manifest's rows and the order kind."""
+    return {"seed": seed, "rows": len(table), "manifest": table.fingerprint(), "order": "global"}
+
+
+def identity_changes(saved: dict, now: dict) -> list[str]:
+    names = {"seed": "seed", "rows": "samples in the manifest", "manifest": "manifest", "order": "data order"}
+    return [f"{names[k]} {saved.get(k)} -> {now.get(k)}" for k in names if saved.get(k) != now.get(k)]
+
+
+def check_data_change(marker: dict, now: dict, on_change: str) -> str | None:
+    """Before anything is built: a resume onto other data or another seed is refused mid-epoch (the
+    rest of the epoch would repeat or skip samples), unless told to start the next epoch with the new
+    data. Returns a note for the log, or None when nothing changed."""
+    saved = marker.get("data")
+    if not saved or "identity" not in saved:
+        return None  # a checkpoint from before the data was recorded: nothing to compare
+    changes = identity_changes(saved["identity"], now)
+    if not changes:
+        return None
+    epoch, into = saved["epoch"], saved["samples_into_epoch"]
+    if saved.get("at_boundary"):
+        return f"the data changed ({'; '.join(changes)}) at the end of epoch {epoch}: the next epoch uses it"
+    if on_change == "next_epoch":
+        return (
+            f"the data changed ({'; '.join(changes)}) {into} samples per rank into epoch {epoch}: data.on_change="
+            f"next_epoch: the rest of epoch {epoch} is not read; epoch {epoch + 1} starts with the new data"
+        )
+    raise DataError(
+        f"cannot resume: the checkpoint is {into} samples per rank into epoch {epoch} of other data "
+        f"({'; '.join(changes)}); the rest of that epoch would repeat or skip samples. Resume with the data and "
+        f"seed it was written with (and change them at an epoch end), or set data.on_change=next_epoch to start "
+        f"epoch {epoch + 1} with the new data, or use a new run folder"
+    )
+
+
 class EpochLoader:
     """Epochs, phases and positions; subclasses turn lists of manifest rows into image batches."""
 
@@ -141,10 +178,21 @@ class EpochLoader:
         if state is not None:
             self._restore(state)
 
+    def identity(self) -> dict:
+        return data_identity(self.table, self.spec.seed)
+
     def _restore(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         phases = [Phase.from_state(p) for p in state["phases"]]
         last = phases[-1]
+        saved = state.get("data")
+        if saved is not None and identity_changes(saved["identity"], self.identity()):
+            # other data or another seed (allowed by check_data_change): the next epoch starts anew
+            if not (saved.get("at_boundary") and last.consumed == 0):
+                self.epoch += 1
+            self.phases = [Phase(self.spec.world_size, 0, self.excluded)]
+            log.warning("data: epoch %d starts with the new data", self.epoch)
+            return
         if last.world == self.spec.world_size and last.excluded == self.excluded:
             self.phases = phases  # same layout: continue the phase
             self.restored_same_layout = True
@@ -204,8 +252,22 @@ class EpochLoader:
 
         return torch.from_numpy(self.table.label[rows]), [self.table.key(i) for i in rows]
 
+    def at_epoch_boundary(self) -> bool:
+        """At an epoch's start, or with nothing of it left to read (a save after its last step)."""
+        return self.phases == [Phase(self.spec.world_size, 0, self.excluded)] or self.micro_batches_left() == 0
+
+    def data_state(self) -> dict:
+        """What this epoch's order came from, and where in it the loader is (the same on every rank)."""
+        return {
+            "identity": self.identity(),
+            "epoch": self.epoch,
+            "samples_into_epoch": self.samples_consumed(),
+            "at_boundary": self.at_epoch_boundary(),
+        }
+
     def state_dict(self) -> dict:
         return {
+            "data": self.data_state(),
             "kind": self.kind,
             "epoch": self.epoch,
             "phases": [p.to_state() for p in self.phases],

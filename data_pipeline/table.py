@@ -84,12 +84,26 @@ class SampleTable:
             )
         return data
 
+    def fingerprint(self) -> str:
+        """What the sample rows are: a hash of the manifest (keys, shards, byte ranges, labels). Two
+        folders with the same fingerprint order and crop every epoch alike."""
+        if "fingerprint" not in self._files:
+            import hashlib
+
+            h = hashlib.sha256()
+            with open(self.root / "manifest.parquet", "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            self._files["fingerprint"] = h.hexdigest()[:16]
+        return self._files["fingerprint"]
+
     def rows_of(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.shard_id == self.shards.index(name))
 
     def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
+        for key, fd in self._files.items():
+            if isinstance(key, int):
+                os.close(fd)
         self._files.clear()
 
     def __getstate__(self) -> dict:  # worker processes open their own file descriptors

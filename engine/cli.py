@@ -162,12 +162,22 @@ def check_paths(cfg: Config) -> None:
     mode = cfg.checkpoint.resume
     if mode not in ("auto", "never"):
         need(Path(mode).is_dir(), "checkpoint.resume", mode, "no such checkpoint folder")
+    from engine.disk import check_writable
+
+    check_writable(cfg.run_dir)
 
 
-def check_weights(cfg: Config, plan) -> None:
-    """Weight files the run reads fit it: their architecture is read from the file (shapes only) and
-    compared with the preset's before anything is launched."""
+def check_inputs(cfg: Config, plan) -> None:
+    """What the run reads fits it, before anything is launched: weight files (their architecture
+    read from the file, shapes only, against the preset's) and fine-tuning's validation labels."""
     t = cfg.target
+    if cfg.task != "pretrain" and cfg.data.val_shards:
+        from data_pipeline.labels import validation_label_map
+        from data_pipeline.table import read_table
+
+        train, val = read_table(cfg.data.shards), read_table(cfg.data.val_shards)
+        classes = cfg.finetune.num_classes or train.num_classes or int(train.label.max()) + 1
+        validation_label_map(cfg.data.shards, cfg.data.val_shards, val.label, classes)
     if cfg.task != "pretrain" and cfg.init.pretrained:
         from engine.models.classifier import check_encoder_fits
         from engine.weights import inspect_source
@@ -209,7 +219,7 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
         check_paths(cfg)
         plan = plan_run(cfg, world, samples)  # a world size or a dataset the recipe cannot run on: refused now
         if args.check:
-            check_weights(cfg, plan)  # the launcher's check: files read for their shapes, before any process
+            check_inputs(cfg, plan)  # the launcher's check: files read for their shapes, before any process
     except StackError as err:
         if not quiet:
             print(f"config error: {err}", file=sys.stderr)
@@ -218,10 +228,20 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
         print(f"config and paths OK: preset {cfg.preset}, run folder {Path(cfg.run_dir).resolve()}, {world} rank(s)")
         return EXIT_OK
     cfg.engine.ds_config = str(resolve_repo_path(cfg.engine.ds_config))
-    return _run(cfg, make_task)
+    from engine.loop.signals import StopRequest, StopSignals
+
+    # Stop handlers first, before the slow start-up (imports, process group, build, resume, compile):
+    # a preemption that comes now is a clean one (PREEMPTED, exit 0), not a death.
+    stop = StopRequest()
+    signals = StopSignals(stop) if cfg.checkpoint.on_signal else None
+    try:
+        return _run(cfg, make_task, stop)
+    finally:
+        if signals is not None:
+            signals.restore()
 
 
-def _run(cfg: Config, make_task: Callable[[], object]) -> int:
+def _run(cfg: Config, make_task: Callable[[], object], stop) -> int:
     import time
 
     from engine.loop.dist import (
@@ -235,6 +255,12 @@ def _run(cfg: Config, make_task: Callable[[], object]) -> int:
     from engine.serialization import load_guard
 
     ops = use_environment_cache()  # the same op build whatever the shell or launcher (engine.loop.ops)
+    if env_local_rank() == 0 and os.environ.get("DS_ACCELERATOR") == "cpu":
+        from engine.loop.dist import reclaim_stale_shared_memory
+
+        stale = reclaim_stale_shared_memory()
+        if stale:
+            print(f"removed {len(stale)} shared-memory buffer(s) left in /dev/shm by killed runs", file=sys.stderr)
     building = os.environ.get("DS_ACCELERATOR") == "cpu" and not shm_op_built(ops) and env_local_rank() == 0
     if building:
         print(
@@ -251,16 +277,16 @@ def _run(cfg: Config, make_task: Callable[[], object]) -> int:
         log.info("DeepSpeed's CPU communication op built in %.0f s", time.perf_counter() - t0)
     try:
         with load_guard():  # no torch.load in this process runs code from a file (engine.serialization)
-            return _train(cfg, dist, make_task)
+            return _train(cfg, dist, make_task, stop)
     finally:
         release_shared_memory()
 
 
-def _train(cfg: Config, dist, make_task: Callable[[], object]) -> int:
+def _train(cfg: Config, dist, make_task: Callable[[], object], stop) -> int:
     from engine.loop.trainer import Trainer
 
     try:
-        result = Trainer(cfg, dist, make_task()).train()
+        result = Trainer(cfg, dist, make_task(), stop=stop).train()
     except StackError as err:
         # One line instead of a traceback per rank; errors every rank sees alike are printed by rank 0.
         if dist.rank == 0 or err.rank_local:
@@ -272,15 +298,29 @@ def _train(cfg: Config, dist, make_task: Callable[[], object]) -> int:
     return EXIT_OK
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int, join_timeout_s: float = 10.0) -> None:
     """End a training process without the interpreter's teardown, which spends 2-3 s per process
     on CPU tearing down torch, DeepSpeed and DALI module state (every launch and every rank pays
     it). By the time ``main`` returns, checkpoints are written and metrics, TensorBoard and the
-    run lock are closed; what is left is joined or run here first: non-daemon threads, the
-    ``atexit`` handlers (logging's flush among them) and the standard streams."""
+    run lock are closed; what is left is shut down or joined here first: torch.compile's worker
+    pool (inductor keeps compile threads and processes that would otherwise hold the process
+    forever), other non-daemon threads (for at most ``join_timeout_s`` together: a thread that does
+    not end is named and left behind, so a run always exits), the ``atexit`` handlers (logging's
+    flush among them) and the standard streams."""
+    import time
+
+    inductor = sys.modules.get("torch._inductor.async_compile")
+    if inductor is not None:
+        with contextlib.suppress(Exception):  # best effort: exiting matters more
+            inductor.shutdown_compile_workers()  # its worker processes
+            if inductor.AsyncCompile.pool.cache_info().currsize:  # and its thread pool, when it made one
+                inductor.AsyncCompile.pool().shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + join_timeout_s
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                print(f"exiting with thread {thread.name!r} still running", file=sys.stderr)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to save

@@ -124,6 +124,9 @@ def _export_meta(path: Path) -> dict:
         )
     if not isinstance(meta.get("config"), dict):
         raise WeightsError(f"{path / 'export.json'}: no 'config' (not written by engine.tools.export?)")
+    name = str(meta.get("timm_model", ""))
+    if not name.startswith("vit_"):
+        raise WeightsError(f"{path / 'export.json'}: names timm model {name!r}, not one of this project's ViT encoders")
     return meta
 
 

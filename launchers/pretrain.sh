@@ -17,9 +17,13 @@
 # checked before the launcher starts (a mistake is one line and exit code 2). Without --master-port
 # (or MASTER_PORT) a free port is picked; a port that is taken is refused at once.
 #
-# Preemption: SIGTERM, SIGUSR1 or SIGINT sent to this script is forwarded to the training processes
-# only (not to DeepSpeed's launcher, which would kill them); they finish the current step, save a
-# checkpoint, write RUN_DIR/PREEMPTED and exit 0, and so does this script.
+# Preemption: SIGTERM, SIGUSR1 or SIGINT (one Ctrl-C) sent to this script or to its process group is
+# forwarded to the training processes once; they finish the current step, save a checkpoint, write
+# RUN_DIR/PREEMPTED and exit 0, and so does this script, however long the save takes. DeepSpeed's
+# launcher runs in a session of its own, so a terminal's Ctrl-C or a process-group SIGTERM never
+# reaches it (it would SIGKILL the ranks 30 s later, cutting a long save short). A signal that comes
+# while the ranks are still starting is passed on as soon as their handlers are in place. A second Ctrl-C, seconds
+# later, aborts without saving.
 set -uo pipefail
 REPO="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"
 DS=${DEEPSPEED:-$REPO/.venv/bin/deepspeed}
@@ -28,7 +32,7 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 gpus="" hostfile="" addr="" port="${MASTER_PORT:-}" node_rank="" no_ssh=0 module=""
 while [ $# -gt 0 ]; do
@@ -94,25 +98,39 @@ descendants() {  # all processes below PID $1
   kids=$(ps -o pid= --ppid "$1" 2>/dev/null)
   for k in $kids; do echo "$k"; descendants "$k"; done
 }
-forward() {  # send signal $1 to the training processes (they carry --local_rank), not the launchers
-  local sig=$1 pid
+ready() {  # has process $1 installed its stop handlers? (it catches SIGUSR1, which Python alone does not)
+  local mask
+  mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null)
+  [ -n "$mask" ] && (( (16#$mask >> ($(kill -l USR1) - 1)) & 1 ))
+}
+ranks() {  # the training processes (they carry --local_rank) that are ready for a signal; not the launchers
+  local pid
   for pid in $(descendants "$child"); do
-    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$module.*--local_rank"; then
-      kill -s "$sig" "$pid" 2>/dev/null
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$module.*--local_rank" && ready "$pid"; then
+      echo "$pid"
     fi
   done
 }
+pending="" sent=" "
+forward() {  # the pending signal, once to every rank that has not had it (ranks may still be starting)
+  local pid
+  [ -n "$pending" ] || return 0
+  for pid in $(ranks); do
+    case "$sent" in *" $pid "*) ;; *) kill -s "$pending" "$pid" 2>/dev/null && sent="$sent$pid " ;; esac
+  done
+}
+on_signal() { pending=$1; sent=" "; forward; }  # a new signal goes to every rank again
 
-"$DS" "${args[@]}" --module "$module" "$@" &
+# setsid: DeepSpeed's runner and launcher get a session of their own (see Preemption above)
+setsid "$DS" "${args[@]}" --module "$module" "$@" &
 child=$!
-trap 'forward TERM' TERM
-trap 'forward USR1' USR1
-trap 'forward INT' INT
-status=0
-while true; do
-  wait "$child"; status=$?
-  # wait returns early (status > 128) when a trapped signal arrives; keep waiting for the launcher
-  if kill -0 "$child" 2>/dev/null; then continue; fi
-  break
+trap 'on_signal TERM' TERM
+trap 'on_signal USR1' USR1
+trap 'on_signal INT' INT
+while kill -0 "$child" 2>/dev/null; do
+  forward
+  sleep 1 &
+  wait $! 2>/dev/null  # returns at once when a trapped signal arrives
 done
-exit "$status"
+wait "$child"
+exit $?

@@ -68,6 +68,7 @@ def _validate_data(cfg: Config) -> None:
     d = cfg.data
     _one_of("data.loader", d.loader, ("dali", "torch"))
     _one_of("data.decode_device", d.decode_device, ("auto", "gpu", "cpu"))
+    _one_of("data.on_change", d.on_change, ("refuse", "next_epoch"))
     _check(d.global_batch > 0, f"data.global_batch={d.global_batch}: must be > 0")
     _check(d.micro_batch >= 0, f"data.micro_batch={d.micro_batch}: 0 (auto) or a positive batch")
     _check(d.max_micro_batch > 0, f"data.max_micro_batch={d.max_micro_batch}: must be > 0")

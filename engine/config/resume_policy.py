@@ -21,7 +21,13 @@ INCOMPATIBLE = (
     "model.decoder_heads",
     "target.kind",
     "target.feature_dim",
+    "data.global_batch",
 )
+# Why, where it is not obvious.
+REASONS = {
+    "data.global_batch": "the step count, the accumulation boundaries and the lr schedule are defined by it; resume "
+    "with the old value, or start a new run folder from this checkpoint's weights (init.pretrained or an export)",
+}
 # These only change bookkeeping, speed or logging: a resume with them changed is the same run.
 HARMLESS_PREFIXES = (
     "log.",
@@ -41,6 +47,7 @@ HARMLESS_PREFIXES = (
     "fault.",
     "data.eval_batch",
     "schedule.max_steps",  # where this run stops, not the schedule's shape
+    "data.on_change",
 )
 
 
@@ -63,7 +70,7 @@ def compare_for_resume(saved: Config, now: Config) -> tuple[list[str], list[str]
             continue
         line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
         if key in INCOMPATIBLE:
-            errors.append(line)
+            errors.append(f"{line} ({REASONS[key]})" if key in REASONS else line)
         elif key.startswith(HARMLESS_PREFIXES):
             harmless.append(line)
         else:

@@ -89,6 +89,10 @@ class DataConfig:
     flip_prob: float = 0.5  # horizontal flips (0 for data whose classes a mirror changes: text, digits)
     val_shards: str = ""  # labeled validation shards (fine-tuning, probing): evaluated every epoch and at the end
     eval_batch: int = 0  # evaluation batch per rank; 0 = the training micro-batch
+    # resuming mid-epoch with other data (another manifest, a superset, new contents) or another seed:
+    # refuse (the default: the rest of the epoch would repeat or skip samples) | next_epoch (start the
+    # next epoch with the new data; the rest of the current one is not read). At an epoch end: accepted.
+    on_change: str = "refuse"
 
 
 @dataclass

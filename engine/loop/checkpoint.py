@@ -138,11 +138,15 @@ def newest_verified(
 def mark_complete(path: Path, info: dict) -> None:
     files = describe_files(path)
     tmp = path / (MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "time": time.time(), **info, "files": files}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MARKER)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, "time": time.time(), **info, "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / MARKER)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # never a temporary file left behind
+        raise
     _fsync_dir(path)
 
 

@@ -187,6 +187,38 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+def reclaim_stale_shared_memory(min_age_s: float = 60.0) -> list[str]:
+    """Remove DeepSpeed CPU all-reduce buffers that no live process holds (left by killed runs: a
+    SIGKILL skips ``release_shared_memory``). A buffer is in use while any process has it mapped or
+    open; younger ones are left alone (a job starting beside this one may be about to map its own)."""
+    import glob
+    import time
+
+    files = set(glob.glob(SHM_PATTERN))
+    if not files:
+        return []
+    in_use: set[str] = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        with contextlib.suppress(OSError), open(maps) as f:
+            in_use.update(line.split(None, 5)[-1].strip() for line in f if "deepspeed_allreduce_buffer_" in line)
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if "deepspeed_allreduce_buffer_" in target:
+                in_use.add(target)
+    removed = []
+    now = time.time()
+    for path in sorted(files - in_use):
+        with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime >= min_age_s:
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
 def release_shared_memory() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer (``/dev/shm/deepspeed_allreduce_buffer_*``).
 
@@ -201,6 +233,6 @@ def release_shared_memory() -> None:
         return
     suffixes = {os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")}
     for s in suffixes:
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{s}"):
+        for path in glob.glob(f"{SHM_PATTERN}_{addr}_{port}_{s}"):
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -57,7 +57,7 @@ def check_config(saved: dict, now: Config) -> None:
     errors, changes, harmless = compare_for_resume(from_dict(saved), now)
     if errors:
         raise CheckpointError(
-            "cannot resume: incompatible config change(s): " + "; ".join(errors) + " (start a new run_dir instead)"
+            "cannot resume: incompatible config change(s): " + "; ".join(errors) + " (or start a new run folder)"
         )
     for line in changes:
         log.warning("resuming with a changed setting that alters training: %s", line)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -25,8 +26,17 @@ from typing import Any
 import torch
 
 from data_pipeline import preflight
-from data_pipeline.loader import DatasetView, EpochLoader, LoaderSpec, make_loader, read_dataset
+from data_pipeline.loader import (
+    DatasetView,
+    EpochLoader,
+    LoaderSpec,
+    check_data_change,
+    data_identity,
+    make_loader,
+    read_dataset,
+)
 from engine.config import Config, RunPlan, fingerprint, plan_run, resolved, to_dict
+from engine.disk import as_disk_error, free_space, writing
 from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy
 from engine.loop import checkpoint as ckpt
 from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
@@ -57,6 +67,7 @@ class Trainer:
         task: Task,
         engine_factory: EngineFactory = deepspeed_engine,
         faults: NoFaults | None = None,
+        stop: StopRequest | None = None,
     ):
         self.cfg, self.dist, self.task = cfg, dist, task
         self.engine_factory = engine_factory
@@ -65,7 +76,10 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.view_dir = self.run_dir / "data_view"
         self.lock = RunLock(self.run_dir)
-        self.stop = StopRequest()  # set by signals (engine.loop.signals), read by the guard and the loop
+        # set by signals (engine.loop.signals), read by the guard and the loop; an entry point that
+        # installed its handlers at process start hands its request in, else train() installs them
+        self.stop = stop if stop is not None else StopRequest()
+        self.own_signals = stop is None
         # progress (checkpointed)
         self.step = 0  # optimizer steps done
         self.rollbacks = 0
@@ -144,6 +158,12 @@ class Trainer:
                 self.view_dir / "bad_samples.json",
             )
         preflight.check_threshold(self.dataset, self.cfg.fault.max_bad_sample_share, self.view_dir)
+        if self.resume_marker is not None:  # other data or seed under a mid-epoch checkpoint: refused here
+            note = check_data_change(
+                self.resume_marker, data_identity(self.dataset.table, self.cfg.seed), self.cfg.data.on_change
+            )
+            if note:
+                log.warning("%s", note)
         classes = self.dataset.num_classes or None
         self.plan = plan_run(self.cfg, self.dist.world_size, self.dataset.num_samples, classes).require_complete()
         p = self.plan
@@ -213,6 +233,7 @@ class Trainer:
             flip_prob=aug.flip_prob,
             excluded=self.dataset.excluded,
             view=str(self.view_dir),
+            on_change=d.on_change,
         )
 
     # ------------------------------------------------------------------ state
@@ -258,23 +279,45 @@ class Trainer:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
         except Exception as err:  # disk full, permissions, a file in the way: never half-succeed
             error = err
-        if any_rank(error is not None, self.dist.device):
-            raise CheckpointError(
-                f"saving checkpoint {tag} failed ({error or 'on another rank'}); the earlier checkpoints in "
-                f"{self.ckpt_dir} are untouched and the newest complete one is used on resume"
-            ) from error
         path = self.ckpt_dir / tag
+        if any_rank(error is not None, self.dist.device):
+            self._discard_partial(path)
+            why = (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if error else "on another rank"
+            raise CheckpointError(
+                f"saving checkpoint {tag} failed ({why}; {free_space(self.ckpt_dir)}); the earlier checkpoints "
+                f"in {self.ckpt_dir} are untouched and the newest complete one is used on resume"
+            ) from error
         self.faults.before_marker()
+        failed = None
         if self.dist.is_main:
-            info = {"step": self.step, "epoch": self.loader.epoch, "world_size": self.dist.world_size, "keep": keep}
+            info = {
+                "step": self.step,
+                "epoch": self.loader.epoch,
+                "world_size": self.dist.world_size,
+                "keep": keep,
+                "data": self.loader.data_state(),
+            }
             # the config travels in the marker too, so a resume can refuse it before loading anything
             info.update(config=to_dict(self.cfg), config_fingerprint=fingerprint(self.cfg), **self.task.reference())
-            ckpt.mark_complete(path, info)
-            ckpt.write_latest(self.ckpt_dir, tag)
-            ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+            try:
+                ckpt.mark_complete(path, info)
+                ckpt.write_latest(self.ckpt_dir, tag)
+                ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+            except OSError as err:
+                failed = as_disk_error(err, path / ckpt.MARKER) or CheckpointError(f"{path}: {err}")
+        if any_rank(failed is not None, self.dist.device):  # every rank stops alike
+            self._discard_partial(path)
+            raise failed or CheckpointError(f"writing the marker of {path} failed on rank 0")
         barrier()
         log.info("saved checkpoint %s in %.1fs%s", path, time.perf_counter() - t0, " (kept)" if keep else "")
         return path
+
+    def _discard_partial(self, path: Path) -> None:
+        """A checkpoint whose save failed is removed (rank 0): no partial files stay behind, and the
+        earlier checkpoints are untouched."""
+        if self.dist.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+        barrier()
 
     def resume(self) -> dict | None:
         """Load the checkpoint found at build time; returns this rank's loader state (or None)."""
@@ -366,7 +409,7 @@ class Trainer:
         return lr
 
     def train(self) -> dict:
-        if self.cfg.checkpoint.on_signal:  # before the build: a stop during start-up is a preemption too
+        if self.cfg.checkpoint.on_signal and self.own_signals:  # before the build: a stop now is a preemption
             self.signals = StopSignals(self.stop)
         try:
             return self._train()
@@ -381,7 +424,8 @@ class Trainer:
         if not self.built:
             self.build()
         if self.dist.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(resolved(self.cfg, self.plan), indent=2))
+            with writing(self.run_dir / "config.json"):
+                (self.run_dir / "config.json").write_text(json.dumps(resolved(self.cfg, self.plan), indent=2))
         self.keys = KeyAudit(self.run_dir, self.dist.rank, self.cfg.log.sample_keys)
         loader_state = self.resume()
         stop = self.plan.stop_step
@@ -391,6 +435,11 @@ class Trainer:
         if any_rank(self.stop.requested, self.dist.device):  # stopped while starting: nothing new to save
             return self._preempted(saved=False)
         self.loader = make_loader(self.cfg.data.loader, self._loader_spec(), loader_state)
+        if hasattr(self.engine, "micro_steps"):
+            # DeepSpeed restores its step count but not its micro-step count: align its accumulation
+            # boundaries with the loader's position (saves happen at boundaries: a multiple of it)
+            self.engine.global_steps = self.step
+            self.engine.micro_steps = self.loader.position
         self.monitor = RunMonitor(
             self.cfg, self.run_dir, self.dist.is_main, self.step, stop, self.plan.steps_per_epoch, self.task.name
         )
@@ -435,7 +484,8 @@ class Trainer:
 
     def _preempted(self, saved: bool) -> dict:
         if self.dist.is_main:
-            (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
+            with writing(self.run_dir / "PREEMPTED"):
+                (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
         what = "checkpoint saved" if saved else "nothing new to save"
         log.warning("stopped by a signal at step %d; %s; exiting 0", self.step, what)
         return {"step": self.step, "complete": False, "preempted": True}
@@ -556,10 +606,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging and figures
     def _save_figure(self, path: Path) -> None:
-        with self.watchdog.held("a figure") if self.watchdog is not None else contextlib.nullcontext():
+        held = self.watchdog.held("a figure") if self.watchdog is not None else contextlib.nullcontext()
+        with held, writing(path):
             written = self.task.figure(self.engine, path)
         if written:
-            self.monitor.figure(self.step, path)
+            with writing(self.run_dir / "tensorboard"):
+                self.monitor.figure(self.step, path)
             log.info("wrote %s", path)
 
     def _log(self, lr: float, seconds: float, steps: int) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.disk import writing
+
 log = logging.getLogger(__name__)
 
 # metrics.jsonl field -> TensorBoard tag
@@ -88,17 +90,19 @@ class RunMonitor:
         self.rates.append(rec["img_per_s"])
         if not self.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        path = self.run_dir / "metrics.jsonl"
+        with writing(path), open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         step = rec["step"]
         if self.tb is not None:
-            for key, tag in TB_TAGS.items():
-                if rec.get(key) is not None:
-                    self.tb.add_scalar(tag, rec[key], step)
-            for key, value in rec.items():
-                if key.startswith("loss_tap"):
-                    self.tb.add_scalar(f"loss/block{key[len('loss_tap') :]}", value, step)
-            self.tb.flush()
+            with writing(self.run_dir / "tensorboard"):
+                for key, tag in TB_TAGS.items():
+                    if rec.get(key) is not None:
+                        self.tb.add_scalar(tag, rec[key], step)
+                for key, value in rec.items():
+                    if key.startswith("loss_tap"):
+                        self.tb.add_scalar(f"loss/block{key[len('loss_tap') :]}", value, step)
+                self.tb.flush()
         if self.bar is not None:
             post = {"epoch": f"{rec['epoch']:.2f}", "loss": f"{rec['loss']:.4f}", "img/s": f"{rec['img_per_s']:.0f}"}
             self.bar.set_postfix(post, refresh=False)
@@ -108,13 +112,15 @@ class RunMonitor:
         self.evals.append(rec)
         if not self.is_main:
             return
-        with open(self.run_dir / "eval.jsonl", "a") as f:
+        path = self.run_dir / "eval.jsonl"
+        with writing(path), open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
-            for key, value in rec.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"eval/{key}", value, rec["step"])
-            self.tb.flush()
+            with writing(self.run_dir / "tensorboard"):
+                for key, value in rec.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        self.tb.add_scalar(f"eval/{key}", value, rec["step"])
+                self.tb.flush()
 
     def figure(self, step: int, png: Path) -> None:
         if self.tb is not None:
@@ -177,7 +183,7 @@ class KeyAudit:
 
     def flush(self) -> None:
         if self.enabled and self.buf:
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:
                 f.writelines(self.buf)
             self.buf = []
 

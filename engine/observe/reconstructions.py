@@ -101,8 +101,12 @@ def save_grid(titles: list[str], rows: list[list[np.ndarray]], path: str | Path,
             canvas.paste(im, (pad + c * (tile + pad), head + pad + r * (tile + pad)))
     path = Path(path)
     tmp = path.with_suffix(".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    try:
+        canvas.save(tmp)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written figure behind
+        raise
 
 
 def save_reconstructions(

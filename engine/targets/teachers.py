@@ -163,7 +163,12 @@ def clip_arch_timm(sd: dict[str, torch.Tensor]) -> ClipArch:
         out_dim=sd["head.weight"].shape[0],
     )
     # the shapes come from a file: bounded before a model of that size is allocated
-    check_limits("CLIP weights", width=arch.width, depth=arch.layers, patch=arch.patch, grid=grid, out_dim=arch.out_dim)
+    try:
+        check_limits(
+            "CLIP weights", width=arch.width, depth=arch.layers, patch=arch.patch, grid=grid, out_dim=arch.out_dim
+        )
+    except WeightsError as err:
+        raise TeacherError(str(err)) from None
     return arch
 
 

@@ -32,6 +32,7 @@ class FinetuneTask(Task):
     def __init__(self) -> None:
         super().__init__()
         self.num_classes = 0
+        self.label_map: tuple[int, ...] | None = None
         self.img_size = 0
         self.init: dict = {}
         self.mixup: Any = None
@@ -51,6 +52,7 @@ class FinetuneTask(Task):
                 f"data.shards={cfg.data.shards!r}: unlabeled samples (label -1); fine-tuning needs labels"
             )
         self.num_classes = f.num_classes or train.num_classes or int(train.table.label.max()) + 1
+        self.label_map = self._check_validation_labels()
         self.img_size = ctx.plan.img_size
         torch.manual_seed(cfg.seed)  # identical initial head on every rank
         self.module = build_classifier(cfg, ctx.plan, self.num_classes)
@@ -74,6 +76,18 @@ class FinetuneTask(Task):
         self.criterion = self._criterion()
         self.best = {"top1": None, "top5": None, "epoch": None}
         self.dtype = torch.float32
+
+    def _check_validation_labels(self) -> tuple[int, ...] | None:
+        """Validation labels the head can score, numbered as in training: checked now, not at the
+        first epoch end (where a bad label would crash every attempt)."""
+        from data_pipeline.labels import validation_label_map
+
+        d = self.cfg.data
+        val = read_dataset(d.val_shards).table
+        mapping, note = validation_label_map(d.shards, d.val_shards, val.label, self.num_classes)
+        if note:
+            log.warning("%s", note)
+        return tuple(int(v) for v in mapping) if mapping is not None else None
 
     def _load_pretrained(self) -> dict:
         src = self.cfg.init.pretrained
@@ -215,6 +229,7 @@ class FinetuneTask(Task):
                 "gpu" if gpu and c.data.decode_device != "cpu" else "cpu",
                 dist.local_rank if gpu else None,
                 view.excluded,
+                self.label_map,
             )
             self._val = EvalLoader(c.data.loader, spec)
         return self._val

@@ -255,3 +255,61 @@ def test_a_failed_save_is_one_error_and_keeps_earlier_checkpoints(demo_shards, t
     with pytest.raises(CheckpointError, match="saving checkpoint step_00000006 failed.*earlier checkpoints"):
         train(run, demo_shards, 8, "checkpoint.interval=3")
     assert steps_saved(run) == [3]
+
+
+# ------------------------------------------------------------------ resuming onto changed data
+
+
+def read_keys_by_step(run: Path) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for line in keys(run).splitlines():
+        step, _micro, ks = line.split("\t")
+        out.setdefault(int(step), []).extend(ks.split(","))
+    return out
+
+
+def test_another_seed_mid_epoch_is_refused_or_starts_the_next_epoch(demo_shards, tmp_path):
+    """9 steps per epoch (72 samples, global batch 8). Stopped at step 4, resumed with seed 1: the
+    rest of epoch 0 would be another permutation's rest; refused in one line, or, when asked, epoch 1
+    starts with the new seed and reads every sample once."""
+    run = tmp_path / "run"
+    train(run, demo_shards, 4, "checkpoint.interval=4")
+    with pytest.raises(DataError) as err:
+        train(run, demo_shards, 13, "checkpoint.interval=4", "seed=1")
+    msg = str(err.value)
+    assert "\n" not in msg and "32 samples per rank into epoch 0" in msg and "seed 0 -> 1" in msg
+    assert "data.on_change=next_epoch" in msg and err.value.exit_code == 2
+    train(run, demo_shards, 13, "checkpoint.interval=4", "seed=1", "data.on_change=next_epoch")
+    steps = read_keys_by_step(run)
+    assert sorted(steps) == list(range(1, 14))
+    epoch1 = [k for s in range(5, 14) for k in steps[s]]  # steps 5-13: the whole of epoch 1
+    assert len(epoch1) == len(set(epoch1)) == 72
+
+
+def test_changed_or_grown_shards_are_refused_mid_epoch_and_taken_at_an_epoch_end(demo_tree, demo_shards, tmp_path):
+    from tests.conftest import make_shards
+
+    run = tmp_path / "run"
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    train(run, shards, 4, "checkpoint.interval=4")
+    resharded = tmp_path / "resharded"  # the same images in another order: the same path, other contents
+    make_shards(demo_tree, resharded, "--shard-size-mb", "0.03", "--seed", "5")
+    import shutil
+
+    shutil.rmtree(shards)
+    shutil.copytree(resharded, shards)
+    with pytest.raises(DataError, match=r"manifest \w+ -> \w+"):
+        train(run, shards, 9, "checkpoint.interval=4")
+    # at an epoch end the new data is simply the next epoch's
+    run2 = tmp_path / "run2"
+    train(run2, demo_shards, 9, "checkpoint.interval=9")  # the whole of epoch 0
+    assert train(run2, shards, 18, "checkpoint.interval=9")["complete"]
+    epoch1 = [k for s in range(10, 19) for k in read_keys_by_step(run2)[s]]
+    assert len(epoch1) == len(set(epoch1)) == 72
+
+
+def test_a_changed_global_batch_is_refused(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    train(run, demo_shards, 4, "checkpoint.interval=4")
+    with pytest.raises(CheckpointError, match=r"data.global_batch: 8 -> 24 \(the step count"):
+        train(run, demo_shards, 8, "data.global_batch=24")

@@ -1,0 +1,298 @@
+"""Bad inputs found before training, and file-system faults as one line: fine-tuning labels, weight
+files that declare impossible shapes or lie about themselves, full and read-only disks, leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from engine.config import apply_overrides, to_dict, validate
+from engine.disk import DiskError
+from engine.errors import CheckpointError, TeacherError
+from engine.loop.dist import DistInfo
+from engine.loop.engines import local_engine
+from engine.loop.faults import FaultDrills
+from engine.loop.trainer import Trainer
+from engine.presets import get_preset
+from engine.tasks.masked_modeling import PretrainTask
+from tests.conftest import make_shards
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def pretrain(run: Path, shards: Path, steps: int, *sets: str, faults=None) -> dict:
+    cfg = get_preset("deepmim_test_pixel")
+    base = [
+        f"data.shards={shards}",
+        f"run_dir={run}",
+        f"schedule.max_steps={steps}",
+        "data.loader=torch",
+        "log.reconstructions=false",
+        "log.tensorboard=false",
+    ]
+    apply_overrides(cfg, [*base, *sets])
+    validate(cfg)
+    return Trainer(cfg, CPU, PretrainTask(), engine_factory=local_engine, faults=faults).train()
+
+
+def finetune_check(capsys, train: Path, val: Path, *sets: str) -> tuple[int, str]:
+    from engine.finetune import main
+
+    code = main(
+        [
+            "--preset",
+            "finetune_test",
+            "--run-dir",
+            "/tmp/never-made",
+            "--set",
+            f"data.shards={train}",
+            "--set",
+            f"data.val_shards={val}",
+            "--set",
+            "init.pretrained=",
+            *[a for s in sets for a in ("--set", s)],
+            "--check",
+        ]
+    )
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ fine-tuning labels
+
+
+def test_validation_labels_outside_the_head_are_refused_before_training(demo_tree, demo_shards, tmp_path, capsys):
+    extra = tmp_path / "val_tree"
+    shutil.copytree(demo_tree, extra)
+    shutil.copytree(next(p for p in extra.iterdir() if p.is_dir()), extra / "zz_tenth_class")
+    val = tmp_path / "val"
+    make_shards(extra, val, "--shard-size-mb", "0.05")  # its own classes.json: ten classes
+    code, err = finetune_check(capsys, demo_shards, val)
+    assert code == 2 and err.count("\n") == 1 and "'zz_tenth_class'" in err and "not in the training" in err, err
+    unlabeled = tmp_path / "unlabeled"
+    make_shards(demo_tree, unlabeled, "--shard-size-mb", "0.05", "--layout", "flat")
+    code, err = finetune_check(capsys, demo_shards, unlabeled)
+    assert code == 2 and "labels [-1] outside the classifier's 9 classes" in err, err
+
+
+def test_validation_classes_numbered_otherwise_are_mapped_by_name(demo_tree, demo_shards, tmp_path, capsys):
+    from data_pipeline.eval_loader import EvalLoader, EvalSpec
+    from data_pipeline.labels import validation_label_map
+    from data_pipeline.table import read_table
+
+    train_classes = json.loads((demo_shards / "classes.json").read_text())
+    reversed_ids = {name: len(train_classes) - 1 - i for name, i in train_classes.items()}
+    (tmp_path / "classes.json").write_text(json.dumps(reversed_ids))
+    val = tmp_path / "val"
+    make_shards(demo_tree, val, "--shard-size-mb", "0.05", "--classes", str(tmp_path / "classes.json"))
+    code, _ = finetune_check(capsys, demo_shards, val)
+    assert code == 0
+    mapping, note = validation_label_map(demo_shards, val, read_table(val).label, 9)
+    assert "mapped by class name" in note
+    loader = EvalLoader("torch", EvalSpec(str(val), 0, 1, 16, 16, num_threads=1, label_map=tuple(mapping)))
+    table = read_table(val)
+    names = {v: k for k, v in reversed_ids.items()}
+    for batch in loader:  # every label is the training set's number for that class
+        for row, label in zip(batch.rows, batch.label.tolist()):
+            assert label == train_classes[names[int(table.label[row])]]
+
+
+# ------------------------------------------------------------------ weight files that lie
+
+
+def test_a_clip_file_declaring_an_impossible_width_is_refused_before_allocating(tmp_path):
+    from engine.targets.teachers import inspect_clip, load_clip_teacher
+
+    huge = torch.zeros(1).expand(1_048_576, 3, 16, 16)  # a tiny file whose tensor claims 13 TB of model
+    sd = {
+        "visual.conv1.weight": huge,
+        "visual.class_embedding": torch.zeros(1).expand(1_048_576),
+        "visual.positional_embedding": torch.zeros(1).expand(197, 1_048_576),
+        "visual.ln_pre.weight": torch.zeros(1).expand(1_048_576),
+        "visual.ln_post.weight": torch.zeros(1).expand(1_048_576),
+        "visual.proj": torch.zeros(1).expand(1_048_576, 512),
+        "visual.transformer.resblocks.0.ln_1.weight": torch.zeros(1).expand(1_048_576),
+    }
+    torch.save(sd, tmp_path / "clip.pt")
+    assert (tmp_path / "clip.pt").stat().st_size < 100_000
+    with pytest.raises(TeacherError, match="width 1048576, outside any known ViT"):
+        inspect_clip(tmp_path / "clip.pt")
+    with pytest.raises(TeacherError, match="width 1048576, outside any known ViT"):
+        load_clip_teacher(tmp_path / "clip.pt")
+
+
+@pytest.fixture
+def export_folder(tmp_path) -> Path:
+    """An export of the test variant as engine.tools.export writes it (model.safetensors + export.json)."""
+    out = tmp_path / "export"
+    out.mkdir()
+    kw = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_classes": 0}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    save_file(model.state_dict(), str(out / "model.safetensors"))
+    meta = {
+        "kind": "encoder",
+        "weights": "model.safetensors",
+        "timm_model": "vit_tiny_patch16_224",
+        "timm_kwargs": kw,
+        "config": to_dict(get_preset("deepmim_test_pixel")),
+    }
+    (out / "export.json").write_text(json.dumps(meta))
+    return out
+
+
+def corrupt_header(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    if how == "length":
+        path.write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    elif how == "json":
+        path.write_bytes(data[:8] + b"{" * n + data[8 + n :])
+    else:  # offsets that point past the end of the file
+        key = next(k for k in header if k != "__metadata__")
+        header[key]["data_offsets"] = [0, 10**12]
+        text = json.dumps(header).encode().ljust(n)[:n]
+        path.write_bytes(data[:8] + text + data[8 + n :])
+
+
+@pytest.mark.parametrize("damage", ["length", "json", "offsets", "kind", "config", "resnet50"])
+def test_a_damaged_or_wrong_export_is_one_line_before_launch(
+    export_folder, demo_shards, demo_val_shards, damage, capsys
+):
+    meta = json.loads((export_folder / "export.json").read_text())
+    if damage in ("length", "json", "offsets"):
+        corrupt_header(export_folder / "model.safetensors", damage)
+    elif damage == "kind":
+        meta["kind"] = "classifier"
+    elif damage == "config":
+        del meta["config"]
+    else:
+        meta["timm_model"] = "resnet50"
+    (export_folder / "export.json").write_text(json.dumps(meta))
+    code, err = finetune_check(capsys, demo_shards, demo_val_shards, f"init.pretrained={export_folder}")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    expected = {
+        "length": "corrupt safetensors header",
+        "json": "corrupt safetensors header",
+        "offsets": "corrupt safetensors header",
+        "kind": "fine-tuned classifier",
+        "config": "no 'config'",
+        "resnet50": "'resnet50', not one of this project's ViT encoders",
+    }
+    assert expected[damage] in err, err
+
+
+# ------------------------------------------------------------------ file systems
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line_naming_the_file(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(DiskError) as err:
+        pretrain(run, demo_shards, 3)
+    assert "no space left writing" in str(err.value) and "metrics.jsonl" in str(err.value)
+    assert err.value.exit_code == 2 and "MB free" in str(err.value)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 6 MB tmpfs of the test's own (skipped where this machine allows no mounts); a checkpoint of the
+    test model on the local engine is about 1.3 MB."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+class FillDiskBeforeMarker(FaultDrills):
+    """Fills the file system after the checkpoint's files and before its marker, once."""
+
+    def __init__(self, cfg, folder: Path, step: int):
+        super().__init__(cfg.debug)
+        self.folder, self.at, self.step = folder, step, 0
+
+    def step_done(self, step: int) -> None:
+        self.step = step
+
+    def before_marker(self) -> None:
+        if self.step == self.at:
+            with open(self.folder / "filler", "wb") as f, pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+
+
+def test_a_full_disk_at_a_checkpoint_or_its_marker_leaves_earlier_checkpoints_intact(demo_shards, small_fs):
+    run = small_fs / "run"
+    cfg = get_preset("deepmim_test_pixel")
+    apply_overrides(cfg, ["checkpoint.interval=2"])
+    with pytest.raises(DiskError) as err:
+        pretrain(run, demo_shards, 6, "checkpoint.interval=2", faults=FillDiskBeforeMarker(cfg, small_fs, 4))
+    msg = str(err.value)
+    assert "no space left writing" in msg and "complete.json" in msg and "MB free" in msg, msg
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert names == ["step_00000002"]  # the failed one is gone, the earlier one intact
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob("complete.json.tmp"))
+    (small_fs / "filler").unlink()
+    assert pretrain(run, demo_shards, 6, "checkpoint.interval=2")["complete"]  # and the run resumes from it
+    # the checkpoint's own files do not fit: the same, one error naming the space left
+    shutil.rmtree(run)
+    (small_fs / "filler2").write_bytes(b"\0" * (shutil.disk_usage(small_fs).free - 300_000))
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step_00000002 failed .*MB free on that file system"):
+        pretrain(run, demo_shards, 4, "checkpoint.interval=2")
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")]
+
+
+def test_a_read_only_run_folder_is_found_before_launch(small_fs, demo_shards, capsys):
+    from engine.pretrain import main
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    code = main(
+        [
+            "--preset",
+            "deepmim_test_pixel",
+            "--run-dir",
+            str(small_fs / "run"),
+            "--set",
+            f"data.shards={demo_shards}",
+            "--check",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "read-only file system" in err, err
+
+
+def test_shared_memory_of_killed_runs_is_reclaimed_and_live_buffers_kept():
+    from engine.loop.dist import reclaim_stale_shared_memory
+
+    stale = Path(f"/dev/shm/deepspeed_allreduce_buffer_test_{os.getpid()}_stale")
+    live = Path(f"/dev/shm/deepspeed_allreduce_buffer_test_{os.getpid()}_live")
+    young = Path(f"/dev/shm/deepspeed_allreduce_buffer_test_{os.getpid()}_young")
+    for p in (stale, live, young):
+        p.write_bytes(b"\0" * 4096)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(live, (old, old))
+    holder = subprocess.Popen(["python3", "-c", f"f = open({str(live)!r}, 'rb'); import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        removed = reclaim_stale_shared_memory()
+        assert str(stale) in removed and not stale.exists()
+        assert live.exists() and young.exists()  # held by a live process; too young to judge
+    finally:
+        holder.kill()
+        for p in (stale, live, young):
+            p.unlink(missing_ok=True)
