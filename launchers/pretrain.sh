@@ -25,6 +25,13 @@
 # while the ranks are still starting is passed on as soon as their handlers are in place. A second Ctrl-C, seconds
 # later, aborts without saving.
 set -uo pipefail
+# Stop signals are taken from the start (before the checks): one that comes early is remembered and
+# passed on as soon as the ranks can take it (see Preemption above).
+pending="" sent=" " child=""
+on_signal() { pending=$1; sent=" "; [ -n "$child" ] && forward; }  # a new signal goes to every rank again
+trap 'on_signal TERM' TERM
+trap 'on_signal USR1' USR1
+trap 'on_signal INT' INT
 REPO="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"
 DS=${DEEPSPEED:-$REPO/.venv/bin/deepspeed}
 [ -x "$DS" ] || DS=deepspeed
@@ -70,8 +77,9 @@ fi
 plan=(--gpus "${gpus:-0}" --master-addr "$addr")
 [ -n "$hostfile" ] && plan+=(--hostfile "$hostfile")
 [ "$no_ssh" = 1 ] && plan+=(--no-ssh)
-world=$("$PY" -m engine.tools.launch_plan "${plan[@]}") || exit 2
-"$PY" -m "$module" --check --world-size "$world" "$@" >/dev/null || exit 2
+# (checks run in a session of their own: a signal to this script's process group is this script's to handle)
+world=$(setsid --wait "$PY" -m engine.tools.launch_plan "${plan[@]}") || exit 2
+setsid --wait "$PY" -m "$module" --check --world-size "$world" "$@" >/dev/null || exit 2
 
 local_master=1
 case "${addr:-127.0.0.1}" in 127.0.0.1|localhost|"$(hostname)"|"$(hostname -f 2>/dev/null)") ;; *) local_master=0 ;; esac
@@ -111,7 +119,6 @@ ranks() {  # the training processes (they carry --local_rank) that are ready for
     fi
   done
 }
-pending="" sent=" "
 forward() {  # the pending signal, once to every rank that has not had it (ranks may still be starting)
   local pid
   [ -n "$pending" ] || return 0
@@ -119,14 +126,9 @@ forward() {  # the pending signal, once to every rank that has not had it (ranks
     case "$sent" in *" $pid "*) ;; *) kill -s "$pending" "$pid" 2>/dev/null && sent="$sent$pid " ;; esac
   done
 }
-on_signal() { pending=$1; sent=" "; forward; }  # a new signal goes to every rank again
-
 # setsid: DeepSpeed's runner and launcher get a session of their own (see Preemption above)
 setsid "$DS" "${args[@]}" --module "$module" "$@" &
 child=$!
-trap 'on_signal TERM' TERM
-trap 'on_signal USR1' USR1
-trap 'on_signal INT' INT
 while kill -0 "$child" 2>/dev/null; do
   forward
   sleep 1 &
