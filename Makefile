@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup quickstart finetune-quickstart test test-fast test-integration lint format clean-runs
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@# the project itself, editable: the deepmim-* commands, and its packages importable from any folder
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@# triton only serves torch.compile on NVIDIA GPUs (0.9 GB): left out where there is none
 	nvidia-smi -L >/dev/null 2>&1 || $(PY) -m pip uninstall --quiet --yes triton
 	DS_ACCELERATOR=cpu $(PY) -m engine.loop.ops

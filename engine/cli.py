@@ -60,8 +60,9 @@ def parse_args(stage: str, description: str, argv: list[str] | None = None) -> a
     ap.add_argument(
         "--resume",
         metavar="MODE",
-        help="auto (default: the newest complete checkpoint of the run folder), never (start over), or a "
-        "checkpoint folder",
+        help="auto (default: the newest complete checkpoint of the run folder), never (start over; refused on a "
+        "folder that holds a run), fresh (move that run aside to RUN_DIR.previous-<time>, then start over; use it "
+        "once, not in a requeued job script), or a checkpoint folder",
     )
     ap.add_argument(
         "--print-config",
@@ -160,8 +161,17 @@ def check_paths(cfg: Config) -> None:
             "not found (a pretraining run folder, a checkpoint folder or an engine.tools.export folder)",
         )
     mode = cfg.checkpoint.resume
-    if mode not in ("auto", "never"):
+    if mode not in ("auto", "never", "fresh"):
         need(Path(mode).is_dir(), "checkpoint.resume", mode, "no such checkpoint folder")
+    if mode == "never":
+        from engine.loop.checkpoint import holds_run
+
+        held = holds_run(cfg.run_dir)
+        if held:
+            raise ConfigError(
+                f"--resume never: {Path(cfg.run_dir).resolve()} holds a run ({held}); --resume auto continues it, "
+                "--resume fresh moves it aside and starts over, or choose another --run-dir"
+            )
     from engine.disk import check_writable
 
     check_writable(cfg.run_dir)
@@ -196,6 +206,25 @@ def check_inputs(cfg: Config, plan) -> None:
         inspect_clip(t.teacher)
 
 
+def finished(cfg: Config, plan) -> str:
+    """'run already complete: ...' when the run folder's newest complete checkpoint is at or past where
+    this run stops (answered from the markers, in a second, instead of after a launch); else ''."""
+    if cfg.checkpoint.resume != "auto" or plan.stop_step is None:
+        return ""
+    from engine.loop.checkpoint import newest_complete, read_marker
+
+    newest = newest_complete(Path(cfg.run_dir) / "checkpoints")
+    if newest is None:
+        return ""
+    try:
+        step = int(read_marker(newest)["step"])
+    except (StackError, KeyError, TypeError, ValueError):
+        return ""  # the run itself will say what is wrong with it
+    if step < plan.stop_step:
+        return ""
+    return f"run already complete: step {step} of {plan.stop_step} in {Path(cfg.run_dir).resolve()}; nothing to do"
+
+
 def dataset_size(shards: str) -> int | None:
     """The shard folder's sample count from dataset.json (None when it cannot be read)."""
     try:
@@ -225,6 +254,10 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
             print(f"config error: {err}", file=sys.stderr)
         return err.exit_code
     if args.check:
+        done = finished(cfg, plan)
+        if done:
+            print(done)  # launchers/pretrain.sh then launches nothing
+            return EXIT_OK
         print(f"config and paths OK: preset {cfg.preset}, run folder {Path(cfg.run_dir).resolve()}, {world} rank(s)")
         return EXIT_OK
     cfg.engine.ds_config = str(resolve_repo_path(cfg.engine.ds_config))

@@ -79,7 +79,8 @@ plan=(--gpus "${gpus:-0}" --master-addr "$addr")
 [ "$no_ssh" = 1 ] && plan+=(--no-ssh)
 # (checks run in a session of their own: a signal to this script's process group is this script's to handle)
 world=$(setsid --wait "$PY" -m engine.tools.launch_plan "${plan[@]}") || exit 2
-setsid --wait "$PY" -m "$module" --check --world-size "$world" "$@" >/dev/null || exit 2
+checked=$(setsid --wait "$PY" -m "$module" --check --world-size "$world" "$@") || exit 2
+case "$checked" in "run already complete"*) echo "$checked"; exit 0 ;; esac
 
 local_master=1
 case "${addr:-127.0.0.1}" in 127.0.0.1|localhost|"$(hostname)"|"$(hostname -f 2>/dev/null)") ;; *) local_master=0 ;; esac

@@ -128,7 +128,9 @@ class CheckpointConfig:
     interval: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 3
     keep_every_epochs: int = 0  # also keep one checkpoint at the end of every N-th epoch (0 = off)
-    resume: str = "auto"  # auto (newest complete checkpoint in run_dir) | never | <checkpoint dir>
+    # auto (newest complete checkpoint in run_dir) | never (start over; refused on a folder that holds
+    # a run) | fresh (move a run already in the folder aside, then start over) | <checkpoint dir>
+    resume: str = "auto"
     on_signal: bool = True  # SIGTERM/SIGUSR1: finish the step, save, exit 0 (RUN_DIR/PREEMPTED)
 
 
@@ -175,7 +177,8 @@ class EngineConfig:
     ds_config: str = "ds_configs/zero2_bf16.json"
     # torch.compile of the repeated blocks (encoder, decoders, teacher): each block class is
     # compiled once and reused, so compile time stays small; on failure training runs eager.
-    compile: bool = False
+    # auto: on CUDA (the measured fastest path), not on the CPU (where compiling costs more than it saves)
+    compile: str = "auto"  # auto | true | false
     compile_backend: str = "inductor"
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     # activation checkpointing: 0 = off, 1 = every block, k = every k-th block

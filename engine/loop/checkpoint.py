@@ -163,6 +163,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def holds_run(run_dir: str | Path) -> str:
+    """What of a run a folder holds ('' for nothing): checkpoints, metrics."""
+    run_dir = Path(run_dir)
+    found = []
+    ckpts = (
+        [p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()]
+        if (run_dir / "checkpoints").is_dir()
+        else []
+    )
+    if ckpts:
+        newest = max((step_of(p.name) or 0) for p in ckpts)
+        found.append(f"{len(ckpts)} checkpoint(s), the newest at step {newest}")
+    if (run_dir / "metrics.jsonl").is_file():
+        found.append("metrics.jsonl")
+    return " and ".join(found)
+
+
+def move_run_aside(run_dir: Path) -> Path:
+    """Move everything of the run in ``run_dir`` (but the held lock) into a sibling folder
+    ``<name>.previous-<time>``; returns it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir.with_name(f"{run_dir.name}.previous-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir.with_name(f"{run_dir.name}.previous-{stamp}-{n}")
+    dest.mkdir(parents=True)
+    for entry in run_dir.iterdir():
+        if entry.name != "run.lock":
+            os.replace(entry, dest / entry.name)
+    return dest
+
+
 def write_latest(root: Path, tag: str) -> None:
     """``root/latest`` names ``tag``, the way DeepSpeed's own tools find a checkpoint
     (``zero_to_fp32.py``, ``ds_to_universal``, ``engine.load_checkpoint`` without a tag). Written only

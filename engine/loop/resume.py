@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def find_resume(mode: str, ckpt_dir: Path, dist: DistInfo) -> Path | None:
     """The checkpoint folder to resume from, or None to start from scratch."""
-    if mode == "never":
+    if mode in ("never", "fresh"):
         return None
 
     def gather(obj: object) -> list:

@@ -136,6 +136,11 @@ class Trainer:
                 error = err
         if any_rank(error is not None, self.dist.device):
             raise RunFolderBusy(str(error or f"{self.run_dir.resolve()} is in use by another job"))
+        if self.cfg.checkpoint.resume == "fresh":  # under the lock: no other job is using what moves
+            if self.dist.is_main and ckpt.holds_run(self.run_dir):
+                moved = ckpt.move_run_aside(self.run_dir)
+                log.warning("--resume fresh: the run that was in %s is now in %s", self.run_dir, moved)
+            barrier()
 
     def _build_data(self) -> None:
         """Preflight (shared by all ranks) -> the sample list every rank trains on -> the run plan."""
@@ -194,7 +199,8 @@ class Trainer:
         lag = self.cfg.debug.flag_lag if self.cfg.debug.flag_lag >= 0 else None
         self.guard = NonFiniteGuard(adapter_for(self.engine.optimizer), self.dist.device, self.stop, lag=lag)
         self.task.to_device(self.dist.device, self.dtype)
-        if self.cfg.engine.compile:
+        setting = str(self.cfg.engine.compile).lower()  # (configs saved before "auto" hold a bool)
+        if setting == "true" or (setting == "auto" and self.dist.device.type == "cuda"):
             self.compiled, self.compile_error = self.task.compile(self.engine, self.dtype)
         if self.dist.device.type == "cuda":
             name = torch.cuda.get_device_name(self.dist.device)
@@ -362,13 +368,8 @@ class Trainer:
             set_rng_state(mine["rng"])
             self.task.load_state_dict(mine.get("task", {}))
         self.keys.truncate(self.step)
-        log.info(
-            "resumed from %s: step %d, epoch %d, %d samples into it",
-            path,
-            self.step,
-            train["epoch"],
-            train.get("samples_into_epoch", 0),
-        )
+        # the same measure as the step lines (epochs done, fractional), not the loader's epoch index
+        log.info("resumed from %s: step %d, epoch %.2f", path, self.step, self.step / self.plan.steps_per_epoch)
         return mine["loader"]
 
     # ------------------------------------------------------------------ loop
@@ -644,8 +645,9 @@ class Trainer:
         self.monitor.record(rec)
         part_txt = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in zip(self.task.metric_names, parts))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
+        teacher = f" teacher {100 * share['teacher']:.0f}%" if "teacher" in share else ""  # runs that have one
         log.info(
-            "step %d/%d ep %.2f lr %.3g loss %.4f%s %.1f img/s%s data %.0f%% teacher %.0f%%",
+            "step %d/%d ep %.2f lr %.3g loss %.4f%s %.1f img/s%s data %.0f%%%s",
             self.step,
             self.plan.stop_step,
             rec["epoch"],
@@ -655,5 +657,5 @@ class Trainer:
             rate,
             mfu,
             100 * share.get("data_wait", 0.0),
-            100 * share.get("teacher", 0.0),
+            teacher,
         )

@@ -125,9 +125,12 @@ class PretrainTask(Task):
         imgs = batch.img
         n = imgs.shape[0]
         masks = random_masking(n, self.module.num_patches, self.cfg.mask.ratio, self.mask_gen, imgs.device)
-        timer.start("teacher")
-        targets = self.target(imgs, masks)
-        timer.stop("teacher")
+        if getattr(self.target, "module", None) is None:  # pixels: no teacher to time
+            targets = self.target(imgs, masks)
+        else:
+            timer.start("teacher")
+            targets = self.target(imgs, masks)
+            timer.stop("teacher")
         loss, taps, _ = engine(imgs.to(self.dtype), masks, targets)
         return StepOutput(loss, taps.detach())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,34 @@ def test_an_error_found_after_launch_is_printed_once(demo_shards, tmp_path):
     )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and text.count("CheckpointError:") == 1 and "Traceback" not in text, text[-3000:]
+
+
+def test_the_cpu_op_is_not_rebuilt_between_an_activated_and_a_plain_shell(tmp_path):
+    """Built once per environment (make setup): loading it from a shell with the environment activated
+    and from a plain one (whose PATH holds the system's ninja first) runs no build step: ninja's log,
+    which records every build, is unchanged."""
+    from engine.loop.ops import extensions_dir
+
+    log = extensions_dir() / "deepspeed_shm_comm" / ".ninja_log"
+    venv_bin = str(Path(sys.executable).parent)
+    load = "from engine.loop.ops import build_cpu_ops, use_environment_cache; use_environment_cache(); build_cpu_ops()"
+    base = {k: v for k, v in cpu_env().items() if k not in ("PATH", "VIRTUAL_ENV", "TORCH_EXTENSIONS_DIR")}
+    activated = {**base, "PATH": f"{venv_bin}:/usr/bin:/bin", "VIRTUAL_ENV": str(Path(venv_bin).parent)}
+    plain = {**base, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", load], cwd=ROOT, env=activated, check=True, capture_output=True)
+    before = log.read_text()
+    for env in (plain, activated, plain):
+        proc = subprocess.run([sys.executable, "-c", load], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert log.read_text() == before, "the op was rebuilt"
+
+
+def test_a_finished_run_answers_without_a_launch(pixel_run, demo_shards, tmp_path):
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(pixel_run, run)
+    p = launch(tmp_path, demo_shards, str(run), 6, "--gpus", "2")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "run already complete: step 6 of 6" in out, err
+    assert "deepspeed" not in err.lower()  # no launcher was started

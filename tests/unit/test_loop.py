@@ -313,3 +313,19 @@ def test_a_changed_global_batch_is_refused(demo_shards, tmp_path):
     train(run, demo_shards, 4, "checkpoint.interval=4")
     with pytest.raises(CheckpointError, match=r"data.global_batch: 8 -> 24 \(the step count"):
         train(run, demo_shards, 8, "data.global_batch=24")
+
+
+def test_resume_never_is_refused_on_a_used_folder_and_fresh_moves_the_run_aside(demo_shards, tmp_path, capsys):
+    from engine.pretrain import main
+
+    run = tmp_path / "run"
+    train(run, demo_shards, 2)
+    args = ["--preset", "deepmim_test_pixel", "--run-dir", str(run), "--set", f"data.shards={demo_shards}", "--check"]
+    assert main([*args, "--resume", "never"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a run (1 checkpoint(s), the newest at step 2 and metrics.jsonl)" in err
+    assert "--resume fresh" in err
+    assert train(run, demo_shards, 2, "checkpoint.resume=fresh")["complete"]  # the old run moved aside
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]
+    assert len(moved) == 1 and (moved[0] / "checkpoints" / "step_00000002").is_dir()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # one run per metrics file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,22 @@ def test_every_entry_point_answers_help_at_once_with_every_flag_explained(module
 def test_launcher_script_help():
     proc = subprocess.run(["bash", "launchers/pretrain.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "--hostfile" in proc.stdout and "--master-port" in proc.stdout
+    last = proc.stdout.rstrip().splitlines()[-1]
+    assert "set -" not in proc.stdout and last.endswith("."), last  # the comment block, and nothing after it
+
+
+def test_installed_commands_work_from_any_folder(demo_shards, tmp_path):
+    """The deepmim-* commands of the environment, run from a folder outside the checkout, with a path
+    relative to that folder."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "deepmim-stats").exists():
+        pytest.fail("the project is not installed into this environment: run make setup (pip install -e .)")
+    (tmp_path / "shards").symlink_to(demo_shards)
+    for cmd, says in (("deepmim-stats", "72 samples"), ("deepmim-verify", "all shards verified")):
+        proc = subprocess.run([str(bin_dir / cmd), "shards"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and says in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([str(bin_dir / "deepmim-pretrain"), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--hostfile" in proc.stdout
 
 
 def test_digits_experiment_progress_counts_only_stages_that_ran(capsys, monkeypatch):
