@@ -56,10 +56,15 @@ class _Source:
     def __call__(self):
         epoch, rows = next(self.batches)
         self.pending.append(rows)
+        if self.loader.prefetch is not None:
+            self.loader.prefetch.reached(rows)
         s, t = self.loader.spec, self.loader.table
         jpgs, anchors, shapes, mirrors = [], [], [], []
         for i in rows:
-            jpgs.append(np.frombuffer(t.read(i), dtype=np.uint8))
+            try:
+                jpgs.append(np.frombuffer(t.read(i), dtype=np.uint8))
+            except (OSError, DataError) as err:  # a tar that cannot be read or fetched
+                self.loader.stop_on_unreadable(rows, err)
             x, y, w, h, flip = crop_params(
                 s.seed, epoch, int(i), int(t.width[i]), int(t.height[i]), s.crop_scale, s.crop_ratio, s.flip_prob
             )
@@ -129,6 +134,7 @@ class DaliLoader(EpochLoader):
         # A fresh pipeline after a resume must not replay the run's first random draws.
         seed = spec.seed + 7919 * spec.rank + 104_729 * self.epoch + self.samples_consumed()
         self._source = _Source(self)
+        self._start_prefetch()
         self._pipe = build_pipeline(spec, self._source, checkpoint, seed % 2**31)
         self._it = DALIGenericIterator([self._pipe], ["img"], auto_reset=False, prepare_first_batch=False)
 
@@ -136,6 +142,8 @@ class DaliLoader(EpochLoader):
         for _ in range(self.micro_batches_left()):
             try:
                 out = next(self._it)[0]
+            except DataError:
+                raise  # a sample that could not be read: recorded by the source
             except RuntimeError as err:  # DALI could not decode something in the queue
                 self._fail(err)
             rows = self._source.pending.popleft()
@@ -152,13 +160,7 @@ class DaliLoader(EpochLoader):
         if not found:  # the host decodes them all: DALI alone cannot; leave out the batch at its head
             head = self._source.pending[0] if self._source.pending else rows
             found = [(int(i), f"DALI could not decode the batch holding it ({reason})") for i in head]
-        path = preflight.record_runtime_bad(self.spec.view, self.spec.rank, self.table, found)
-        names = ", ".join(f"{self.table.key(i)} ({why})" for i, why in found[:5])
-        raise DataError(
-            f"rank {self.spec.rank}: DALI failed on sample(s) {names}{' ...' if len(found) > 5 else ''}; recorded in "
-            f"{path}: restart the run (same command) and they are skipped and counted",
-            rank_local=True,
-        ) from err
+        self.stop_with(found, "DALI failed on", err)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

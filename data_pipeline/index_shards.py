@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.columns import write_columns
 from data_pipeline.table import check_shard_name
 from data_pipeline.wds_index import Component, IndexedSample, write_index
 from engine.errors import DataError, StackError
@@ -373,7 +374,9 @@ def run(args: argparse.Namespace) -> dict:
         "tars": {p["shard"]: p["tar"] for p in used},
         "layout": "indexed",
         "label": args.label,
+        "tar_bytes": {p["shard"]: p["tar_bytes"] for p in used},
     }
+    summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
     _atomic_json(out / "dataset.json", summary)
     log.info("%d samples in %d tars indexed into %s (%d skipped)", total, len(used), out, len(skipped))
     for s in skipped[:20]:

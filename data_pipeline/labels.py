@@ -26,8 +26,9 @@ def read_classes(root: str | Path) -> dict[str, int] | None:
         raise DataError(f"{path}: not a class name -> label mapping ({err})") from None
 
 
-def validation_label_map(train_root: str | Path, val_root: str | Path, val_labels: np.ndarray,
-                         num_classes: int) -> tuple[np.ndarray | None, str]:  # fmt: skip
+def validation_label_map(
+    train_root: str | Path, val_root: str | Path, val_labels: np.ndarray, num_classes: int
+) -> tuple[np.ndarray | None, str]:
     """(a lookup table val label -> train label, or None when they agree; a note for the log).
     Raises DataError when the validation labels cannot be scored by a head of ``num_classes``."""
     train, val = read_classes(train_root) or None, read_classes(val_root) or None  # {} (unlabeled): none

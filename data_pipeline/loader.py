@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_pipeline.plan import Phase, RankStream, rank_range, rank_stream
+from data_pipeline.locations import RemoteSpec, is_remote
+from data_pipeline.plan import GlobalOrder, Phase, RankStream, rank_range
 from data_pipeline.table import DataError, SampleTable, read_table
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the shard tools start without it
@@ -78,6 +79,9 @@ class LoaderSpec:
     excluded: tuple[int, ...] = ()  # manifest rows not to read (unreadable; from the start-up check)
     view: str = ""  # run's data_view folder: where samples that fail at run time are recorded
     on_change: str = "refuse"  # resuming mid-epoch on other data or another seed: refuse | next_epoch
+    order: str = "global"  # global (a permutation of all rows) | block (data_pipeline.block_plan); resolved
+    block_window: int = 4  # block order: shards shuffled together
+    remote: RemoteSpec | None = None  # object storage access and the node's cache (s3:// and https:// shards)
 
 
 @dataclass
@@ -117,18 +121,59 @@ class DatasetView:
         return self.table.idx(name)
 
 
-def read_dataset(root: str | Path, view: str | Path | None = None) -> DatasetView:
+def read_dataset(root: str | Path, view: str | Path | None = None, remote: RemoteSpec | None = None) -> DatasetView:
     """The samples of a shard folder; with ``view`` (a start-up check's folder), minus the rows it excluded."""
-    table = read_table(root)
+    table = read_table(root, remote)
     if view is None:
         return DatasetView(table)
     v = json.loads((Path(view) / "view.json").read_text())
     return DatasetView(table, tuple(v["excluded"]))
 
 
-def data_identity(table: SampleTable, seed: int) -> dict:
+def data_identity(table: SampleTable, seed: int, order: str = "global", window: int = 4) -> dict:
     """What decides an epoch's order: the seed, the manifest's rows and the order kind."""
-    return {"seed": seed, "rows": len(table), "manifest": table.fingerprint(), "order": "global"}
+    kind = "global" if order == "global" else f"block/{window}"
+    return {"seed": seed, "rows": len(table), "manifest": table.fingerprint(), "order": kind}
+
+
+BLOCK_ABOVE = 100_000_000  # data.order=auto: more samples than this are read in the block order
+
+
+def resolve_order(setting: str, shards: str, rows: int) -> str:
+    """data.order=auto -> block for object storage or more than BLOCK_ABOVE samples, else global."""
+    if setting != "auto":
+        return setting
+    return "block" if is_remote(shards) or rows > BLOCK_ABOVE else "global"
+
+
+def remote_spec(d) -> RemoteSpec | None:
+    """The object-storage settings of a DataConfig (None for local shards)."""
+    if not is_remote(d.shards):
+        return None
+    return RemoteSpec(
+        cache_dir=d.cache_dir,
+        cache_gb=d.cache_gb,
+        endpoint=d.s3_endpoint,
+        retries=d.fetch_retries,
+        timeout_s=d.fetch_timeout_s,
+        ahead=d.prefetch_shards,
+    )
+
+
+def make_order(kind: str, table: SampleTable, window: int):
+    """The epoch order over ``table``'s rows (``data_pipeline.plan`` / ``data_pipeline.block_plan``)."""
+    if kind == "global":
+        return GlobalOrder(len(table))
+    if kind != "block":
+        raise DataError(f"data.order={kind!r}: allowed values are ['auto', 'global', 'block']")
+    if table.shard_rows is None:
+        raise DataError(
+            f"data.order=block needs the manifest's rows grouped by shard, and {table.root} is not; write its "
+            f"columns: python -m data_pipeline.columns {table.root}"
+        )
+    from data_pipeline.block_plan import BlockOrder
+
+    return BlockOrder(np.asarray(table.shard_rows, dtype=np.int64), window)
 
 
 def identity_changes(saved: dict, now: dict) -> list[str]:
@@ -169,8 +214,10 @@ class EpochLoader:
 
     def __init__(self, spec: LoaderSpec, state: dict | None = None):
         self.spec = spec
-        self.table = read_table(spec.shards)
+        self.table = read_table(spec.shards, spec.remote)
         self.n = len(self.table)
+        self.order = make_order(spec.order, self.table, spec.block_window)
+        self.prefetch = None
         self.excluded = tuple(sorted(spec.excluded))
         self.epoch = 0
         self.phases = [Phase(spec.world_size, 0, self.excluded)]
@@ -179,7 +226,42 @@ class EpochLoader:
             self._restore(state)
 
     def identity(self) -> dict:
-        return data_identity(self.table, self.spec.seed)
+        return data_identity(self.table, self.spec.seed, self.spec.order, self.spec.block_window)
+
+    def _start_prefetch(self) -> None:
+        """Remote shards: fetch the coming batches' shards ahead of need (data_pipeline.remote)."""
+        if self.table.remote:
+            from data_pipeline.remote import Prefetcher
+
+            self.prefetch = Prefetcher(self.table, self.future_batches(), self.table.source.spec.ahead)
+
+    def stop_on_unreadable(self, rows: np.ndarray, err: Exception) -> None:
+        """A read failed under a batch (a tar gone, short, or not fetched): find which samples, record them."""
+        from data_pipeline import preflight
+
+        found = preflight.find_undecodable(self.table, rows)
+        if not found:
+            raise err
+        self.stop_with(found, "cannot read", None)
+
+    def stop_with(self, found: list[tuple[int, str]], what: str, cause: Exception | None) -> None:
+        """Record samples that failed at run time in the run's data_view and stop this rank with one line:
+        the restart skips and counts them (every rank agrees on them at start-up)."""
+        from data_pipeline import preflight
+
+        path = preflight.record_runtime_bad(self.spec.view, self.spec.rank, self.table, found)
+        names = ", ".join(f"{self.table.key(i)} ({why})" for i, why in found[:3])
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise DataError(
+            f"rank {self.spec.rank}: {what} sample(s) {names}{more}; recorded in {path}: restart the run (same "
+            "command) and they are skipped and counted",
+            rank_local=True,
+        ) from cause
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+        self.table.close()
 
     def _restore(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -212,23 +294,15 @@ class EpochLoader:
     # ------------------------------------------------------------------ plan
     def stream(self, epoch: int | None = None, phases: list[Phase] | None = None) -> RankStream:
         s = self.spec
-        return rank_stream(
-            s.seed,
-            self.epoch if epoch is None else epoch,
-            self.n,
-            phases or self.phases,
-            s.rank,
-            s.samples_per_rank_step,
-        )
+        epoch = self.epoch if epoch is None else epoch
+        return self.order.stream(s.seed, epoch, phases or self.phases, s.rank, s.samples_per_rank_step)
 
     def future_batches(self) -> Iterator[tuple[int, np.ndarray]]:
         """(epoch, rows) of every micro-batch from the current position on, across epochs."""
         epoch, phases = self.epoch, list(self.phases)
         while True:
-            st = self.stream(epoch, phases)
-            mb = self.spec.micro_batch
-            for k in range(len(st.rows) // mb):
-                yield epoch, st.rows[k * mb : (k + 1) * mb]
+            for rows in self.stream(epoch, phases).batches(self.spec.micro_batch):
+                yield epoch, rows
             epoch, phases = epoch + 1, [Phase(self.spec.world_size, 0, self.excluded)]
 
     @property
@@ -237,7 +311,7 @@ class EpochLoader:
         return self.phases[-1].consumed // self.spec.micro_batch
 
     def micro_batches_left(self) -> int:
-        return len(self.stream().rows) // self.spec.micro_batch
+        return self.stream().length // self.spec.micro_batch
 
     def _advance(self, samples: int) -> None:
         last = self.phases[-1]

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.columns import write_columns
 from data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
 from data_pipeline.sources import LAYOUTS, SourceItem, sample_key, scan
 from data_pipeline.wds_index import Component, IndexedSample, write_index
@@ -292,7 +293,10 @@ def run(args: argparse.Namespace) -> dict:
         "shards": [p["shard"] for p in ordered if p["num_samples"] > 0],
         "seed": args.seed,
         "layout": args.layout,
+        "tar_bytes": {p["shard"]: p["tar_bytes"] for p in ordered if p["num_samples"] > 0},
+        "tar_checksum": {p["shard"]: p["tar_checksum"] for p in ordered if p["num_samples"] > 0},
     }
+    summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
     _atomic_json(out / "dataset.json", summary)
     _print_summary(summary, skipped)
     return summary

@@ -21,6 +21,7 @@ restored position reproduces exactly the remaining batches.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,12 @@ def _drop(pool: np.ndarray, rows) -> np.ndarray:
 def phase_pool(seed: int, epoch: int, n: int, phases: list[Phase]) -> np.ndarray:
     """The samples of the last phase of ``epoch``, in order: the epoch's permutation minus what
     earlier phases took and minus every phase's excluded rows."""
-    pool = epoch_permutation(seed, epoch, n)
+    return pool_after(epoch_permutation(seed, epoch, n), phases)
+
+
+def pool_after(pool: np.ndarray, phases: list[Phase]) -> np.ndarray:
+    """An epoch's sequence of rows minus what the phases before the last took and minus every phase's
+    excluded rows (the definition the block order computes without materializing the sequence)."""
     for i, ph in enumerate(phases):
         pool = _drop(pool, ph.excluded)
         if i == len(phases) - 1:
@@ -73,13 +79,50 @@ def steps_in_pool(pool_size: int, world: int, samples_per_rank_step: int) -> int
     return (pool_size // world) // samples_per_rank_step
 
 
-@dataclass(frozen=True)
 class RankStream:
-    """This rank's samples for the rest of one phase, starting at its current position."""
+    """This rank's samples for the rest of one phase, from its current position: ``length`` rows,
+    produced in chunks so that an order never has to hold a rank's whole share at once."""
 
-    epoch: int
-    rows: np.ndarray  # manifest rows still to be read by this rank in this phase, in order
-    start: int  # samples of the phase already taken by this rank
+    def __init__(self, epoch: int, start: int, length: int):
+        self.epoch = epoch
+        self.start = start  # samples of the phase already taken by this rank
+        self.length = length  # samples still to be read by this rank in this phase
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def batches(self, size: int) -> Iterator[np.ndarray]:
+        """The rows in groups of ``size`` (the last partial group is not produced)."""
+        held: list[np.ndarray] = []
+        have = 0
+        left = self.length // size * size
+        for chunk in self.chunks():
+            chunk = chunk[:left]
+            left -= len(chunk)
+            held.append(chunk)
+            have += len(chunk)
+            if have >= size:
+                rows = np.concatenate(held)
+                whole = len(rows) // size * size
+                yield from (rows[k : k + size] for k in range(0, whole, size))
+                held, have = [rows[whole:]], len(rows) - whole
+            if left == 0:
+                return
+
+    @property
+    def rows(self) -> np.ndarray:
+        """All of the rows at once (tests and small data)."""
+        parts = list(self.chunks())
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class ArrayStream(RankStream):
+    def __init__(self, epoch: int, start: int, rows: np.ndarray):
+        super().__init__(epoch, start, len(rows))
+        self._rows = rows
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        yield self._rows
 
 
 def rank_stream(
@@ -90,7 +133,18 @@ def rank_stream(
     lo, _ = rank_range(len(pool), rank, world)
     take = steps_in_pool(len(pool), world, samples_per_rank_step) * samples_per_rank_step
     start = phases[-1].consumed
-    return RankStream(epoch, pool[lo + start : lo + take], start)
+    return ArrayStream(epoch, start, pool[lo + start : lo + take])
+
+
+@dataclass(frozen=True)
+class GlobalOrder:
+    """A uniform permutation of all rows per epoch (datasets whose row list fits every rank)."""
+
+    n: int
+    kind = "global"
+
+    def stream(self, seed: int, epoch: int, phases: list[Phase], rank: int, samples_per_rank_step: int) -> RankStream:
+        return rank_stream(seed, epoch, self.n, phases, rank, samples_per_rank_step)
 
 
 def crop_params(

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.loader import DataError, DatasetView
-from data_pipeline.table import SampleTable
+from data_pipeline.table import SampleTable, ShortTar
 from data_pipeline.wds_index import Component, IndexedSample, IndexError_, read_index
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ def decode_error(data: bytes) -> str | None:
 def check_shard(table: SampleTable, name: str, checks: str, rank: int = 0) -> list[BadSample]:
     """The bad samples of one shard (manifest rows), and warnings for count disagreements."""
     rows = table.rows_of(name)
+    if table.remote:
+        return _check_remote_rows(table, name, rows, rank)
     tar = table.tar(name)
     try:
         size = tar.stat().st_size
@@ -135,6 +137,17 @@ def check_shard(table: SampleTable, name: str, checks: str, rank: int = 0) -> li
         return _check_rows(table, name, rows, checks, rank, size, fd)
     finally:
         os.close(fd)
+
+
+def _check_remote_rows(table: SampleTable, name: str, rows: np.ndarray, rank: int) -> list[BadSample]:
+    """Shards in object storage are not read at start-up: the manifest's byte ranges are compared with
+    the tar size dataset.json records; images are checked as they are fetched and decoded."""
+    size = table.source.tar_bytes.get(name)
+    if size is None:
+        return []
+    end = np.asarray(table.offset[rows]) + np.asarray(table.size[rows])
+    why = "past the end of the tar (by its recorded size)"
+    return [BadSample(name, table.keys[int(r)].as_py(), why, rank, 1, (int(r),)) for r in rows[end > size]]
 
 
 def _check_rows(table, name, rows, checks, rank, size, fd) -> list[BadSample]:
@@ -201,15 +214,28 @@ def _row_problem(table, r, key, off, n, size, fd, walked, checks) -> str | None:
 
 def find_undecodable(table: SampleTable, rows: np.ndarray) -> list[tuple[int, str]]:
     """(row, reason) of the samples among ``rows`` that do not decode (or cannot be read)."""
-    found = []
+    from data_pipeline.remote import FetchError
+
+    found: dict[int, str] = {}
     for i in np.unique(np.asarray(rows, dtype=np.int64)):
+        if int(i) in found:
+            continue
         try:
             reason = decode_error(table.read(int(i)))
+        except FetchError as err:  # the whole shard cannot be fetched: none of its samples can be read
+            for r in table.rows_of(err.shard) if err.shard else [i]:
+                found[int(r)] = f"its shard could not be fetched ({err})"
+            continue
+        except ShortTar as err:  # the tar ends early: this sample and every later one of the shard
+            rows_of = table.rows_of(err.shard)
+            for r in rows_of[table.offset[rows_of] + table.size[rows_of] > err.tar_bytes]:
+                found[int(r)] = f"past the end of its tar ({err.tar_bytes} bytes)"
+            continue
         except (OSError, DataError) as err:
             reason = f"cannot be read ({err})"
         if reason:
-            found.append((int(i), reason))
-    return found
+            found[int(i)] = reason
+    return sorted(found.items())
 
 
 def record_runtime_bad(view_dir: str | Path, rank: int, table: SampleTable, found: list[tuple[int, str]]) -> Path:
@@ -253,6 +279,13 @@ def run(
     if checks not in CHECKS:
         raise DataError(f"fault.data_checks={checks!r}: allowed values are {list(CHECKS)}")
     table = info.table
+    if table.remote and rank == 0:
+        log.info(
+            "data: shards in %s are checked against their recorded sizes now, and as they are fetched "
+            "(size and checksum) and decoded; fault.data_checks=%s applies to local shards",
+            table.source.url,
+            checks,
+        )
     mine = [b for name in table.shards[rank::world_size] for b in check_shard(table, name, checks, rank)]
     for b in mine[:20]:
         log.warning("rank %d: skipping %s/%s: %s", rank, b.shard, b.key, b.reason)

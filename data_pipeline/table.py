@@ -15,12 +15,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_pipeline.columns import FORMATS, file_digest, read_columns
+from data_pipeline.locations import RemoteSpec, is_remote
 from engine.errors import DataError
+
+if TYPE_CHECKING:
+    from data_pipeline.remote import RemoteShards
 
 __all__ = ["DataError", "SampleTable", "check_shard_name", "read_table"]
 
@@ -36,9 +43,17 @@ def check_shard_name(name: object, where: Path) -> str:
     return name
 
 
+class ShortTar(DataError):
+    """A tar ends before a sample the manifest places in it (every later sample of it is lost too)."""
+
+    def __init__(self, message: str, shard: str, tar_bytes: int):
+        super().__init__(message)
+        self.shard, self.tar_bytes = shard, tar_bytes
+
+
 @dataclass
 class SampleTable:
-    root: Path
+    root: Path  # the shard folder (for remote data: the node's local copy of its metadata)
     shards: tuple[str, ...]  # shard names in dataset.json order
     shard_id: np.ndarray  # [N] int32, index into ``shards``
     offset: np.ndarray  # [N] int64, byte offset of the JPEG data in its tar
@@ -50,18 +65,29 @@ class SampleTable:
     num_classes: int = 0
     tar_paths: dict[str, str] = field(default_factory=dict)  # shard -> tar path, for tars indexed in place
     label_source: str = "cls"  # cls | json:FIELD | none: where the tar keeps a sample's label
-    formats: np.ndarray | None = None  # [N] image format (jpeg, png, webp); None = JPEG throughout
+    formats: np.ndarray | None = None  # [N] uint8 code into columns.FORMATS; None = JPEG throughout
+    shard_rows: np.ndarray | None = None  # [S+1] first row of each shard (None: rows not grouped by shard)
+    digest: str | None = None  # the manifest's sha256 prefix, when the columns recorded it
+    source: RemoteShards | None = None  # object storage the tars are fetched from (None: local files)
+    open_limit: int = 16  # tars kept open per process (a closed, evicted cache file frees its space)
     _files: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.offset)
 
+    @property
+    def remote(self) -> bool:
+        return self.source is not None
+
     def tar(self, name: str) -> Path:
+        """The tar's local path (for remote data: its copy in the node's cache, fetched if absent)."""
+        if self.source is not None:
+            return self.source.local(name)
         given = self.tar_paths.get(name)
         return Path(given) if given else self.root / f"{name}.tar"
 
     def format(self, i: int) -> str:
-        return "jpeg" if self.formats is None else str(self.formats[int(i)])
+        return "jpeg" if self.formats is None else FORMATS[int(self.formats[int(i)])]
 
     def idx(self, name: str) -> Path:
         return self.root / f"{name}.idx"
@@ -70,40 +96,49 @@ class SampleTable:
         """'<shard>/<key>' of manifest row ``i`` (what logs, audits and error messages show)."""
         return f"{self.shards[int(self.shard_id[i])]}/{self.keys[int(i)].as_py()}"
 
+    def _fd(self, sid: int) -> int:
+        files = self._files.setdefault("fds", OrderedDict())
+        fd = files.get(sid)
+        if fd is not None:
+            files.move_to_end(sid)
+            return fd
+        fd = files[sid] = os.open(self.tar(self.shards[sid]), os.O_RDONLY)
+        while len(files) > self.open_limit:
+            os.close(files.popitem(last=False)[1])
+        return fd
+
     def read(self, i: int) -> bytes:
-        """The JPEG bytes of row ``i``: one positional read from an fd kept open per shard."""
+        """The image bytes of row ``i``: one positional read from an fd kept open per shard."""
         sid = int(self.shard_id[i])
-        fd = self._files.get(sid)
-        if fd is None:
-            fd = self._files[sid] = os.open(self.tar(self.shards[sid]), os.O_RDONLY)
         size = int(self.size[i])
+        fd = self._fd(sid)
         data = os.pread(fd, size, int(self.offset[i]))
         if len(data) != size:
-            raise DataError(
-                f"{self.key(i)}: read {len(data)} of {size} bytes (the tar is shorter than the manifest says)"
+            raise ShortTar(
+                f"{self.key(i)}: read {len(data)} of {size} bytes (the tar is shorter than the manifest says)",
+                self.shards[sid],
+                os.fstat(fd).st_size,
             )
         return data
 
     def fingerprint(self) -> str:
         """What the sample rows are: a hash of the manifest (keys, shards, byte ranges, labels). Two
         folders with the same fingerprint order and crop every epoch alike."""
+        if self.digest:
+            return self.digest
         if "fingerprint" not in self._files:
-            import hashlib
-
-            h = hashlib.sha256()
-            with open(self.root / "manifest.parquet", "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            self._files["fingerprint"] = h.hexdigest()[:16]
+            self._files["fingerprint"] = file_digest(self.root / "manifest.parquet")
         return self._files["fingerprint"]
 
     def rows_of(self, name: str) -> np.ndarray:
-        return np.flatnonzero(self.shard_id == self.shards.index(name))
+        sid = self.shards.index(name)
+        if self.shard_rows is not None:
+            return np.arange(self.shard_rows[sid], self.shard_rows[sid + 1])
+        return np.flatnonzero(self.shard_id == sid)
 
     def close(self) -> None:
-        for key, fd in self._files.items():
-            if isinstance(key, int):
-                os.close(fd)
+        for fd in self._files.pop("fds", {}).values():
+            os.close(fd)
         self._files.clear()
 
     def __getstate__(self) -> dict:  # worker processes open their own file descriptors
@@ -112,19 +147,57 @@ class SampleTable:
         return state
 
 
-def read_table(root: str | Path) -> SampleTable:
-    """Load a finished shard folder's manifest; refuses folders that are not finished or consistent."""
-    import pyarrow.parquet as pq
+def read_table(root: str | Path, remote: RemoteSpec | None = None) -> SampleTable:
+    """Load a finished shard folder's manifest; refuses folders that are not finished or consistent.
 
+    ``root`` is a folder or an ``s3://`` / ``https://`` location (then its dataset.json, manifest and
+    columns are copied to the node's cache, and shards are fetched into it as they are read)."""
+    source = None
+    if is_remote(str(root)):
+        from data_pipeline.remote import RemoteShards
+
+        source = RemoteShards.open(str(root), remote or RemoteSpec())
+        root = source.meta_dir
     root = Path(root)
     meta_path, manifest = root / "dataset.json", root / "manifest.parquet"
-    if not meta_path.is_file() or not manifest.is_file():
+    if not meta_path.is_file() or not (manifest.is_file() or (root / "columns" / "meta.json").is_file()):
         raise DataError(
             f"{root.resolve()} is not a finished shard folder (dataset.json and manifest.parquet are required); "
             "create it with: python -m data_pipeline.make_shards SRC OUT"
         )
     meta = json.loads(meta_path.read_text())
     shards = tuple(check_shard_name(s, meta_path) for s in meta["shards"])
+    common = {
+        "root": root,
+        "shards": shards,
+        "num_classes": int(meta.get("num_classes", 0)),
+        "tar_paths": {str(k): str(v) for k, v in meta.get("tars", {}).items()} if source is None else {},
+        "label_source": str(meta.get("label", "cls")),
+        "source": source,
+    }
+    cols = read_columns(root, int(meta["num_samples"]))
+    if cols is not None and len(cols["shard_rows"]) == len(shards) + 1:
+        return SampleTable(
+            shard_id=cols["shard"],
+            offset=cols["offset"],
+            size=cols["size"],
+            width=cols["width"],
+            height=cols["height"],
+            label=cols["label"],
+            keys=cols["keys"],
+            formats=cols["format"],
+            shard_rows=cols["shard_rows"],
+            digest=cols["manifest_sha256"],
+            **common,
+        )
+    return _from_parquet(manifest, meta, common)
+
+
+def _from_parquet(manifest: Path, meta: dict, common: dict) -> SampleTable:
+    """Shard folders written before the columns existed: the manifest loaded whole."""
+    import pyarrow.parquet as pq
+
+    root, shards = common["root"], common["shards"]
     columns = ["key", "label", "shard", "offset", "size", "width", "height"]
     has_format = "format" in pq.ParquetFile(manifest).schema_arrow.names
     t = pq.read_table(manifest, columns=[*columns, "format"] if has_format else columns)
@@ -137,9 +210,15 @@ def read_table(root: str | Path) -> SampleTable:
         raise DataError(f"{manifest}: rows name shard(s) {unknown[:5]} that dataset.json does not list")
     position = {s: i for i, s in enumerate(shards)}
     shard_id = np.asarray([position[str(u)] for u in uniq], dtype=np.int32)[inverse]
+    formats = None
+    if has_format:
+        formats = np.asarray([FORMATS.index(f) for f in t.column("format").to_pylist()], dtype=np.uint8)
+    grouped = len(shard_id) == 0 or not np.any(np.diff(shard_id) < 0)
+    shard_rows = None
+    if grouped:
+        counts = np.bincount(shard_id, minlength=len(shards))
+        shard_rows = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return SampleTable(
-        root=root,
-        shards=shards,
         shard_id=shard_id,
         offset=t.column("offset").to_numpy().astype(np.int64),
         size=t.column("size").to_numpy().astype(np.int64),
@@ -147,8 +226,7 @@ def read_table(root: str | Path) -> SampleTable:
         height=t.column("height").to_numpy().astype(np.int32),
         label=t.column("label").to_numpy().astype(np.int64),
         keys=t.column("key").combine_chunks(),
-        num_classes=int(meta.get("num_classes", 0)),
-        tar_paths={str(k): str(v) for k, v in meta.get("tars", {}).items()},
-        label_source=str(meta.get("label", "cls")),
-        formats=t.column("format").to_numpy(zero_copy_only=False) if has_format else None,
+        formats=formats,
+        shard_rows=shard_rows,
+        **common,
     )

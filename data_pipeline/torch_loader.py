@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_pipeline import preflight
 from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Batch, DataError, EpochLoader, LoaderSpec
-from data_pipeline.plan import crop_params, pixel_box
+from data_pipeline.plan import RankStream, crop_params, pixel_box
 from data_pipeline.table import read_table
 
 
@@ -30,10 +30,19 @@ class PlanSamples(Dataset):
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        self.table = read_table(spec.shards)
+        self._table = None  # opened in each worker: memory-mapped columns are mapped, not copied
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self._randaug = None
+
+    @property
+    def table(self):
+        if self._table is None:
+            self._table = read_table(self.spec.shards, self.spec.remote)
+        return self._table
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_table": None, "_randaug": None}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -74,17 +83,25 @@ class PlanSamples(Dataset):
 
 
 class RowSampler(Sampler):
-    """Yields this epoch's (epoch, row) items; set before each epoch while the workers stay alive."""
+    """Yields this epoch's (epoch, row) items from the rank's stream (set before each epoch while the
+    workers stay alive), a micro-batch at a time; tells the read-ahead as each batch is handed out."""
 
-    def __init__(self) -> None:
-        self.epoch, self.rows = 0, np.array([], dtype=np.int64)
+    def __init__(self, micro_batch: int) -> None:
+        self.micro_batch = micro_batch
+        self.stream: RankStream | None = None
+        self.on_batch = None  # called with each batch's rows as the DataLoader takes it
 
     def __iter__(self):
-        for r in self.rows:
-            yield (self.epoch, int(r))
+        if self.stream is None:
+            return
+        for rows in self.stream.batches(self.micro_batch):
+            if self.on_batch is not None:
+                self.on_batch(rows)
+            for r in rows:
+                yield (self.stream.epoch, int(r))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return 0 if self.stream is None else self.stream.length // self.micro_batch * self.micro_batch
 
 
 def _ignore_preemption_signals(_worker_id: int) -> None:
@@ -108,7 +125,7 @@ class TorchLoader(EpochLoader):
     def __init__(self, spec: LoaderSpec, state: dict | None = None):
         super().__init__(spec, state)
         self.device = torch.device("cuda", spec.device_id) if spec.device_id is not None else torch.device("cpu")
-        self._sampler = RowSampler()
+        self._sampler = RowSampler(spec.micro_batch)
         workers = spec.num_threads if spec.num_threads > 1 else 0
         self._loader = DataLoader(
             PlanSamples(spec),
@@ -124,16 +141,21 @@ class TorchLoader(EpochLoader):
             worker_init_fn=_ignore_preemption_signals if workers else None,
             prefetch_factor=4 if workers else None,
         )
+        self._start_prefetch()
+        if self.prefetch is not None:
+            self._sampler.on_batch = self.prefetch.reached
 
     def __iter__(self):
         st = self.stream()
-        self._sampler.epoch, self._sampler.rows = st.epoch, st.rows
+        self._sampler.stream = st
+        expected = st.batches(self.spec.micro_batch)  # the rows of each batch, to name a failing one
         it = iter(self._loader)
-        for k in range(len(st.rows) // self.spec.micro_batch):
+        for _ in range(st.length // self.spec.micro_batch):
+            planned = next(expected)
             try:
                 img, rows = next(it)
-            except (OSError, ValueError, RuntimeError) as err:  # PIL could not decode something
-                self._fail(st.rows[k * self.spec.micro_batch : (k + 1) * self.spec.micro_batch], err)
+            except (OSError, ValueError, RuntimeError, DataError) as err:  # a sample not read or decoded
+                self._fail(planned, err)
             self._advance(len(rows))
             if self.device.type == "cuda":
                 img = img.to(self.device, non_blocking=True)
@@ -145,10 +167,4 @@ class TorchLoader(EpochLoader):
         found = preflight.find_undecodable(self.table, rows)
         if not found:
             raise err
-        path = preflight.record_runtime_bad(self.spec.view, self.spec.rank, self.table, found)
-        names = ", ".join(f"{self.table.key(i)} ({why})" for i, why in found[:5])
-        raise DataError(
-            f"rank {self.spec.rank}: cannot decode sample(s) {names}; recorded in {path}: restart the run (same "
-            "command) and they are skipped and counted",
-            rank_local=True,
-        ) from None
+        self.stop_with(found, "cannot read or decode", None)

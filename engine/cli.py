@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from data_pipeline.locations import is_remote
 from engine.config import Config, apply_overrides, plan_run, resolved, validate
 from engine.config.paths import resolve_repo_path
 from engine.errors import ConfigError, StackError
@@ -127,8 +128,8 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError("target.generator: an MAE checkpoint is required for target.kind=mixed")
     d = cfg.data
     for field, shards in (("data.shards", d.shards), ("data.val_shards", d.val_shards)):
-        if field == "data.val_shards" and not shards:
-            continue
+        if (field == "data.val_shards" and not shards) or is_remote(shards):
+            continue  # object storage: read (and its cache checked) by check_inputs
         p = Path(shards)
         need(p.is_dir(), field, shards, "no such folder; create shards with python -m data_pipeline.make_shards")
         need(
@@ -181,11 +182,18 @@ def check_inputs(cfg: Config, plan) -> None:
     """What the run reads fits it, before anything is launched: weight files (their architecture
     read from the file, shapes only, against the preset's) and fine-tuning's validation labels."""
     t = cfg.target
+    if is_remote(cfg.data.shards):
+        from data_pipeline.loader import remote_spec
+        from data_pipeline.remote import check_cache
+
+        check_cache(cfg.data.shards, remote_spec(cfg.data), cfg.data.block_window)
     if cfg.task != "pretrain" and cfg.data.val_shards:
         from data_pipeline.labels import validation_label_map
+        from data_pipeline.loader import remote_spec
         from data_pipeline.table import read_table
 
-        train, val = read_table(cfg.data.shards), read_table(cfg.data.val_shards)
+        train = read_table(cfg.data.shards, remote_spec(cfg.data))
+        val = read_table(cfg.data.val_shards)
         classes = cfg.finetune.num_classes or train.num_classes or int(train.label.max()) + 1
         validation_label_map(cfg.data.shards, cfg.data.val_shards, val.label, classes)
     if cfg.task != "pretrain" and cfg.init.pretrained:
@@ -225,11 +233,18 @@ def finished(cfg: Config, plan) -> str:
     return f"run already complete: step {step} of {plan.stop_step} in {Path(cfg.run_dir).resolve()}; nothing to do"
 
 
-def dataset_size(shards: str) -> int | None:
-    """The shard folder's sample count from dataset.json (None when it cannot be read)."""
+def dataset_size(cfg: Config) -> int | None:
+    """The shard folder's sample count from dataset.json (None when it cannot be read; for shards in
+    object storage, the check before launch reports why)."""
+    shards = cfg.data.shards
     try:
+        if is_remote(shards):
+            from data_pipeline.loader import remote_spec
+            from data_pipeline.remote import remote_meta
+
+            return int(remote_meta(shards, remote_spec(cfg.data))["num_samples"])
         return int(json.loads((Path(shards) / "dataset.json").read_text())["num_samples"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, StackError):
         return None
 
 
@@ -241,7 +256,7 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
     try:
         cfg = resolve_config(args, stage)
         world = args.world_size or env_world_size()
-        samples = args.num_samples or dataset_size(cfg.data.shards)
+        samples = args.num_samples or dataset_size(cfg)
         if args.print_config:
             print(json.dumps(resolved(cfg, plan_run(cfg, world, samples)), indent=2))
             return EXIT_OK

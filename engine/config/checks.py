@@ -8,6 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
+from data_pipeline.locations import is_remote
 from engine.config.schema import GUARD_RING, Config
 from engine.errors import ConfigError
 
@@ -74,6 +75,23 @@ def _validate_data(cfg: Config) -> None:
     _check(d.max_micro_batch > 0, f"data.max_micro_batch={d.max_micro_batch}: must be > 0")
     _check(d.eval_batch >= 0, f"data.eval_batch={d.eval_batch}: 0 (= data.micro_batch) or a positive batch")
     _check(d.num_threads > 0, f"data.num_threads={d.num_threads}: must be > 0")
+    _one_of("data.order", d.order, ("auto", "global", "block"))
+    _check(d.block_window >= 1, f"data.block_window={d.block_window}: shards per shuffle window, >= 1")
+    _check(d.cache_gb >= 0, f"data.cache_gb={d.cache_gb}: 0 (auto) or a budget in GB")
+    _check(d.prefetch_shards >= 1, f"data.prefetch_shards={d.prefetch_shards}: must be >= 1")
+    _check(d.fetch_retries >= 1, f"data.fetch_retries={d.fetch_retries}: must be >= 1")
+    _check(d.fetch_timeout_s > 0, f"data.fetch_timeout_s={d.fetch_timeout_s}: must be > 0")
+    if is_remote(d.shards):
+        _check(
+            d.order != "global",
+            f"data.order=global with data.shards={d.shards!r}: the global order reads every shard at random; "
+            "shards in object storage need data.order=block (or auto)",
+        )
+    _check(
+        not is_remote(d.val_shards),
+        f"data.val_shards={d.val_shards!r}: validation shards are read whole every epoch; keep them on local "
+        "disk (copy them with: aws s3 sync URL DIR)",
+    )
     _check(0 <= d.flip_prob <= 1, f"data.flip_prob={d.flip_prob}: a probability in [0, 1]")
     _check(
         len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,

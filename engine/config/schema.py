@@ -93,6 +93,19 @@ class DataConfig:
     # refuse (the default: the rest of the epoch would repeat or skip samples) | next_epoch (start the
     # next epoch with the new data; the rest of the current one is not read). At an epoch end: accepted.
     on_change: str = "refuse"
+    # the order samples are read in each epoch: global (one permutation of every sample) | block (shards
+    # permuted, samples shuffled within windows of block_window shards: for huge or remote data, since a
+    # rank reads a few shards at a time) | auto (block for s3:// or https:// shards and for more than
+    # 100 M samples, else global)
+    order: str = "auto"
+    block_window: int = 4
+    # shards in object storage (data.shards=s3://bucket/prefix or https://...): a node-local cache
+    cache_dir: str = ""  # empty = <temp dir>/deepmim-shard-cache-<user>, shared by the node's ranks
+    cache_gb: float = 0.0  # 0 = auto: 2 x ranks per node x (prefetch_shards + 4) x the largest shard
+    prefetch_shards: int = 8  # shards fetched ahead of need, per rank
+    s3_endpoint: str = ""  # S3-compatible endpoint; empty = AWS_ENDPOINT_URL, else AWS
+    fetch_retries: int = 5  # attempts per object (backoff doubling from 1 s), then its samples are unreadable
+    fetch_timeout_s: float = 60.0  # per request (connect and read)
 
 
 @dataclass

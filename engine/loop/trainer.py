@@ -34,6 +34,8 @@ from data_pipeline.loader import (
     data_identity,
     make_loader,
     read_dataset,
+    remote_spec,
+    resolve_order,
 )
 from engine.config import Config, RunPlan, fingerprint, plan_run, resolved, to_dict
 from engine.disk import as_disk_error, free_space, writing
@@ -144,7 +146,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         """Preflight (shared by all ranks) -> the sample list every rank trains on -> the run plan."""
-        raw = read_dataset(self.cfg.data.shards)
+        d = self.cfg.data
+        raw = read_dataset(d.shards, remote=remote_spec(d))
+        self.order = resolve_order(d.order, d.shards, raw.total_samples)
         self.dataset = preflight.run(
             raw,
             self.cfg.fault.data_checks,
@@ -165,7 +169,9 @@ class Trainer:
         preflight.check_threshold(self.dataset, self.cfg.fault.max_bad_sample_share, self.view_dir)
         if self.resume_marker is not None:  # other data or seed under a mid-epoch checkpoint: refused here
             note = check_data_change(
-                self.resume_marker, data_identity(self.dataset.table, self.cfg.seed), self.cfg.data.on_change
+                self.resume_marker,
+                data_identity(self.dataset.table, self.cfg.seed, self.order, d.block_window),
+                d.on_change,
             )
             if note:
                 log.warning("%s", note)
@@ -173,10 +179,11 @@ class Trainer:
         self.plan = plan_run(self.cfg, self.dist.world_size, self.dataset.num_samples, classes).require_complete()
         p = self.plan
         log.info(
-            "data: %d samples in %d shards; %d ranks x micro-batch %d x accumulation %d = global batch %d; "
-            "%d steps/epoch (%d samples/epoch left out so ranks take equal steps); lr %.3g",
+            "data: %d samples in %d shards (%s); %d ranks x micro-batch %d x accumulation %d = global batch "
+            "%d; %d steps/epoch (%d samples/epoch left out so ranks take equal steps); lr %.3g",
             self.dataset.num_samples,
             len(self.dataset.shards),
+            "global order" if self.order == "global" else f"block order, {d.block_window} shards per window",
             p.world_size,
             p.micro_batch,
             p.grad_accum,
@@ -240,6 +247,9 @@ class Trainer:
             excluded=self.dataset.excluded,
             view=str(self.view_dir),
             on_change=d.on_change,
+            order=self.order,
+            block_window=d.block_window,
+            remote=remote_spec(d),
         )
 
     # ------------------------------------------------------------------ state

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.eval_loader import EvalLoader, EvalSpec
-from data_pipeline.loader import read_dataset
+from data_pipeline.loader import read_dataset, remote_spec
 from engine.errors import ConfigError
 from engine.loop.task import AugmentSpec, StepOutput, Task, TaskContext, Timer
 from engine.models.classifier import ProbeHead, build_classifier, check_encoder_fits, load_encoder, timm_args
@@ -46,7 +46,7 @@ class FinetuneTask(Task):
         self.ctx = ctx
         cfg, f = ctx.cfg, ctx.cfg.finetune
         self.name = cfg.task
-        train = read_dataset(cfg.data.shards)
+        train = read_dataset(cfg.data.shards, remote=remote_spec(cfg.data))
         if (train.table.label < 0).any():
             raise ConfigError(
                 f"data.shards={cfg.data.shards!r}: unlabeled samples (label -1); fine-tuning needs labels"

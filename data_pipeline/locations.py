@@ -1,0 +1,40 @@
+"""Where shards live: a local folder, or object storage (``s3://bucket/prefix``, ``https://host/path``).
+
+A leaf module (no boto3, no torch) so that configuration checks and the table reader can tell the
+two apart cheaply; ``data_pipeline.remote`` does the fetching.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+SCHEMES = ("s3://", "https://", "http://")
+
+
+def is_remote(location: str) -> bool:
+    return str(location).startswith(SCHEMES)
+
+
+def default_cache_dir() -> str:
+    """Node-local, per user: the ranks of a node share it."""
+    user = os.environ.get("USER") or str(os.getuid())
+    return os.path.join(tempfile.gettempdir(), f"deepmim-shard-cache-{user}")
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """How to reach object storage and where to keep what is fetched (one per node, shared)."""
+
+    cache_dir: str = ""  # node-local folder; empty = default_cache_dir()
+    cache_gb: float = 0.0  # budget for cached shards; 0 = enough for the ranks' read-ahead (see remote)
+    endpoint: str = ""  # S3-compatible endpoint URL; empty = AWS_ENDPOINT_URL or AWS itself
+    retries: int = 5  # attempts per fetch before its samples count as unreadable
+    timeout_s: float = 60.0  # connect and read timeout per request
+    backoff_s: float = 1.0  # first wait between attempts (doubles each time)
+    ahead: int = 8  # shards fetched ahead of the one being read, per rank
+
+    @property
+    def cache_root(self) -> str:
+        return self.cache_dir or default_cache_dir()
