@@ -57,7 +57,9 @@ from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
 log = logging.getLogger("bench.data_pipeline")
 
 
-def make_bench_shards(root: Path, per_class: int, size: int, imagenet_like: bool = False) -> Path:
+def make_bench_shards(
+    root: Path, per_class: int, size: int, imagenet_like: bool = False, shard_size_mb: float = 4.0
+) -> Path:
     """Shards of random crops of the bundled photos; ``imagenet_like``: 500 x 375 JPEGs at quality 95
     (about ImageNet's typical size and 110 KB), else crops with a short side of ``size``."""
     from data_pipeline.demo_data import build
@@ -68,7 +70,7 @@ def make_bench_shards(root: Path, per_class: int, size: int, imagenet_like: bool
     else:
         build(root / "src", per_class=per_class, size=size, seed=0, quality=90)
     out = root / "shards"
-    make_shards([str(root / "src"), str(out), "--shard-size-mb", "4", "--workers", "1", "--no-progress"])
+    make_shards([str(root / "src"), str(out), "--shard-size-mb", str(shard_size_mb), "--workers", "1", "--no-progress"])
     return out
 
 

@@ -88,6 +88,7 @@ def one_case(order: str, n: int, a: argparse.Namespace) -> dict:
         "rows_per_s": round(rate),
         "first_row": int(first[0]),
         "status": "ok",
+        "note": "",
     }
 
 
@@ -106,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         for order in a.orders.split(","):
             if order == "global" and n > a.global_limit:
                 gb = n * 8 * 3 / 1e9  # the permutation plus the masks and copies a phase makes
-                results.append(
-                    {"order": order, "samples": n, "status": f"not run: needs ~{gb:.0f} GB per rank", "plan_s": None}
-                )
+                note = f"needs ~{gb:.0f} GB per rank"
+                results.append({"order": order, "samples": n, "status": "not run", "note": note})
                 print(f"{order:6s} {n:>13,d}: not run (needs ~{gb:.0f} GB per rank)", flush=True)
                 continue
             cmd = [sys.executable, "-m", "bench.data_plan", f"--one={order}:{n}", *forward]

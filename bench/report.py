@@ -14,6 +14,11 @@ def _fmt(v, spec: str = ".0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _num(v: float) -> str:
+    """Three significant digits below 100 (times, shares), whole numbers above (rates)."""
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
 def _row(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -42,7 +47,13 @@ def model_step_table(d: dict) -> list[str]:
 
 
 def simple_table(d: dict) -> list[str]:
-    titles = {"data_pipeline": "Data pipeline", "gpu_decode": "JPEG decoding", "end_to_end": "End to end"}
+    titles = {
+        "data_pipeline": "Data pipeline",
+        "gpu_decode": "JPEG decoding",
+        "end_to_end": "End to end",
+        "data_plan": "Epoch plan of one rank",
+        "data_remote": "Local shards vs object storage",
+    }
     lines = [f"**{titles[d['benchmark']]}** ({d['device']}, {d['date'][:10]})", ""]
     if d["benchmark"] == "end_to_end":
         shares = ", ".join(f"{k} {v:.0%}" for k, v in d["shares"].items())
@@ -51,10 +62,10 @@ def simple_table(d: dict) -> list[str]:
             *lines,
             f"{d['preset']} on {d['nprocs']} processes: {d['img_per_s']:.0f} img/s{mfu}; time shares: {shares}",
         ]
-    keys = [k for k in d["results"][0] if k != "status"]
+    keys = list(dict.fromkeys(k for r in d["results"] for k in r if k != "status"))
     lines += [_row(keys), _row(["---"] * len(keys))]
     for r in d["results"]:
-        lines.append(_row([_fmt(r.get(k)) if isinstance(r.get(k), float) else r.get(k, "-") for k in keys]))
+        lines.append(_row([_num(r.get(k)) if isinstance(r.get(k), float) else r.get(k, "-") for k in keys]))
     lines += [f"\n{k}: {v:.2f}" for k, v in d.get("ratios", {}).items()]
     return lines
 

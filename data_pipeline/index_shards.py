@@ -38,9 +38,10 @@ import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from data_pipeline.columns import write_columns
+from data_pipeline.locations import is_remote
 from data_pipeline.table import check_shard_name
 from data_pipeline.wds_index import Component, IndexedSample, write_index
 from engine.errors import DataError, StackError
@@ -74,10 +75,13 @@ def image_format(head: bytes) -> str | None:
 # ------------------------------------------------------------------------------ sources
 
 
-def expand_sources(sources: list[str]) -> list[Path]:
-    """Tar paths from files, folders (their *.tar, sorted) and brace patterns, in the given order."""
+def expand_sources(sources: list[str]) -> list[Path] | list[str]:
+    """Tar paths from files, folders (their *.tar, sorted) and brace patterns, in the given order; or
+    tar URLs in object storage (``s3://bucket/prefix`` lists the prefix's tars)."""
     from webdataset.shardlists import expand_urls
 
+    if any(is_remote(s) for s in sources):
+        return expand_remote(sources)
     out: list[Path] = []
     for src in sources:
         for item in expand_urls(src):
@@ -100,16 +104,44 @@ def expand_sources(sources: list[str]) -> list[Path]:
     return unique
 
 
+def expand_remote(sources: list[str]) -> list[str]:
+    """Tar URLs: brace patterns as given, a bare s3:// prefix listed. They must share one prefix: the one
+    training streams from (each tar is fetched as <prefix>/<shard>.tar)."""
+    from webdataset.shardlists import expand_urls
+
+    from data_pipeline.remote import list_tars
+
+    if not all(is_remote(s) for s in sources):
+        raise IndexingError("give either local tars or tars in object storage, not both")
+    urls: list[str] = []
+    for src in sources:
+        if src.rstrip("/").endswith(".tar") or "{" in src:
+            urls += [u for u in expand_urls(src)]
+        else:
+            urls += list_tars(src)
+    if not urls:
+        raise IndexingError(f"no tar objects in {sources}")
+    urls = list(dict.fromkeys(urls))
+    bases = {u.rsplit("/", 1)[0] for u in urls}
+    if len(bases) > 1:
+        raise IndexingError(
+            f"the tars sit under {len(bases)} prefixes ({sorted(bases)[:3]}); training fetches every tar from "
+            "one prefix: index each prefix into its own folder"
+        )
+    return urls
+
+
 def shard_names(tars: list[Path]) -> list[str]:
     """A plain, unique shard name per tar: its file name without .tar (prefixed by its folder when
     two folders hold tars of the same name)."""
+    tars = [PurePosixPath(str(t)) for t in tars]
     stems = [_NAME.sub("_", t.name.removesuffix(".tar")) or "shard" for t in tars]
     names = []
     for t, stem in zip(tars, stems):
         name = stem if stems.count(stem) == 1 else f"{_NAME.sub('_', t.parent.name)}_{stem}"
         if not name[0].isalnum():
             name = f"s{name}"
-        names.append(check_shard_name(name, t))
+        names.append(check_shard_name(name, Path(str(t))))
     if len(set(names)) != len(names):
         raise IndexingError("tar files with the same name in folders of the same name; index them separately")
     return names
@@ -180,11 +212,25 @@ def _label(fd: int, sample: dict, mode: str) -> tuple[object, str | None]:
 
 
 def index_tar(job: TarJob) -> dict:
-    """Index one tar: its samples' image byte ranges, sizes, labels; writes its .idx and part file."""
+    """Index one tar: its samples' image byte ranges, sizes, labels; writes its .idx and part file. A tar
+    in object storage is downloaded into OUT for the time it takes (one at a time per worker)."""
+    if not is_remote(job.path):
+        return _index_tar(job, Path(job.path))
+    import tempfile
+
+    from data_pipeline.remote import fetch_url
+
+    with tempfile.TemporaryDirectory(dir=job.out, prefix=".download-") as tmp:
+        local = Path(tmp) / f"{job.name}.tar"
+        etag = fetch_url(job.path, local)
+        return _index_tar(job, local, etag)
+
+
+def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
     from PIL import Image
 
-    tar = Path(job.path)
     out = Path(job.out)
+    origin = job.path  # the tar's path or URL, as the part record and skipped.json name it
     stat = tar.stat()
     rows, skipped, index = [], [], []
     fd = os.open(tar, os.O_RDONLY)
@@ -215,7 +261,7 @@ def index_tar(job: TarJob) -> dict:
             if reason is None:
                 label, reason = _label(fd, sample, job.label)
             if reason is not None:
-                skipped.append({"source": f"{tar}:{key}", "reason": reason})
+                skipped.append({"source": f"{origin}:{key}", "reason": reason})
                 continue
             rows.append(
                 {
@@ -226,7 +272,7 @@ def index_tar(job: TarJob) -> dict:
                     "size": comp.size,
                     "width": width,
                     "height": height,
-                    "source": f"{tar}:{comp.name}",
+                    "source": f"{origin}:{comp.name}",
                     "checksum": checksum(data),
                     "action": "indexed",
                     "format": fmt,
@@ -239,9 +285,9 @@ def index_tar(job: TarJob) -> dict:
     os.replace(tmp, out / f"{job.name}.idx")
     part = {
         "shard": job.name,
-        "tar": str(tar),
+        "tar": origin,
         "tar_bytes": stat.st_size,
-        "tar_mtime_ns": stat.st_mtime_ns,
+        **({"tar_etag": etag} if is_remote(origin) else {"tar_mtime_ns": stat.st_mtime_ns}),
         "label": job.label,
         "num_samples": len(rows),
         "rows": rows,
@@ -257,13 +303,20 @@ def finished_part(out: Path, job: TarJob) -> dict | None:
     path = out / f"{job.name}.part.json"
     try:
         part = json.loads(path.read_text())
-        stat = Path(job.path).stat()
-    except (OSError, ValueError):
+        if is_remote(job.path):
+            from data_pipeline.remote import head_url
+
+            size, version = head_url(job.path)
+            key = "tar_etag"
+        else:
+            stat = Path(job.path).stat()
+            size, version, key = stat.st_size, stat.st_mtime_ns, "tar_mtime_ns"
+    except (OSError, ValueError, DataError):
         return None
-    same = (part.get("tar"), part.get("tar_bytes"), part.get("tar_mtime_ns"), part.get("label")) == (
+    same = (part.get("tar"), part.get("tar_bytes"), part.get(key), part.get("label")) == (
         job.path,
-        stat.st_size,
-        stat.st_mtime_ns,
+        size,
+        version,
         job.label,
     )
     return part if same and (out / f"{job.name}.idx").is_file() else None
@@ -333,7 +386,7 @@ def _atomic_json(path: Path, obj) -> None:
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out).resolve()
     tars = expand_sources(args.sources)
-    inside = [t for t in tars if t.parent == out]
+    inside = [t for t in tars if isinstance(t, Path) and t.parent == out]
     if inside:
         raise IndexingError(f"{out} holds the tars themselves ({inside[0].name}); give OUT a folder of its own")
     names = shard_names(tars)
@@ -376,9 +429,19 @@ def run(args: argparse.Namespace) -> dict:
         "label": args.label,
         "tar_bytes": {p["shard"]: p["tar_bytes"] for p in used},
     }
+    if tars and isinstance(tars[0], str):  # in object storage: upload this folder to their prefix to train
+        summary["tar_base"] = tars[0].rsplit("/", 1)[0]
     summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
     _atomic_json(out / "dataset.json", summary)
     log.info("%d samples in %d tars indexed into %s (%d skipped)", total, len(used), out, len(skipped))
+    if "tar_base" in summary:
+        log.info(
+            "the tars stay in %s: publish the index beside them (deepmim-upload %s %s), then train with data.shards=%s",
+            summary["tar_base"],
+            out,
+            summary["tar_base"],
+            summary["tar_base"],
+        )
     for s in skipped[:20]:
         log.warning("skipped %s: %s", s["source"], s["reason"])
     if len(skipped) > 20:

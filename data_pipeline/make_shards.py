@@ -40,6 +40,7 @@ import numpy as np
 
 from data_pipeline.columns import write_columns
 from data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
+from data_pipeline.locations import is_remote
 from data_pipeline.sources import LAYOUTS, SourceItem, sample_key, scan
 from data_pipeline.wds_index import Component, IndexedSample, write_index
 from engine.errors import DataError, StackError
@@ -350,7 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "restartable (a rerun keeps finished shards and gives byte-identical output).",
     )
     ap.add_argument("src", help="source image tree (see --layout)")
-    ap.add_argument("out", help="output folder for the shards, manifest.parquet, dataset.json, classes.json")
+    ap.add_argument(
+        "out", help="output folder for the shards, manifest.parquet, dataset.json, classes.json (or s3://bucket/prefix)"
+    )
     ap.add_argument(
         "--shard-size-mb",
         type=float,
@@ -386,7 +389,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "memory (default %(default)s; 0 = no limit)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    ap.add_argument(
+        "--staging",
+        help="with an s3:// OUT: the local folder the shards are written to first (restartable), then uploaded",
+    )
     args = ap.parse_args(argv)
+    if is_remote(args.out) and not args.staging:
+        ap.error(
+            f"OUT={args.out} is in object storage: give --staging DIR, a local folder to write the shards to first"
+        )
     if args.shard_size_mb <= 0:
         ap.error("--shard-size-mb must be > 0")
     if not 1 <= args.quality <= 100:
@@ -400,8 +411,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    args = parse_args(argv)
     try:
-        run(parse_args(argv))
+        if is_remote(args.out):  # written locally (restartable there), then published
+            from data_pipeline.upload import upload
+
+            target, args.out = args.out, args.staging
+            run(args)
+            upload(args.staging, target, args.workers)
+            log.info(
+                "uploaded to %s (the staging folder %s can go); train with data.shards=%s", target, args.staging, target
+            )
+        else:
+            run(args)
     except StackError as err:
         log.error("%s", err)
         return err.exit_code

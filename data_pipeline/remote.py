@@ -140,11 +140,27 @@ class S3Store:
 
     def exists(self, name: str) -> bool:
         try:
-            with self._errors(name):
-                self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+            self.head(name)
         except MissingObject:
             return False
         return True
+
+    def head(self, name: str) -> tuple[int, str]:
+        """(size, version tag) of an object."""
+        with self._errors(name):
+            r = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+        return int(r["ContentLength"]), str(r.get("ETag", "")).strip('"')
+
+    def list_tars(self) -> list[str]:
+        """URLs of the *.tar objects directly under the prefix, sorted."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        with self._errors(""):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            ):
+                found += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".tar")]
+        return [f"s3://{self.bucket}/{k}" for k in sorted(found)]
 
     @contextlib.contextmanager
     def _errors(self, name: str):
@@ -226,10 +242,27 @@ class HttpStore:
 
     def exists(self, name: str) -> bool:
         try:
-            self._get(name, preload=True)
+            self.head(name)
         except MissingObject:
             return False
         return True
+
+    def head(self, name: str) -> tuple[int, str]:
+        import urllib3
+
+        try:
+            r = self.pool.request("HEAD", self.where(name))
+        except urllib3.exceptions.HTTPError as err:
+            raise OSError(f"{self.where(name)}: {type(err).__name__}") from None
+        if r.status == 404:
+            raise MissingObject(f"{self.where(name)} does not exist (HTTP 404)")
+        if r.status != 200:
+            raise OSError(f"{self.where(name)}: HTTP {r.status}")
+        tag = r.headers.get("ETag") or r.headers.get("Last-Modified") or ""
+        return int(r.headers.get("Content-Length", -1)), tag.strip('"')
+
+    def list_tars(self) -> list[str]:
+        raise DataError(f"{self.url}: an https:// mirror cannot be listed; name its tars (a brace pattern)")
 
 
 def make_store(url: str, spec: RemoteSpec | None = None) -> S3Store | HttpStore:
@@ -602,6 +635,38 @@ class Prefetcher:
                     return True
                 self._cond.wait(1.0)
             return False
+
+
+# ------------------------------------------------------------------------------ single objects by URL
+
+
+def _parent(url: str, spec: RemoteSpec | None) -> tuple[S3Store | HttpStore, str]:
+    base, _, name = url.rstrip("/").rpartition("/")
+    return make_store(base, spec), name
+
+
+def list_tars(url: str, spec: RemoteSpec | None = None) -> list[str]:
+    return make_store(url, spec).list_tars()
+
+
+def head_url(url: str, spec: RemoteSpec | None = None) -> tuple[int, str]:
+    store, name = _parent(url, spec)
+    return with_retries(lambda: store.head(name), url, spec or RemoteSpec())
+
+
+def fetch_url(url: str, dest: Path, spec: RemoteSpec | None = None) -> str:
+    """Download one object (with retries); returns its version tag (ETag)."""
+    spec = spec or RemoteSpec()
+    store, name = _parent(url, spec)
+    size, tag = with_retries(lambda: store.head(name), url, spec)
+
+    def attempt() -> None:
+        store.download(name, dest)
+        if size >= 0 and dest.stat().st_size != size:
+            raise _Transient(f"{dest.stat().st_size} of {size} bytes")
+
+    with_retries(attempt, url, spec)
+    return tag
 
 
 # ------------------------------------------------------------------------------ before launch

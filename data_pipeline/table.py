@@ -167,6 +167,11 @@ def read_table(root: str | Path, remote: RemoteSpec | None = None) -> SampleTabl
         )
     meta = json.loads(meta_path.read_text())
     shards = tuple(check_shard_name(s, meta_path) for s in meta["shards"])
+    if source is None and meta.get("tar_base"):
+        raise DataError(
+            f"{root} indexes tars in {meta['tar_base']}; publish it beside them (deepmim-upload {root} "
+            f"{meta['tar_base']}) and train with data.shards={meta['tar_base']}"
+        )
     common = {
         "root": root,
         "shards": shards,

@@ -44,25 +44,37 @@ def upload(folder: str | Path, url: str, workers: int = 8, endpoint: str = "") -
     """Upload ``folder`` to ``url``; returns the dataset.json written there."""
     from data_pipeline.columns import write_columns
     from data_pipeline.remote import make_store, with_retries
-    from data_pipeline.table import read_table
+    from data_pipeline.table import check_shard_name
 
     root = Path(folder)
+    url = url.rstrip("/")
     if not url.startswith("s3://"):
         raise DataError(f"{url}: uploads go to s3:// locations (https:// mirrors are read-only)")
-    table = read_table(root)
-    meta = json.loads((root / "dataset.json").read_text())
-    if not (root / "columns" / "meta.json").is_file() or table.digest is None:
-        meta["manifest_sha256"] = write_columns(root, list(meta["shards"]))["manifest_sha256"]
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{root}: not a finished shard folder ({err})") from None
+    shards = [check_shard_name(s, root / "dataset.json") for s in meta["shards"]]
+    base = meta.pop("tar_base", None)  # indexed in place in object storage: the tars are there already
+    if base is not None and base.rstrip("/") != url:
+        raise DataError(
+            f"{root} indexes tars in {base}; upload it there (training fetches each tar from the folder's "
+            f"own prefix), not to {url}"
+        )
+    if not (root / "columns" / "meta.json").is_file() or "manifest_sha256" not in meta:
+        meta["manifest_sha256"] = write_columns(root, shards)["manifest_sha256"]
     spec = RemoteSpec(endpoint=endpoint)
     store = make_store(url, spec)
+    tars = meta.pop("tars", {})  # in the bucket every tar sits under its shard name
     files: list[tuple[Path, str]] = []
-    tar_bytes = {}
-    for name in table.shards:
-        tar = table.tar(name)
-        tar_bytes[name] = tar.stat().st_size
-        files.append((tar, f"{name}.tar"))
-        if table.idx(name).is_file():
-            files.append((table.idx(name), f"{name}.idx"))
+    tar_bytes = dict(meta.get("tar_bytes", {}))
+    for name in shards:
+        if base is None:
+            tar = Path(tars.get(name) or root / f"{name}.tar")
+            tar_bytes[name] = tar.stat().st_size
+            files.append((tar, f"{name}.tar"))
+        if (root / f"{name}.idx").is_file():
+            files.append((root / f"{name}.idx", f"{name}.idx"))
     files += [(p, f"columns/{p.name}") for p in sorted((root / "columns").iterdir())]
     files += [(root / n, n) for n in ("manifest.parquet", "classes.json") if (root / n).is_file()]
 
@@ -76,8 +88,7 @@ def upload(folder: str | Path, url: str, workers: int = 8, endpoint: str = "") -
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         sent = sum(pool.map(send, files))
-    meta.pop("tars", None)  # in the bucket every tar sits under its shard name
-    meta["tar_bytes"] = tar_bytes  # what was uploaded is what fetches are checked against
+    meta["tar_bytes"] = {name: tar_bytes[name] for name in shards}  # what fetches are checked against
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dataset.json"
         path.write_text(json.dumps(meta, indent=2, sort_keys=True))

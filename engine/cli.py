@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -242,7 +243,8 @@ def dataset_size(cfg: Config) -> int | None:
             from data_pipeline.loader import remote_spec
             from data_pipeline.remote import remote_meta
 
-            return int(remote_meta(shards, remote_spec(cfg.data))["num_samples"])
+            quick = dataclasses.replace(remote_spec(cfg.data), retries=1)  # the check before launch retries
+            return int(remote_meta(shards, quick)["num_samples"])
         return int(json.loads((Path(shards) / "dataset.json").read_text())["num_samples"])
     except (OSError, ValueError, KeyError, TypeError, StackError):
         return None

@@ -89,3 +89,32 @@ def test_committed_gpu_results_render():
         assert "H100" in json.loads(Path(f).read_text())["device"]
     assert "H100" in render(files)
     assert os.path.exists(results / "README.md")
+
+
+def test_data_plan_benchmark(tmp_path):
+    """Small sizes: both orders produce a rank's first batch; the global order above its limit is reported."""
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "bench.data_plan", "--sizes", "20000,300000", "--ranks", "8", "--shard-size", "500"]
+    cmd += ["--exclusions", "100", "--global-limit", "100000", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["order"], r["samples"]): r for r in json.loads(out.read_text())["results"]}
+    assert rows[("global", 300000)]["status"] == "not run" and "GB per rank" in rows[("global", 300000)]["note"]
+    for key in (("global", 20000), ("block", 20000), ("block", 300000)):
+        r = rows[key]
+        assert r["status"] == "ok" and r["plan_s"] > 0 and r["rank_rows_left"] > 0 and 0 <= r["first_row"] < key[1]
+    assert "Epoch plan of one rank" in render([str(out)])
+
+
+def test_data_remote_benchmark(tmp_path):
+    """Local shards, a cold and a warm cache of a local S3-compatible server: every setting reads the epoch."""
+    out = tmp_path / "remote.json"
+    cmd = [sys.executable, "-m", "bench.data_remote", "--per-class", "6", "--batch", "8", "--img-size", "32"]
+    cmd += ["--step-ms", "5", "--shard-size-mb", "0.3", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    got = {(r["setting"], r["step_ms"]): r for r in d["results"]}
+    assert set(got) == {(s, m) for s in ("local", "s3-cold", "s3-warm") for m in (0.0, 5.0)}
+    assert all(r["images"] == d["images_per_epoch"] > 0 for r in got.values())
+    assert got[("s3-cold", 5.0)]["fetched_mb"] > 0 and got[("s3-warm", 5.0)]["fetched_mb"] == 0

@@ -141,3 +141,66 @@ def test_upload_is_restartable_and_publishes_dataset_json_last(s3, demo_shards):
     newest = max(got, key=lambda o: o["LastModified"])
     assert newest["LastModified"] == next(o for o in got if o["Key"] == "demo/dataset.json")["LastModified"]
     assert np.all([o["Size"] > 0 for o in got])
+
+
+def test_webdataset_shards_already_in_a_bucket_are_indexed_in_place_and_train(s3, demo_tree, tmp_path):
+    """Existing img2dataset tars in a bucket: index_shards reads them from there (a listed prefix),
+    the index is published beside them (no tar is uploaded again), and a loader streams exactly the
+    samples the index of local copies of the same tars holds."""
+    from data_pipeline.index_shards import main as index_main
+    from tests.helpers import make_img2dataset
+
+    (tmp_path / "wds").mkdir()
+    tars = make_img2dataset(tmp_path / "wds", demo_tree)
+    for t in sorted(tars.glob("*.tar")):
+        s3.client().upload_file(str(t), "shards", f"laion/{t.name}")
+    local_index, remote_index = tmp_path / "local-index", tmp_path / "remote-index"
+    assert index_main([str(tars), str(local_index), "--label", "json:label", "--workers", "1"]) == 0
+    assert index_main(["s3://shards/laion", str(remote_index), "--label", "json:label", "--workers", "1"]) == 0
+    assert not list(remote_index.glob(".download-*"))  # the downloaded copies are gone
+    with pytest.raises(DataError, match="deepmim-upload"):
+        read_table(remote_index)  # its tars are in the bucket: train from there
+    with pytest.raises(DataError, match="upload it there"):
+        upload(remote_index, "s3://shards/elsewhere")
+    before = {o["Key"]: o["ETag"] for o in s3.client().list_objects_v2(Bucket="shards", Prefix="laion/")["Contents"]}
+    upload(remote_index, "s3://shards/laion")
+    after = {o["Key"]: o["ETag"] for o in s3.client().list_objects_v2(Bucket="shards", Prefix="laion/")["Contents"]}
+    assert {k: after[k] for k in before} == before and "laion/dataset.json" in after  # tars untouched
+    # a rerun reuses every finished tar (its size and ETag unchanged)
+    assert index_main(["s3://shards/laion", str(remote_index), "--label", "json:label", "--workers", "1"]) == 0
+    local = epoch_keys(make_loader("torch", spec(str(local_index), 0, 1, 6)))
+    remote_keys = epoch_keys(make_loader("torch", spec("s3://shards/laion", 0, 1, 6, remote=remote(tmp_path))))
+    assert remote_keys == local and len(local) == 18
+
+
+def test_make_shards_writes_to_a_bucket_through_a_staging_folder(s3, demo_tree, demo_shards, tmp_path):
+    from data_pipeline.make_shards import main as make_shards_main
+
+    argv = [str(demo_tree), "s3://shards/made", "--staging", str(tmp_path / "stage"), "--shard-size-mb", "0.03"]
+    assert make_shards_main([*argv, "--no-progress", "--workers", "1"]) == 0
+    made = epoch_keys(make_loader("torch", spec("s3://shards/made", 0, 1, 8, remote=remote(tmp_path))))
+    assert made == epoch_keys(make_loader("torch", spec(str(demo_shards), 0, 1, 8)))  # the same shards, same order
+    with pytest.raises(SystemExit):  # an s3:// OUT needs a local folder to write to first
+        make_shards_main([str(demo_tree), "s3://shards/made2"])
+
+
+def test_an_https_style_mirror_serves_a_folder_read_only(demo_shards, tmp_path):
+    """A plain web server over a shard folder (http:// on loopback here; https:// is the same client)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(demo_shards))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = epoch_keys(make_loader("dali", spec(url, 0, 1, 8, remote=remote(tmp_path))))
+        assert got == epoch_keys(make_loader("dali", spec(str(demo_shards), 0, 1, 8)))
+        with pytest.raises(DataError, match="read-only"):
+            upload(demo_shards, url)
+        with pytest.raises(DataError, match="does not exist"):
+            read_table(f"{url}/no-such-folder", remote(tmp_path, retries=1))
+    finally:
+        server.shutdown()
