@@ -102,7 +102,15 @@ class SampleTable:
         if fd is not None:
             files.move_to_end(sid)
             return fd
-        fd = files[sid] = os.open(self.tar(self.shards[sid]), os.O_RDONLY)
+        try:
+            fd = os.open(self.tar(self.shards[sid]), os.O_RDONLY)
+        except FileNotFoundError:
+            if self.source is None:
+                raise
+            # another rank of the node evicted it between our fetch and this open (a cache near its
+            # budget): fetch it again
+            fd = os.open(self.tar(self.shards[sid]), os.O_RDONLY)
+        files[sid] = fd
         while len(files) > self.open_limit:
             os.close(files.popitem(last=False)[1])
         return fd

@@ -111,3 +111,13 @@ def test_block_order_elastic_resume_reads_the_rest_once(demo_shards):
     assert len(seen) == 24 and not set(seen) & set(rest) and len(rest) == len(set(rest))
     assert first[0].table.key(banned[0]) not in rest
     assert len(seen) + len(rest) > N - 1 - 12 - 3
+
+
+def test_phases_store_many_excluded_rows_compactly():
+    from data_pipeline.plan import Phase
+
+    rows = tuple(sorted(set(np.random.default_rng(1).integers(0, 2_000_000_000, 100_000).tolist())))
+    state = Phase(64, 1234, rows).to_state()
+    assert Phase.from_state(state) == Phase(64, 1234, rows)
+    assert len(state[2]["zdelta"]) < 8 * len(rows)  # under a raw int64 array, let alone a pickled list
+    assert Phase(2, 8, (3, 7)).to_state() == [2, 8, [3, 7]]  # short lists stay as they were
