@@ -100,14 +100,17 @@ class FinetuneTask(Task):
         check_encoder_fits(w.shape, self.plan, f"init.pretrained={src}")
         report = load_encoder(self.module, w.state, f"init.pretrained={src}")
         dropped = sorted(set(report["dropped"]) | set(w.dropped))
+        others = sorted(set(w.dropped) - set(report["dropped"]))
         log.info(
-            "loaded the pretrained encoder from %s (%s%s); dropped %d keys (%s); new %s",
+            "loaded the pretrained encoder from %s (%s%s); encoder keys not used %s; new %s; %d other keys of the "
+            "file left out (%s)",
             w.origin["path"],
             w.origin["what"],
             f", step {w.origin['step']}" if w.origin["step"] is not None else "",
-            len(dropped),
-            _summarize(dropped),
+            sorted(report["dropped"]),
             report["new"],
+            len(others),
+            _summarize(others),
         )
         return {**w.origin, "dropped": dropped, "new": report["new"]}
 

@@ -80,14 +80,17 @@ def test_data_pipeline_benchmark(tmp_path, demo_shards):
     assert "dali/torch at 1 threads" in d["ratios"]
 
 
-def test_committed_gpu_results_render():
-    """The committed H100 JSON files parse and name their device."""
+def test_committed_results_render():
+    """The committed JSON files parse and name their device: the GPU runs an H100, the data-plan and
+    object-storage files (measured on CPU) the CPU."""
     results = ROOT / "bench" / "results"
     files = sorted(str(p) for p in results.glob("*.json"))
     assert files, "no committed benchmark results"
     for f in files:
-        assert "H100" in json.loads(Path(f).read_text())["device"]
-    assert "H100" in render(files)
+        device = json.loads(Path(f).read_text())["device"]
+        assert ("cpu" in device) if f.endswith("_cpu.json") else ("H100" in device), (f, device)
+    table = render(files)
+    assert "H100" in table and "Epoch plan of one rank" in table and "Local shards vs object storage" in table
     assert os.path.exists(results / "README.md")
 
 
