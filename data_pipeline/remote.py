@@ -510,8 +510,12 @@ class RemoteShards:
         """The tar in the node's cache, fetched (with retries) when absent; FetchError when it cannot be."""
         if name in self.failed:
             raise self.failed[name]
-        expected = self.tar_bytes.get(name, 0)
+        expected = self.tar_bytes.get(name)
         try:
+            if expected is None:  # a folder that predates recorded sizes: ask, so the budget holds
+                expected = self.tar_bytes[name] = with_retries(
+                    lambda: self.store.head(f"{name}.tar")[0], self.store.where(f"{name}.tar"), self.spec, name
+                )
             return self.cache.ensure(name, expected, lambda tmp: self._fetch(name, tmp), self.spec.timeout_s)
         except FetchError as err:
             err.shard = name

@@ -190,7 +190,13 @@ def test_an_https_style_mirror_serves_a_folder_read_only(demo_shards, tmp_path):
     import http.server
     import threading
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(demo_shards))
+    import shutil
+
+    folder = shutil.copytree(demo_shards, tmp_path / "served")  # from before sizes were recorded
+    meta = json.loads((folder / "dataset.json").read_text())
+    del meta["tar_bytes"], meta["tar_checksum"]
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -198,6 +204,8 @@ def test_an_https_style_mirror_serves_a_folder_read_only(demo_shards, tmp_path):
     try:
         got = epoch_keys(make_loader("dali", spec(url, 0, 1, 8, remote=remote(tmp_path))))
         assert got == epoch_keys(make_loader("dali", spec(str(demo_shards), 0, 1, 8)))
+        cached = {p.name: p.stat().st_size for p in (tmp_path / "cache" / "shards").glob("*/*.tar")}
+        assert cached == {p.name: p.stat().st_size for p in Path(demo_shards).glob("*.tar")}  # sizes asked
         with pytest.raises(DataError, match="read-only"):
             upload(demo_shards, url)
         with pytest.raises(DataError, match="does not exist"):
