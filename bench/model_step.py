@@ -293,6 +293,9 @@ def add_ratios(results: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from engine.loop.ops import use_environment_cache
+
+    use_environment_cache()  # DeepSpeed's ops as the trainer uses them: built once per environment, not again here
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     DeepSpeedStep.overrides, DeepSpeedStep.label = tuple(args.ds_overrides), args.label
     budget = Budget(args.time_budget)

@@ -13,11 +13,14 @@ from tests.conftest import ROOT, cpu_env
 
 
 def test_gpu_check_dry_run_writes_json(tmp_path):
-    env = cpu_env(OUT=str(tmp_path))
+    home = tmp_path / "home"  # torch's default extension cache is ~/.cache/torch_extensions
+    env = cpu_env(OUT=str(tmp_path), HOME=str(home))
     proc = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU op comes from the environment's build (make setup), not a second one per user
+    assert not (home / ".cache" / "torch_extensions").exists()
     step = json.loads((tmp_path / "model_step_dryrun.json").read_text())
     assert step["device"].startswith("cpu") and step["versions"]["torch"] and step["precision"]
     configs = {(r["config"], r["engine"]) for r in step["results"] if r["status"] == "ok"}

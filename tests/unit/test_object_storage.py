@@ -188,9 +188,8 @@ def test_an_https_style_mirror_serves_a_folder_read_only(demo_shards, tmp_path):
     """A plain web server over a shard folder (http:// on loopback here; https:// is the same client)."""
     import functools
     import http.server
-    import threading
-
     import shutil
+    import threading
 
     folder = shutil.copytree(demo_shards, tmp_path / "served")  # from before sizes were recorded
     meta = json.loads((folder / "dataset.json").read_text())
