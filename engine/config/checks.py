@@ -123,6 +123,7 @@ def _validate_run(cfg: Config) -> None:
     _one_of("log.level", cfg.log.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
     _one_of("log.progress", cfg.log.progress, ("auto", "on", "off"))
     _one_of("engine.compile", str(cfg.engine.compile).lower(), ("auto", "true", "false"))
+    _one_of("engine.precision", cfg.engine.precision, ("bf16", "fp32", "auto"))
     _check(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be > 0")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
     _check(cfg.checkpoint.keep_every_epochs >= 0, "checkpoint.keep_every_epochs: must be >= 0")

@@ -188,6 +188,10 @@ class LogConfig:
 @dataclass
 class EngineConfig:
     ds_config: str = "ds_configs/zero2_bf16.json"
+    # bf16 | fp32 | auto. auto: bf16 on CUDA and on CPUs with native bf16 arithmetic (AVX512-BF16, AMX),
+    # fp32 on other CPUs (where torch emulates bf16 matmuls about 10-30x slower than fp32); a resumed run
+    # keeps the precision its checkpoint was trained in. Sets the DeepSpeed config's bf16.enabled.
+    precision: str = "bf16"
     # torch.compile of the repeated blocks (encoder, decoders, teacher): each block class is
     # compiled once and reused, so compile time stays small; on failure training runs eager.
     # auto: on CUDA (the measured fastest path), not on the CPU (where compiling costs more than it saves)

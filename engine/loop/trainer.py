@@ -42,7 +42,7 @@ from engine.disk import as_disk_error, free_space, writing
 from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy
 from engine.loop import checkpoint as ckpt
 from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
-from engine.loop.ds_setup import resolve_ds_config
+from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
 from engine.loop.engines import EngineFactory, deepspeed_engine
 from engine.loop.faults import NoFaults, fault_injector
 from engine.loop.guard import NonFiniteGuard
@@ -98,6 +98,7 @@ class Trainer:
         self.dtype = torch.float32
         self.guard: NonFiniteGuard | None = None
         self.compiled, self.compile_error = False, ""
+        self.precision = "bf16"  # engine.precision as resolved in _build_engine (recorded in each checkpoint)
         self.peak: float | None = None
         # built by train()
         self.signals: StopSignals | None = None
@@ -194,7 +195,13 @@ class Trainer:
         )
 
     def _build_engine(self) -> None:
-        self.ds_config = resolve_ds_config(self.cfg, self.plan)
+        trained_in = (self.resume_marker or {}).get("precision")
+        self.precision, why = resolve_precision(
+            self.cfg.engine.precision, self.dist.device.type, trained_in, native_cpu_bf16()
+        )
+        if why and self.dist.is_main:
+            log.warning("%s", why)
+        self.ds_config = resolve_ds_config(self.cfg, self.plan, self.precision)
         if self.cfg.optim.name != "adamw":  # ZeRO-2 partitions any torch optimizer; DeepSpeed asks to be told
             self.ds_config["zero_allow_untested_optimizer"] = True
         if self._elastic():
@@ -311,6 +318,7 @@ class Trainer:
                 "epoch": self.loader.epoch,
                 "world_size": self.dist.world_size,
                 "keep": keep,
+                "precision": self.precision,  # what engine.precision=auto resolved to: a resume keeps it
                 "data": self.loader.data_state(),
             }
             # the config travels in the marker too, so a resume can refuse it before loading anything

@@ -64,6 +64,7 @@ def _tiny(mae: bool, kind: str = "pixel") -> Config:
     cfg.data.global_batch = 32
     cfg.data.micro_batch = 16
     cfg.data.num_threads = 1
+    cfg.engine.precision = "auto"  # a CPU recipe: fp32 where the CPU has no native bf16 (10x faster there)
     cfg.optim.base_lr = 1.5e-3  # small batch, short run: a larger base lr than the paper's
     cfg.schedule.epochs = 20
     cfg.schedule.warmup_epochs = 2
@@ -89,6 +90,7 @@ def _test(mae: bool = False, kind: str = "pixel") -> Config:
         cfg.model.taps = [get_variant(cfg.model.arch).depth]
     cfg.target.generator = "runs/mae_test" if kind == "mixed" else ""
     cfg.target.teacher = "data/test_clip_random.pt" if kind == "clip" else ""
+    cfg.engine.precision = "bf16"  # the tests exercise the GPU recipe's precision on every CPU
     cfg.data.global_batch = 8
     cfg.data.micro_batch = 4
     cfg.schedule.epochs = 2

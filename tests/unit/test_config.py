@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from engine.config import Config, ConfigError, apply_overrides, from_dict, plan_run, to_dict, validate
-from engine.loop.ds_setup import resolve_ds_config
+from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
 from engine.loop.schedule import lr_at
 from engine.presets import get_preset, list_presets
 from tests.conftest import ROOT
@@ -174,6 +174,40 @@ def test_ds_config_batch_sizes_are_filled_and_cross_checked(tmp_path):
     cfg.engine.ds_config = str(bad)
     with pytest.raises(ConfigError, match="train_batch_size=64 disagrees"):
         resolve_ds_config(cfg, p)
+
+
+def test_precision_auto_follows_the_hardware_and_a_resumed_checkpoint():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert not native_cpu_bf16(avx2)
+    assert native_cpu_bf16(avx2.replace("avx2", "avx2 avx512f avx512_bf16"))
+    assert native_cpu_bf16(avx2.replace("avx2", "avx2 amx_bf16 amx_tile"))
+    assert resolve_precision("auto", "cuda", None, cpu_bf16=False) == ("bf16", "")
+    assert resolve_precision("auto", "cpu", None, cpu_bf16=True) == ("bf16", "")
+    precision, why = resolve_precision("auto", "cpu", None, cpu_bf16=False)
+    assert precision == "fp32" and "no native bf16" in why
+    # a resume keeps what the run trained in, whatever the new machine has
+    assert resolve_precision("auto", "cpu", "bf16", cpu_bf16=False) == ("bf16", "")
+    assert resolve_precision("auto", "cuda", "fp32", cpu_bf16=False) == ("fp32", "")
+    # an explicit setting wins, and a change on resume is said
+    assert resolve_precision("bf16", "cpu", None, cpu_bf16=False) == ("bf16", "")
+    precision, why = resolve_precision("fp32", "cuda", "bf16", cpu_bf16=False)
+    assert precision == "fp32" and "trained in bf16" in why
+
+
+def test_precision_sets_deepspeeds_bf16_and_a_contradiction_is_refused(tmp_path):
+    cfg = get_preset("deepmim_tiny_pixel")
+    assert cfg.engine.precision == "auto" and get_preset("deepmim_test_pixel").engine.precision == "bf16"
+    p = plan_run(cfg, 2, 432)
+    assert resolve_ds_config(cfg, p, "bf16")["bf16"]["enabled"] is True
+    assert resolve_ds_config(cfg, p, "fp32")["bf16"]["enabled"] is False
+    cfg.engine.ds_overrides = ["bf16.enabled=false"]
+    assert resolve_ds_config(cfg, p, "fp32")["bf16"]["enabled"] is False  # auto resolved to fp32: agrees
+    cfg.engine.precision = "bf16"
+    with pytest.raises(ConfigError, match="set engine.precision=fp32 instead"):
+        resolve_ds_config(cfg, p, "bf16")
+    cfg.engine.precision = "fp16"
+    with pytest.raises(ConfigError, match="engine.precision"):
+        validate(cfg)
 
 
 def test_schedule_is_warmup_then_cosine():

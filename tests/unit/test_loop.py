@@ -67,6 +67,29 @@ def keys(run: Path) -> str:
     return (run / "sample_keys" / "rank0.tsv").read_text()
 
 
+def test_precision_is_recorded_and_auto_keeps_it_on_resume(demo_shards, tmp_path, monkeypatch):
+    import engine.loop.trainer as trainer_module
+
+    run = tmp_path / "run"
+    train(run, demo_shards, 2, "engine.precision=fp32", "checkpoint.interval=2")
+    assert ckpt.read_marker(run / "checkpoints" / "step_00000002")["precision"] == "fp32"
+    # on a machine where auto would pick bf16, the resumed run stays in the precision it trained in
+    monkeypatch.setattr(trainer_module, "native_cpu_bf16", lambda: True)
+    cfg = config(run, demo_shards, 4, "engine.precision=auto", "checkpoint.interval=2")
+    trainer = Trainer(cfg, CPU, PretrainTask(), engine_factory=local_engine)
+    assert trainer.train()["step"] == 4
+    assert trainer.precision == "fp32" and trainer.ds_config["bf16"]["enabled"] is False
+    assert ckpt.read_marker(run / "checkpoints" / "step_00000004")["precision"] == "fp32"
+    fresh = Trainer(
+        config(tmp_path / "new", demo_shards, 1, "engine.precision=auto"),
+        CPU,
+        PretrainTask(),
+        engine_factory=local_engine,
+    )
+    fresh.train()
+    assert fresh.precision == "bf16"
+
+
 def test_save_cadence_and_retention(demo_shards, tmp_path):
     run = tmp_path / "run"
     assert train(run, demo_shards, 7, "checkpoint.interval=3", "checkpoint.keep_last=2") == {
