@@ -86,7 +86,21 @@ def split_url(url: str) -> tuple[str, str, str]:
     return scheme, (host if scheme == "s3" else f"{scheme}://{host}"), prefix
 
 
-class S3Store:
+class ObjectStore:
+    """What both stores share; each answers ``head`` (size, version tag) or raises ``MissingObject``."""
+
+    def head(self, name: str) -> tuple[int, str]:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.head(name)
+        except MissingObject:
+            return False
+        return True
+
+
+class S3Store(ObjectStore):
     """Objects under ``s3://bucket/prefix`` through boto3 (any S3-compatible endpoint)."""
 
     def __init__(self, url: str, spec: RemoteSpec):
@@ -138,13 +152,6 @@ class S3Store:
         with self._errors(name):
             self.client.upload_file(str(path), self.bucket, self.key(name))
 
-    def exists(self, name: str) -> bool:
-        try:
-            self.head(name)
-        except MissingObject:
-            return False
-        return True
-
     def head(self, name: str) -> tuple[int, str]:
         """(size, version tag) of an object."""
         with self._errors(name):
@@ -184,7 +191,7 @@ class S3Store:
             raise OSError(f"{self.where(name)}: {code or status}") from None
 
 
-class HttpStore:
+class HttpStore(ObjectStore):
     """Objects under an ``https://`` mirror (read-only), through urllib3."""
 
     def __init__(self, url: str, spec: RemoteSpec):
@@ -240,13 +247,6 @@ class HttpStore:
     def put(self, path: Path, name: str) -> None:
         raise DataError(f"{self.url}: https:// locations are read-only; upload to s3:// instead")
 
-    def exists(self, name: str) -> bool:
-        try:
-            self.head(name)
-        except MissingObject:
-            return False
-        return True
-
     def head(self, name: str) -> tuple[int, str]:
         import urllib3
 
@@ -265,7 +265,7 @@ class HttpStore:
         raise DataError(f"{self.url}: an https:// mirror cannot be listed; name its tars (a brace pattern)")
 
 
-def make_store(url: str, spec: RemoteSpec | None = None) -> S3Store | HttpStore:
+def make_store(url: str, spec: RemoteSpec | None = None) -> ObjectStore:
     spec = spec or RemoteSpec()
     return S3Store(url, spec) if url.startswith("s3://") else HttpStore(url, spec)
 
@@ -644,7 +644,7 @@ class Prefetcher:
 # ------------------------------------------------------------------------------ single objects by URL
 
 
-def _parent(url: str, spec: RemoteSpec | None) -> tuple[S3Store | HttpStore, str]:
+def _parent(url: str, spec: RemoteSpec | None) -> tuple[ObjectStore, str]:
     base, _, name = url.rstrip("/").rpartition("/")
     return make_store(base, spec), name
 

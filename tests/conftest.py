@@ -139,6 +139,16 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_job(cmd: list[str], env: dict[str, str] | None = None, capture: bool = False) -> subprocess.Popen:
+    """A job in a session of its own (``kill_group`` stops all of it), from the repository root;
+    ``capture``: stdout and stderr together as text for ``communicate``, else discarded."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    err = subprocess.STDOUT if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env or cpu_env(), stdout=out, stderr=err, text=capture, start_new_session=True
+    )
+
+
 def run_deepspeed(
     nprocs: int, *args: str, timeout: int = 420, check: bool = True, module: str = "engine.pretrain", **env
 ) -> subprocess.CompletedProcess:

@@ -22,6 +22,36 @@ from engine.loop.checkpoint import list_checkpoints
 MARK = "payload-ran"
 
 
+def in_process_config(run: Path, shards: Path, steps: int, *sets: str):
+    """The test preset for a run of the real ``Trainer`` in this process (torch loader, no figures)."""
+    from engine.config import apply_overrides, validate
+    from engine.presets import get_preset
+
+    cfg = get_preset("deepmim_test_pixel")
+    base = [
+        f"data.shards={shards}",
+        f"run_dir={run}",
+        f"schedule.max_steps={steps}",
+        "data.loader=torch",
+        "log.reconstructions=false",
+        "log.tensorboard=false",
+    ]
+    apply_overrides(cfg, [*base, *sets])
+    validate(cfg)
+    return cfg
+
+
+def train_in_process(cfg, faults=None) -> dict:
+    """Pretraining on the local engine as a world of one CPU rank (``engine.loop.engines``)."""
+    from engine.loop.dist import DistInfo
+    from engine.loop.engines import local_engine
+    from engine.loop.trainer import Trainer
+    from engine.tasks.masked_modeling import PretrainTask
+
+    cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    return Trainer(cfg, cpu, PretrainTask(), engine_factory=local_engine, faults=faults).train()
+
+
 class Payload:
     """Pickles to a call that creates a marker file when unpickled by an unrestricted loader."""
 

@@ -4,7 +4,6 @@ an official MAE weights file as the start of fine-tuning."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from data_pipeline.index_shards import main as index_main
 from engine.models.mim import DeepMIM
 from engine.models.registry import get_variant
-from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_deepspeed
+from tests.conftest import deepspeed_cmd, run_deepspeed, start_job
 from tests.helpers import kill_group, make_img2dataset, wait_for
 
 pytestmark = pytest.mark.launcher
@@ -56,14 +55,7 @@ def test_pretraining_on_indexed_shards_is_killed_and_resumes_every_key_once(inde
         "--set",
         "log.reconstructions=false",
     ]
-    proc = subprocess.Popen(
-        deepspeed_cmd(2, *args, "--set", "debug.step_sleep_s=0.3"),
-        cwd=ROOT,
-        env=cpu_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_job(deepspeed_cmd(2, *args, "--set", "debug.step_sleep_s=0.3"))
     wait_for(lambda: (run / "checkpoints" / "step_00000004" / "complete.json").is_file())
     kill_group(proc)
     assert not (run / "checkpoints" / "step_00000008" / "complete.json").is_file(), "finished before the kill"

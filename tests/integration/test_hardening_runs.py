@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.loop.checkpoint import MARKER, list_checkpoints
-from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_single
+from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_single, start_job
 from tests.helpers import MARK, Payload, text, wait_for
 
 
@@ -184,15 +184,7 @@ def test_watchdog_names_a_stalled_rank_and_exits(demo_shards, tmp_path):
         "schedule.epochs=50",
     )
     cmd = deepspeed_cmd(2, *base(run, demo_shards, 300, *opts))
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=cpu_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job(cmd, capture=True)
     try:
         wait_for(lambda: started(run, 6))
         ranks = [

@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.upload import upload
 from engine.loop.checkpoint import MARKER
-from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_deepspeed
+from tests.conftest import cpu_env, deepspeed_cmd, run_deepspeed, start_job
 from tests.helpers import kill_group, wait_for
 from tests.object_store import environment, s3_server
 
@@ -58,14 +58,7 @@ def test_stream_from_s3_sigkill_resume_then_fewer_ranks(demo_shards, tmp_path):
         env = cpu_env(**s3.env)
 
         def start(steps: int) -> subprocess.Popen:
-            return subprocess.Popen(
-                deepspeed_cmd(2, *args(run, cache, steps)),
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            return start_job(deepspeed_cmd(2, *args(run, cache, steps)), env)
 
         proc = start(18)  # two epochs on 2 ranks, killed mid-epoch 0 ...
         wait_for(lambda: complete(run, 4))

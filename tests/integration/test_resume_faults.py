@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.loop.checkpoint import MARKER, list_checkpoints, read_marker
-from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_deepspeed
+from tests.conftest import deepspeed_cmd, run_deepspeed, start_job
 from tests.helpers import final_state, kill_group, wait_for
 
 pytestmark = pytest.mark.launcher
@@ -41,14 +41,7 @@ def keys(run: Path) -> dict[str, str]:
 
 
 def start(run: Path, shards: Path, steps: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        deepspeed_cmd(2, *args(run, shards, steps, *extra)),
-        cwd=ROOT,
-        env=cpu_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    return start_job(deepspeed_cmd(2, *args(run, shards, steps, *extra)))
 
 
 def complete(run: Path, step: int) -> bool:

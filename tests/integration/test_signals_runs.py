@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from engine.loop.checkpoint import MARKER, list_checkpoints
-from tests.conftest import ROOT, cpu_env, free_port
+from tests.conftest import ROOT, cpu_env, free_port, start_job
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.launcher
@@ -115,15 +115,7 @@ def test_a_signal_while_the_ranks_start_is_a_clean_preemption(demo_shards, tmp_p
     """SIGTERM a moment after launch, while the ranks import and build: passed on once their handlers
     are in place; they stop before the first step, write PREEMPTED and exit 0 (a scheduler requeues)."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        launcher(run, demo_shards, 300),
-        cwd=ROOT,
-        env=cpu_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job(launcher(run, demo_shards, 300), capture=True)
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -136,7 +128,7 @@ def test_a_process_group_sigterm_during_a_long_save_lets_it_finish(demo_shards, 
     """systemd or a scheduler stopping the process group: the save (held 32 s before its marker, longer
     than DeepSpeed's launcher would wait before SIGKILL) completes and the run exits 0."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
+    proc = start_job(
         launcher(
             run,
             demo_shards,
@@ -146,12 +138,7 @@ def test_a_process_group_sigterm_during_a_long_save_lets_it_finish(demo_shards, 
             "checkpoint.interval=1000",
             "log.interval=2",
         ),
-        cwd=ROOT,
-        env=cpu_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        capture=True,
     )
     wait_for(lambda: logged_steps(run) >= 2)
     os.killpg(proc.pid, signal.SIGTERM)  # the script's whole process group, as a service manager does

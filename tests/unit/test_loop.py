@@ -13,40 +13,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import apply_overrides, validate
 from engine.errors import CheckpointError, DataError, NonFiniteError
 from engine.loop import checkpoint as ckpt
 from engine.loop.dist import DistInfo
 from engine.loop.engines import LocalEngine, local_engine
 from engine.loop.faults import FaultDrills
 from engine.loop.trainer import Trainer
-from engine.presets import get_preset
 from engine.tasks.masked_modeling import PretrainTask
-from tests.helpers import copy_shards, corrupt_header, corrupt_jpeg, truncate_tar
+from tests.helpers import (
+    copy_shards,
+    corrupt_header,
+    corrupt_jpeg,
+    in_process_config,
+    train_in_process,
+    truncate_tar,
+)
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def config(run: Path, shards: Path, steps: int, *sets: str):
-    cfg = get_preset("deepmim_test_pixel")
-    base = [
-        f"data.shards={shards}",
-        f"run_dir={run}",
-        f"schedule.max_steps={steps}",
-        "data.loader=torch",
-        "log.reconstructions=false",
-        "log.tensorboard=false",
-        "log.sample_keys=true",
-        "fault.heartbeat_s=60",
-    ]
-    apply_overrides(cfg, [*base, *sets])
-    validate(cfg)
-    return cfg
+    return in_process_config(run, shards, steps, "log.sample_keys=true", "fault.heartbeat_s=60", *sets)
 
 
 def train(run: Path, shards: Path, steps: int, *sets: str, faults=None) -> dict:
-    cfg = config(run, shards, steps, *sets)
-    return Trainer(cfg, CPU, PretrainTask(), engine_factory=local_engine, faults=faults).train()
+    return train_in_process(config(run, shards, steps, *sets), faults)
 
 
 def steps_saved(run: Path) -> list[int]:

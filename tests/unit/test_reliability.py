@@ -16,33 +16,17 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from engine.config import apply_overrides, to_dict, validate
+from engine.config import apply_overrides, to_dict
 from engine.disk import DiskError
 from engine.errors import CheckpointError, TeacherError
-from engine.loop.dist import DistInfo
-from engine.loop.engines import local_engine
 from engine.loop.faults import FaultDrills
-from engine.loop.trainer import Trainer
 from engine.presets import get_preset
-from engine.tasks.masked_modeling import PretrainTask
 from tests.conftest import make_shards
-
-CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+from tests.helpers import in_process_config, train_in_process
 
 
 def pretrain(run: Path, shards: Path, steps: int, *sets: str, faults=None) -> dict:
-    cfg = get_preset("deepmim_test_pixel")
-    base = [
-        f"data.shards={shards}",
-        f"run_dir={run}",
-        f"schedule.max_steps={steps}",
-        "data.loader=torch",
-        "log.reconstructions=false",
-        "log.tensorboard=false",
-    ]
-    apply_overrides(cfg, [*base, *sets])
-    validate(cfg)
-    return Trainer(cfg, CPU, PretrainTask(), engine_factory=local_engine, faults=faults).train()
+    return train_in_process(in_process_config(run, shards, steps, *sets), faults)
 
 
 def finetune_check(capsys, train: Path, val: Path, *sets: str) -> tuple[int, str]:
