@@ -57,7 +57,7 @@ class _Source:
         epoch, rows = next(self.batches)
         self.pending.append(rows)
         if self.loader.prefetch is not None:
-            self.loader.prefetch.reached(rows)
+            self.loader.prefetch.reached()
         s, t = self.loader.spec, self.loader.table
         jpgs, anchors, shapes, mirrors = [], [], [], []
         for i in rows:

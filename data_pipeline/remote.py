@@ -579,11 +579,10 @@ class Prefetcher:
         self._reached = 0
         self._cond = threading.Condition()
         self._stop = False
-        self._base = 0
         self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
         self._thread.start()
 
-    def reached(self, rows: np.ndarray | None = None) -> None:
+    def reached(self) -> None:
         with self._cond:
             self._reached += 1
             self._cond.notify_all()
@@ -614,31 +613,31 @@ class Prefetcher:
                         total += 1
                 needed.append(total)
                 while pending:
-                    if not self._wait_for_room(needed, base, fetched, total):
+                    base = self._wait_for_room(needed, base, fetched, total)
+                    if base is None:
                         return
-                    base = self._base
                     with contextlib.suppress(DataError, OSError):  # the reader meets (and reports) it
                         self.table.source.local(self.table.shards[pending.popleft()])
                     fetched += 1
         except Exception as err:  # never take the run down from here: the reader fetches on demand
             log.warning("shard read-ahead stopped (%s); shards are fetched when read", _describe(err))
 
-    def _wait_for_room(self, needed: deque[int], base: int, fetched: int, total: int) -> bool:
+    def _wait_for_room(self, needed: deque[int], base: int, fetched: int, total: int) -> int | None:
         """Block until fetching one more shard keeps at most ``ahead`` beyond what the consumer's
-        current batch needs; False when closed."""
+        current batch needs, dropping the counts of batches already passed from ``needed``; returns
+        the new ``base`` (batches dropped from its front), or None when closed."""
         with self._cond:
             while not self._stop:
                 k = self._reached  # batches handed to decoding: they need needed[k - 1] shards
                 while base < k - 1 and len(needed) > 1:
                     needed.popleft()
                     base += 1
-                self._base = base
                 j = k - 1 - base
                 in_use = 0 if k == 0 else (total if j >= len(needed) else needed[j])
                 if fetched < in_use + self.ahead:
-                    return True
+                    return base
                 self._cond.wait(1.0)
-            return False
+            return None
 
 
 # ------------------------------------------------------------------------------ single objects by URL

@@ -89,14 +89,14 @@ class RowSampler(Sampler):
     def __init__(self, micro_batch: int) -> None:
         self.micro_batch = micro_batch
         self.stream: RankStream | None = None
-        self.on_batch = None  # called with each batch's rows as the DataLoader takes it
+        self.on_batch = None  # called as the DataLoader takes each batch
 
     def __iter__(self):
         if self.stream is None:
             return
         for rows in self.stream.batches(self.micro_batch):
             if self.on_batch is not None:
-                self.on_batch(rows)
+                self.on_batch()
             for r in rows:
                 yield (self.stream.epoch, int(r))
 
