@@ -52,7 +52,9 @@ if __name__ == "__main__":
     answer_help_early(build_parser)
 
 from bench.common import header, write_json
-from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.loaders.source import read_dataset
 
 log = logging.getLogger("bench.data_pipeline")
 
@@ -62,8 +64,8 @@ def make_bench_shards(
 ) -> Path:
     """Shards of random crops of the bundled photos; ``imagenet_like``: 500 x 375 JPEGs at quality 95
     (about ImageNet's typical size and 110 KB), else crops with a short side of ``size``."""
-    from data_pipeline.demo_data import build
-    from data_pipeline.make_shards import main as make_shards
+    from data_pipeline.shards.demo_data import build
+    from data_pipeline.shards.make_shards import main as make_shards
 
     if imagenet_like:
         _imagenet_like(root / "src", per_class)
@@ -80,7 +82,7 @@ def _imagenet_like(out: Path, per_class: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from data_pipeline.demo_data import PHOTOS
+    from data_pipeline.shards.demo_data import PHOTOS
 
     rng = np.random.default_rng(0)
     for name, load in PHOTOS.items():

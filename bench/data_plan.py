@@ -53,8 +53,9 @@ def one_case(order: str, n: int, a: argparse.Namespace) -> dict:
     """Run in a child process: plan one rank's stream, measure time and added peak memory."""
     import numpy as np
 
-    from data_pipeline.block_plan import BlockOrder
-    from data_pipeline.plan import GlobalOrder, Phase
+    from data_pipeline.order.block_order import BlockOrder
+    from data_pipeline.order.global_order import GlobalOrder
+    from data_pipeline.order.phases import Phase
 
     base_kb = peak_kb()
     shards = -(-n // a.shard_size)

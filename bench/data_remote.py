@@ -80,8 +80,9 @@ def local_s3(home: Path):
 
 
 def read_epoch(shards: str, a: argparse.Namespace, cache: Path | None, step_s: float) -> dict:
-    from data_pipeline.loader import LoaderSpec, make_loader
-    from data_pipeline.locations import RemoteSpec
+    from data_pipeline.dataset.locations import RemoteSpec
+    from data_pipeline.loaders.base import LoaderSpec
+    from data_pipeline.loaders.factory import make_loader
 
     remote = RemoteSpec(cache_dir=str(cache), cache_gb=50) if cache is not None else None
     spec = LoaderSpec(
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from bench.data_pipeline import make_bench_shards
-    from data_pipeline.upload import upload
+    from data_pipeline.shards.upload import upload
 
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -74,8 +74,8 @@ def ensure_demo_shards(path: Path, imagenet_like: bool = False) -> Path:
     if (path / "dataset.json").is_file():
         return path
     from bench.data_pipeline import make_bench_shards
-    from data_pipeline.demo_data import build
-    from data_pipeline.make_shards import main as make_shards
+    from data_pipeline.shards.demo_data import build
+    from data_pipeline.shards.make_shards import main as make_shards
 
     if imagenet_like:  # 500 x 375 JPEGs of ~110 KB, 9 x 128 of them
         built = make_bench_shards(path.parent / (path.name + "_work"), 128, 0, imagenet_like=True)

@@ -42,7 +42,7 @@ if __name__ == "__main__":
 import torch
 
 from bench.common import header, sync, write_json
-from data_pipeline.eval_reader import iter_raw
+from data_pipeline.loaders.eval_reader import iter_raw
 
 log = logging.getLogger("bench.gpu_decode")
 
@@ -53,7 +53,7 @@ def load_jpegs(shards: Path, limit: int) -> list[bytes]:
 
 def rrc_boxes(sizes: list[tuple[int, int]], seed: int = 0) -> list[tuple[int, int, int, int]]:
     """(top, left, h, w) random-resized-crop boxes drawn as the training loaders draw them."""
-    from data_pipeline.plan import crop_params, pixel_box
+    from data_pipeline.order.crops import crop_params, pixel_box
 
     boxes = []
     for i, (h, w) in enumerate(sizes):

@@ -40,8 +40,8 @@ if __name__ == "__main__":
 
 from bench.common import header, write_json
 from bench.data_pipeline import measure
-from data_pipeline.demo_data import build
-from data_pipeline.make_shards import main as make_shards
+from data_pipeline.shards.demo_data import build
+from data_pipeline.shards.make_shards import main as make_shards
 
 log = logging.getLogger("bench.shard_writer")
 

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from data_pipeline.locations import is_remote
+from data_pipeline.dataset.locations import is_remote
 from engine.config import Config, apply_overrides, plan_run, resolved, validate
 from engine.config.paths import resolve_repo_path
 from engine.errors import ConfigError, StackError
@@ -184,16 +184,17 @@ def check_inputs(cfg: Config, plan) -> None:
     read from the file, shapes only, against the preset's) and fine-tuning's validation labels."""
     t = cfg.target
     if is_remote(cfg.data.shards):
-        from data_pipeline.loader import remote_spec
-        from data_pipeline.remote import check_cache
+        from data_pipeline.dataset.locations import remote_spec
+        from data_pipeline.remote.checks import check_cache
 
         check_cache(cfg.data.shards, remote_spec(cfg.data), cfg.data.block_window)
     if cfg.task != "pretrain" and cfg.data.val_shards:
-        from data_pipeline.labels import validation_label_map
-        from data_pipeline.loader import remote_spec
-        from data_pipeline.table import read_table
+        from data_pipeline.dataset.labels import validation_label_map
+        from data_pipeline.dataset.locations import remote_spec
+        from data_pipeline.dataset.table import read_table
+        from data_pipeline.loaders.source import open_table
 
-        train = read_table(cfg.data.shards, remote_spec(cfg.data))
+        train = open_table(cfg.data.shards, remote_spec(cfg.data))
         val = read_table(cfg.data.val_shards)
         classes = cfg.finetune.num_classes or train.num_classes or int(train.label.max()) + 1
         validation_label_map(cfg.data.shards, cfg.data.val_shards, val.label, classes)
@@ -240,8 +241,8 @@ def dataset_size(cfg: Config) -> int | None:
     shards = cfg.data.shards
     try:
         if is_remote(shards):
-            from data_pipeline.loader import remote_spec
-            from data_pipeline.remote import remote_meta
+            from data_pipeline.dataset.locations import remote_spec
+            from data_pipeline.remote.checks import remote_meta
 
             quick = dataclasses.replace(remote_spec(cfg.data), retries=1)  # the check before launch retries
             return int(remote_meta(shards, quick)["num_samples"])

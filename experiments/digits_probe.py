@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     if not (data / "val_shards" / "dataset.json").is_file():
-        from data_pipeline.demo_data import build_digits
+        from data_pipeline.shards.demo_data import build_digits
 
         print("building the digits shards", flush=True)
         build_digits(data / "src")

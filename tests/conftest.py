@@ -72,7 +72,7 @@ def _tests_write_only_under_their_tmp_dirs():
 
 
 def make_shards(src: Path, out: Path, *extra: str) -> None:
-    from data_pipeline.make_shards import main
+    from data_pipeline.shards.make_shards import main
 
     assert main([str(src), str(out), "--workers", "1", "--no-progress", *extra]) == 0
 
@@ -94,7 +94,7 @@ def _no_leaked_shared_memory():
 @pytest.fixture(scope="session")
 def demo_tree(tmp_path_factory) -> Path:
     """9 classes x 8 real-photo crops (72 JPEGs) in the class-folder layout."""
-    from data_pipeline.demo_data import build
+    from data_pipeline.shards.demo_data import build
 
     root = tmp_path_factory.mktemp("demo") / "train"
     build(root, per_class=8, size=48, seed=1)
@@ -112,7 +112,7 @@ def demo_shards(demo_tree, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_val_shards(tmp_path_factory) -> Path:
     """Held-out crops of the same nine photos (another seed): labels agree with demo_shards."""
-    from data_pipeline.demo_data import build
+    from data_pipeline.shards.demo_data import build
 
     root = tmp_path_factory.mktemp("val") / "tree"
     build(root, per_class=4, size=48, seed=7)

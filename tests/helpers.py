@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data_pipeline.wds_index import read_index
+from data_pipeline.dataset.wds_index import read_index
 from engine.loop.checkpoint import list_checkpoints
 
 MARK = "payload-ran"

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from data_pipeline.locations import is_remote
+from data_pipeline.dataset.locations import is_remote
 from engine.config.schema import GUARD_RING, Config
 from engine.errors import ConfigError
 

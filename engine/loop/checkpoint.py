@@ -23,11 +23,11 @@ import shutil
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from data_pipeline.dataset.hashing import crc32_file
 from engine.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,11 @@ def newest_complete(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def file_crc32(path: Path, chunk: int = 1 << 24) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            crc = zlib.crc32(block, crc)  # releases the GIL: files are hashed in parallel threads
-    return f"{crc:08x}"
-
-
 def describe_files(path: Path) -> dict[str, dict]:
     """{relative name: {size, crc32}} of every file in a checkpoint folder but the marker."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(MARKER))
     with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
-        crcs = list(pool.map(file_crc32, files))
+        crcs = list(pool.map(crc32_file, files))
     return {str(p.relative_to(path)): {"size": p.stat().st_size, "crc32": c} for p, c in zip(files, crcs)}
 
 
@@ -92,7 +84,7 @@ def file_problems(path: Path, names: list[str], recorded: dict[str, dict]) -> li
             problems.append(f"{name} is missing")
         elif f.stat().st_size != want["size"]:
             problems.append(f"{name} is {f.stat().st_size} bytes, {want['size']} when written")
-        elif file_crc32(f) != want["crc32"]:
+        elif crc32_file(f) != want["crc32"]:
             problems.append(f"{name} changed since it was written (CRC-32 differs)")
     return problems
 

@@ -25,18 +25,13 @@ from typing import Any
 
 import torch
 
-from data_pipeline import preflight
-from data_pipeline.loader import (
-    DatasetView,
-    EpochLoader,
-    LoaderSpec,
-    check_data_change,
-    data_identity,
-    make_loader,
-    read_dataset,
-    remote_spec,
-    resolve_order,
-)
+from data_pipeline.dataset.locations import remote_spec
+from data_pipeline.loaders import preflight
+from data_pipeline.loaders.base import EpochLoader, LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.loaders.identity import check_data_change, data_identity
+from data_pipeline.loaders.source import DatasetView, read_dataset
+from data_pipeline.order.select import resolve_order
 from engine.config import Config, RunPlan, fingerprint, plan_run, resolved, to_dict
 from engine.disk import as_disk_error, free_space, writing
 from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy

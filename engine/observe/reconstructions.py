@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD
 from engine.models.mim import DeepMIM, MaskState, patchify, random_masking, unpatchify
 
 

@@ -136,8 +136,9 @@ def build_target(cfg: Config, plan: RunPlan, generator: str | None = None):
     """
     from pathlib import Path
 
+    from data_pipeline.dataset.hashing import sha256_file
     from engine.config import TeacherShape
-    from engine.targets.teachers import file_sha256, load_clip_teacher, load_generator
+    from engine.targets.teachers import load_clip_teacher, load_generator
 
     t = cfg.target
     p = plan.patch_size
@@ -156,7 +157,7 @@ def build_target(cfg: Config, plan: RunPlan, generator: str | None = None):
         ref = {
             "kind": "clip",
             "path": str(Path(t.teacher).resolve()),
-            "sha256": file_sha256(t.teacher),
+            "sha256": sha256_file(t.teacher),
             "width": a.width,
             "layers": a.layers,
             "patch": a.patch,
@@ -187,7 +188,7 @@ def build_target(cfg: Config, plan: RunPlan, generator: str | None = None):
     ref = {
         "kind": "mixed",
         "path": str(Path(gen.source).resolve()),
-        "sha256": file_sha256(gen.source),
+        "sha256": sha256_file(gen.source),
         "generator_norm_pix": gen_norm,
         "alphas": alphas,
         "mix_space": t.mix_space,

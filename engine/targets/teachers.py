@@ -15,7 +15,6 @@ Loaders are strict: a missing or unexpected key is an error that names the keys.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD
 from engine.errors import TeacherError, UnsafeFileError, WeightsError
 from engine.loop.checkpoint import newest_complete
 from engine.models.mim import DeepMIM
@@ -35,20 +34,12 @@ from engine.models.registry import VariantSpec, get_variant, list_variants
 from engine.serialization import DEEPSPEED_CLASSES, is_torchscript_archive, read_torchscript_tensors, safe_load
 from engine.weight_formats import check_limits, check_safetensors_header
 
-__all__ = ["TeacherError", "file_sha256", "load_clip_teacher", "load_generator", "snapshot_generator"]
+__all__ = ["TeacherError", "load_clip_teacher", "load_generator", "snapshot_generator"]
 
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_file(path: str | Path) -> dict:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.eval_loader import EvalLoader, EvalSpec
-from data_pipeline.loader import read_dataset, remote_spec
+from data_pipeline.dataset.locations import remote_spec
+from data_pipeline.loaders.eval_loader import EvalLoader, EvalSpec
+from data_pipeline.loaders.source import read_dataset
 from engine.errors import ConfigError
 from engine.loop.task import AugmentSpec, StepOutput, Task, TaskContext, Timer
 from engine.models.classifier import ProbeHead, build_classifier, check_encoder_fits, load_encoder, timm_args
@@ -80,7 +81,7 @@ class FinetuneTask(Task):
     def _check_validation_labels(self) -> tuple[int, ...] | None:
         """Validation labels the head can score, numbered as in training: checked now, not at the
         first epoch end (where a bad label would crash every attempt)."""
-        from data_pipeline.labels import validation_label_map
+        from data_pipeline.dataset.labels import validation_label_map
 
         d = self.cfg.data
         val = read_dataset(d.val_shards).table
@@ -200,7 +201,7 @@ class FinetuneTask(Task):
     # ------------------------------------------------------------------ evaluation
     def _eval_loader(self) -> EvalLoader:
         if self._val is None:
-            from data_pipeline import preflight
+            from data_pipeline.loaders import preflight
             from engine.loop.dist import all_gather_objects, barrier
 
             c, dist = self.cfg, self.ctx.dist

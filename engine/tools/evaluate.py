@@ -71,7 +71,7 @@ def block_features(
     import torch
     import torch.nn.functional as F
 
-    from data_pipeline.eval_reader import load_batches
+    from data_pipeline.loaders.eval_reader import load_batches
 
     feats: list[list[np.ndarray]] = [[] for _ in range(enc.depth)]
     labels = []

@@ -32,7 +32,7 @@ from pathlib import Path
 
 log = logging.getLogger("engine.tools.export")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data_pipeline.loader's, without importing the data stack
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data_pipeline.loaders.base's, without importing the data stack
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS = "model.safetensors"
 MAE_FILE = "mae_checkpoint.pth"
@@ -82,9 +82,9 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, fm
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
+    from data_pipeline.dataset.hashing import sha256_file
     from engine.config import from_dict, plan_run, to_dict
     from engine.loop import checkpoint as ckpt
-    from engine.targets.teachers import file_sha256
     from engine.weights import consolidated_state, find_checkpoint
 
     out_dir = Path(out_dir)
@@ -137,7 +137,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, fm
         "tensors": len(weights),
         "dropped_keys": sorted(dropped),
         "dropped_note": note,
-        "sha256": {f: file_sha256(out_dir / f) for f in files},
+        "sha256": {f: sha256_file(out_dir / f) for f in files},
     }
     (out_dir / "export.json").write_text(json.dumps(meta, indent=2))
     for f in [*files, "export.json"]:

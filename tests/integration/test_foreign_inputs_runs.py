@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.index_shards import main as index_main
+from data_pipeline.shards.index_shards import main as index_main
 from engine.models.mim import DeepMIM
 from engine.models.registry import get_variant
 from tests.conftest import deepspeed_cmd, run_deepspeed, start_job

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.upload import upload
+from data_pipeline.shards.upload import upload
 from engine.loop.checkpoint import MARKER
 from tests.conftest import cpu_env, deepspeed_cmd, run_deepspeed, start_job
 from tests.helpers import kill_group, wait_for

@@ -1,8 +1,10 @@
 """The shape of the code: imports point down and no package imports another that imports it back.
 
 Nodes are engine's subpackages (``engine.loop``, ``engine.models``, ...), engine's top-level
-modules (``engine.cli``, ``engine.errors``, ...) and ``data_pipeline``. Every import counts, the
-lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks (type hints) are skipped.
+modules (``engine.cli``, ``engine.errors``, ...) and ``data_pipeline``; inside ``data_pipeline``,
+every module is a node of its own (no module cycle anywhere) and its sub-packages are layered.
+Every import counts, the lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks
+(type hints) are skipped.
 """
 
 from __future__ import annotations
@@ -119,6 +121,48 @@ def test_imports_point_down():
     assert graph["engine.errors"] == set(), "engine.errors must stay a leaf"
     assert graph["data_pipeline"] <= {"engine.errors"}, f"data_pipeline reaches up into {graph['data_pipeline']}"
     assert not graph["engine.models"] & {"engine.config", "engine.loop", "engine.targets"}, graph["engine.models"]
+
+
+def module_graph(pkg: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``pkg`` it imports (a ``from pkg.sub import name`` counts as the
+    module ``pkg.sub.name`` when that is a module, else as ``pkg.sub``)."""
+    modules = {_module_name(p) for p in (ROOT / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / pkg).rglob("*.py")):
+        src = _module_name(path)
+        edges = graph.setdefault(src, set())
+        for name in _imports(path):
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != src and name != pkg:
+                edges.add(name)
+    return graph
+
+
+# data_pipeline's sub-packages, lowest first: each may import only those before it
+LAYERS = ("dataset", "order", "remote", "loaders", "shards")
+
+
+def test_no_module_cycle_inside_data_pipeline():
+    graph = module_graph("data_pipeline")
+    assert "data_pipeline.remote.shards" in graph and "data_pipeline.loaders.base" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_data_pipeline_layers_point_one_way():
+    """Tools and loaders use dataset/order/remote, never the reverse; the modules at the top of the
+    package are the documented ``python -m data_pipeline.<tool>`` commands and import only their tool."""
+    for src, deps in module_graph("data_pipeline").items():
+        parts = src.split(".")
+        if len(parts) == 1:
+            continue
+        if parts[1] not in LAYERS:  # a command shim: data_pipeline.make_shards -> data_pipeline.shards.make_shards
+            assert len(deps) == 1 and next(iter(deps)).endswith("." + parts[1]), (src, deps)
+            continue
+        for dep in deps:
+            layer = dep.split(".")[1]
+            assert layer in LAYERS, f"{src} imports the command shim {dep}"
+            assert LAYERS.index(layer) <= LAYERS.index(parts[1]), f"{src} imports {dep}: imports point down"
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -1,4 +1,4 @@
-"""The block order (data_pipeline.block_plan) against its definition, and the global order unchanged."""
+"""The block order (data_pipeline.order.block_order) against its definition, and the global order unchanged."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.block_plan import BlockOrder, EpochBlocks
-from data_pipeline.loader import LoaderSpec, make_loader
-from data_pipeline.plan import GlobalOrder, Phase, pool_after, rank_range, steps_in_pool
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.order.block_order import BlockOrder, EpochBlocks
+from data_pipeline.order.global_order import GlobalOrder, pool_after
+from data_pipeline.order.phases import Phase, rank_range, steps_in_pool
 
 N = 72
 
@@ -114,7 +116,7 @@ def test_block_order_elastic_resume_reads_the_rest_once(demo_shards):
 
 
 def test_phases_store_many_excluded_rows_compactly():
-    from data_pipeline.plan import Phase
+    from data_pipeline.order.phases import Phase
 
     rows = tuple(sorted(set(np.random.default_rng(1).integers(0, 2_000_000_000, 100_000).tolist())))
     state = Phase(64, 1234, rows).to_state()

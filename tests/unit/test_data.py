@@ -13,10 +13,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline.loader import LoaderSpec, make_loader, rank_range, read_dataset
-from data_pipeline.make_shards import plan_shards
-from data_pipeline.sources import SourceItem, sample_key
-from data_pipeline.wds_index import read_index
+from data_pipeline.dataset.wds_index import read_index
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.loaders.source import read_dataset
+from data_pipeline.order.phases import rank_range
+from data_pipeline.shards.make_shards import plan_shards
+from data_pipeline.shards.sources import SourceItem, sample_key
 from tests.conftest import make_shards
 
 
@@ -179,7 +182,7 @@ def test_augmentation_is_random_resized_crop_and_flip(demo_shards):
 
 
 def test_missing_shard_folder_is_a_clear_error(tmp_path):
-    from data_pipeline.loader import DataError
+    from engine.errors import DataError
 
     with pytest.raises(DataError, match="make_shards"):
         read_dataset(tmp_path / "nope")

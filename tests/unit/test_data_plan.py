@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.loader import LoaderSpec, make_loader
-from data_pipeline.plan import Phase, crop_params, phase_pool, rank_range, rank_stream
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.order.crops import crop_params
+from data_pipeline.order.global_order import phase_pool, rank_stream
+from data_pipeline.order.phases import Phase, rank_range
 
 N = 72  # samples in the demo shards
 

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import preflight
-from data_pipeline.loader import DataError, LoaderSpec, make_loader, read_dataset
-from data_pipeline.wds_index import read_index
+from data_pipeline.dataset.wds_index import read_index
+from data_pipeline.loaders import preflight
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.loaders.source import read_dataset
 from engine.config import Config, compare_for_resume, fingerprint
+from engine.errors import DataError
 from engine.loop.checkpoint import MARKER, apply_retention, list_checkpoints, mark_complete, newest_complete
 from tests.helpers import copy_shards, corrupt_jpeg, truncate_tar
 

@@ -55,7 +55,7 @@ def test_mixup_and_cutmix_targets_sum_to_one():
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_evaluation_reads_every_sample_once_across_ranks(demo_shards, kind):
     """72 samples over 5 ranks with batch 4: slices of 14 or 15, last batches smaller, none twice."""
-    from data_pipeline.eval_loader import EvalLoader, EvalSpec
+    from data_pipeline.loaders.eval_loader import EvalLoader, EvalSpec
 
     keys, sizes = [], []
     for r in range(5):

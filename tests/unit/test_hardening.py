@@ -123,9 +123,9 @@ def test_index_and_manifest_disagreeing_with_the_tar_are_named(demo_shards, tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_pipeline import preflight
-    from data_pipeline.loader import read_dataset
-    from data_pipeline.wds_index import read_index, write_index
+    from data_pipeline.dataset.wds_index import read_index, write_index
+    from data_pipeline.loaders import preflight
+    from data_pipeline.loaders.source import read_dataset
 
     root = tmp_path / "shards"
     shutil.copytree(demo_shards, root)
@@ -244,7 +244,8 @@ def test_verify_and_stats_report_problems_without_tracebacks(demo_shards, tmp_pa
 
 
 def test_shard_names_must_be_plain_file_names(demo_shards, tmp_path):
-    from data_pipeline.loader import DataError, read_dataset
+    from data_pipeline.loaders.source import read_dataset
+    from engine.errors import DataError
 
     root = tmp_path / "shards"
     shutil.copytree(demo_shards, root)

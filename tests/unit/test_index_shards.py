@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.index_shards import main as index_main
-from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
-from data_pipeline.verify import verify
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.loaders.source import read_dataset
+from data_pipeline.shards.index_shards import main as index_main
+from data_pipeline.shards.verify import verify
 from tests.helpers import make_img2dataset, photo_bytes
 
 

@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.loader import LoaderSpec, make_loader
-from data_pipeline.locations import RemoteSpec
-from data_pipeline.remote import ShardCache, check_cache
-from data_pipeline.table import read_table
-from data_pipeline.upload import upload
+from data_pipeline.dataset.locations import RemoteSpec
+from data_pipeline.dataset.table import read_table
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.loaders.source import open_table
+from data_pipeline.remote.cache import ShardCache
+from data_pipeline.remote.checks import check_cache
+from data_pipeline.shards.upload import upload
 from engine.errors import ConfigError, DataError
 from tests.object_store import CuttingProxy, environment, s3_server
 
@@ -147,7 +150,7 @@ def test_webdataset_shards_already_in_a_bucket_are_indexed_in_place_and_train(s3
     """Existing img2dataset tars in a bucket: index_shards reads them from there (a listed prefix),
     the index is published beside them (no tar is uploaded again), and a loader streams exactly the
     samples the index of local copies of the same tars holds."""
-    from data_pipeline.index_shards import main as index_main
+    from data_pipeline.shards.index_shards import main as index_main
     from tests.helpers import make_img2dataset
 
     (tmp_path / "wds").mkdir()
@@ -174,7 +177,7 @@ def test_webdataset_shards_already_in_a_bucket_are_indexed_in_place_and_train(s3
 
 
 def test_make_shards_writes_to_a_bucket_through_a_staging_folder(s3, demo_tree, demo_shards, tmp_path):
-    from data_pipeline.make_shards import main as make_shards_main
+    from data_pipeline.shards.make_shards import main as make_shards_main
 
     argv = [str(demo_tree), "s3://shards/made", "--staging", str(tmp_path / "stage"), "--shard-size-mb", "0.03"]
     assert make_shards_main([*argv, "--no-progress", "--workers", "1"]) == 0
@@ -208,6 +211,6 @@ def test_an_https_style_mirror_serves_a_folder_read_only(demo_shards, tmp_path):
         with pytest.raises(DataError, match="read-only"):
             upload(demo_shards, url)
         with pytest.raises(DataError, match="does not exist"):
-            read_table(f"{url}/no-such-folder", remote(tmp_path, retries=1))
+            open_table(f"{url}/no-such-folder", remote(tmp_path, retries=1))
     finally:
         server.shutdown()

@@ -69,9 +69,9 @@ def test_validation_labels_outside_the_head_are_refused_before_training(demo_tre
 
 
 def test_validation_classes_numbered_otherwise_are_mapped_by_name(demo_tree, demo_shards, tmp_path, capsys):
-    from data_pipeline.eval_loader import EvalLoader, EvalSpec
-    from data_pipeline.labels import validation_label_map
-    from data_pipeline.table import read_table
+    from data_pipeline.dataset.labels import validation_label_map
+    from data_pipeline.dataset.table import read_table
+    from data_pipeline.loaders.eval_loader import EvalLoader, EvalSpec
 
     train_classes = json.loads((demo_shards / "classes.json").read_text())
     reversed_ids = {name: len(train_classes) - 1 - i for name, i in train_classes.items()}

@@ -16,9 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline import stats, verify
-from data_pipeline.loader import LoaderSpec, make_loader, read_dataset
-from data_pipeline.wds_index import read_index
+from data_pipeline.dataset.wds_index import read_index
+from data_pipeline.loaders.base import LoaderSpec
+from data_pipeline.loaders.factory import make_loader
+from data_pipeline.loaders.source import read_dataset
+from data_pipeline.shards import stats, verify
 from tests.conftest import ROOT, make_shards
 
 
@@ -110,7 +112,7 @@ def test_quirks_are_converted_or_skipped_with_exact_counts(quirk_tree, tmp_path)
 def test_worker_count_does_not_change_the_output(demo_tree, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     make_shards(demo_tree, one, "--shard-size-mb", "0.05", "--seed", "3")
-    from data_pipeline.make_shards import main
+    from data_pipeline.shards.make_shards import main
 
     assert (
         main([str(demo_tree), str(two), "--shard-size-mb", "0.05", "--seed", "3", "--workers", "3", "--no-progress"])
@@ -155,7 +157,7 @@ def test_rerun_after_a_killed_write_gives_identical_shards(demo_tree, tmp_path):
 
 
 def test_rerun_with_other_arguments_is_refused(demo_tree, tmp_path):
-    from data_pipeline.make_shards import main
+    from data_pipeline.shards.make_shards import main
 
     out = tmp_path / "out"
     make_shards(demo_tree, out, "--seed", "1")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD
 from engine.config import Config, plan_run
 from engine.models.losses import masked_cosine, masked_mse
 from engine.models.mim import DeepMIM, patchify, random_masking

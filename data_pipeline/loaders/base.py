@@ -2,7 +2,7 @@
 
 A loader yields ``Batch`` objects for one rank. Its contract:
 * the order of samples and the crop of each sample are pure functions of the seed, the epoch and
-  the manifest row (``data_pipeline.plan``), identical for both loaders;
+  the manifest row (``data_pipeline.order``), identical for both loaders;
 * every rank yields the same number of micro-batches per epoch, so ranks never disagree on step
   counts; epoch boundaries are explicit (``loader.epoch``);
 * within an epoch, the ranks' samples are disjoint and together cover the usable samples once,
@@ -16,34 +16,22 @@ Data pipelines take rank and world size as arguments and never read the environm
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_pipeline.locations import RemoteSpec, is_remote
-from data_pipeline.plan import GlobalOrder, Phase, RankStream, rank_range
-from data_pipeline.table import DataError, SampleTable, read_table
+from data_pipeline.dataset.locations import RemoteSpec
+from data_pipeline.loaders.identity import data_identity, identity_changes
+from data_pipeline.loaders.source import open_table
+from data_pipeline.order.phases import Phase, RankStream
+from data_pipeline.order.select import make_order
+from engine.errors import DataError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the shard tools start without it
     import torch
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "Batch",
-    "DataError",
-    "DatasetView",
-    "EpochLoader",
-    "LoaderSpec",
-    "make_loader",
-    "rank_range",
-    "read_dataset",
-]
 
 log = logging.getLogger(__name__)
 
@@ -79,132 +67,9 @@ class LoaderSpec:
     excluded: tuple[int, ...] = ()  # manifest rows not to read (unreadable; from the start-up check)
     view: str = ""  # run's data_view folder: where samples that fail at run time are recorded
     on_change: str = "refuse"  # resuming mid-epoch on other data or another seed: refuse | next_epoch
-    order: str = "global"  # global (a permutation of all rows) | block (data_pipeline.block_plan); resolved
+    order: str = "global"  # global (a permutation of all rows) | block (data_pipeline.order.block_order); resolved
     block_window: int = 4  # block order: shards shuffled together
     remote: RemoteSpec | None = None  # object storage access and the node's cache (s3:// and https:// shards)
-
-
-@dataclass
-class DatasetView:
-    """A shard folder's samples and the rows left out of training (the start-up check's verdict)."""
-
-    table: SampleTable
-    excluded: tuple[int, ...] = ()
-
-    @property
-    def root(self) -> Path:
-        return self.table.root
-
-    @property
-    def shards(self) -> tuple[str, ...]:
-        return self.table.shards
-
-    @property
-    def total_samples(self) -> int:
-        return len(self.table)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.table) - len(self.excluded)
-
-    @property
-    def num_classes(self) -> int:
-        return self.table.num_classes
-
-    def shard_size(self, name: str) -> int:
-        return len(self.table.rows_of(name))
-
-    def tar(self, name: str) -> Path:
-        return self.table.tar(name)
-
-    def idx(self, name: str) -> Path:
-        return self.table.idx(name)
-
-
-def read_dataset(root: str | Path, view: str | Path | None = None, remote: RemoteSpec | None = None) -> DatasetView:
-    """The samples of a shard folder; with ``view`` (a start-up check's folder), minus the rows it excluded."""
-    table = read_table(root, remote)
-    if view is None:
-        return DatasetView(table)
-    v = json.loads((Path(view) / "view.json").read_text())
-    return DatasetView(table, tuple(v["excluded"]))
-
-
-def data_identity(table: SampleTable, seed: int, order: str = "global", window: int = 4) -> dict:
-    """What decides an epoch's order: the seed, the manifest's rows and the order kind."""
-    kind = "global" if order == "global" else f"block/{window}"
-    return {"seed": seed, "rows": len(table), "manifest": table.fingerprint(), "order": kind}
-
-
-BLOCK_ABOVE = 100_000_000  # data.order=auto: more samples than this are read in the block order
-
-
-def resolve_order(setting: str, shards: str, rows: int) -> str:
-    """data.order=auto -> block for object storage or more than BLOCK_ABOVE samples, else global."""
-    if setting != "auto":
-        return setting
-    return "block" if is_remote(shards) or rows > BLOCK_ABOVE else "global"
-
-
-def remote_spec(d) -> RemoteSpec | None:
-    """The object-storage settings of a DataConfig (None for local shards)."""
-    if not is_remote(d.shards):
-        return None
-    return RemoteSpec(
-        cache_dir=d.cache_dir,
-        cache_gb=d.cache_gb,
-        endpoint=d.s3_endpoint,
-        retries=d.fetch_retries,
-        timeout_s=d.fetch_timeout_s,
-        ahead=d.prefetch_shards,
-    )
-
-
-def make_order(kind: str, table: SampleTable, window: int):
-    """The epoch order over ``table``'s rows (``data_pipeline.plan`` / ``data_pipeline.block_plan``)."""
-    if kind == "global":
-        return GlobalOrder(len(table))
-    if kind != "block":
-        raise DataError(f"data.order={kind!r}: allowed values are ['auto', 'global', 'block']")
-    if table.shard_rows is None:
-        raise DataError(
-            f"data.order=block needs the manifest's rows grouped by shard, and {table.root} is not; write its "
-            f"columns: python -m data_pipeline.columns {table.root}"
-        )
-    from data_pipeline.block_plan import BlockOrder
-
-    return BlockOrder(np.asarray(table.shard_rows, dtype=np.int64), window)
-
-
-def identity_changes(saved: dict, now: dict) -> list[str]:
-    names = {"seed": "seed", "rows": "samples in the manifest", "manifest": "manifest", "order": "data order"}
-    return [f"{names[k]} {saved.get(k)} -> {now.get(k)}" for k in names if saved.get(k) != now.get(k)]
-
-
-def check_data_change(marker: dict, now: dict, on_change: str) -> str | None:
-    """Before anything is built: a resume onto other data or another seed is refused mid-epoch (the
-    rest of the epoch would repeat or skip samples), unless told to start the next epoch with the new
-    data. Returns a note for the log, or None when nothing changed."""
-    saved = marker.get("data")
-    if not saved or "identity" not in saved:
-        return None  # a checkpoint from before the data was recorded: nothing to compare
-    changes = identity_changes(saved["identity"], now)
-    if not changes:
-        return None
-    epoch, into = saved["epoch"], saved["samples_into_epoch"]
-    if saved.get("at_boundary"):
-        return f"the data changed ({'; '.join(changes)}) at the end of epoch {epoch}: the next epoch uses it"
-    if on_change == "next_epoch":
-        return (
-            f"the data changed ({'; '.join(changes)}) {into} samples per rank into epoch {epoch}: data.on_change="
-            f"next_epoch: the rest of epoch {epoch} is not read; epoch {epoch + 1} starts with the new data"
-        )
-    raise DataError(
-        f"cannot resume: the checkpoint is {into} samples per rank into epoch {epoch} of other data "
-        f"({'; '.join(changes)}); the rest of that epoch would repeat or skip samples. Resume with the data and "
-        f"seed it was written with (and change them at an epoch end), or set data.on_change=next_epoch to start "
-        f"epoch {epoch + 1} with the new data, or use a new run folder"
-    )
 
 
 class EpochLoader:
@@ -214,7 +79,7 @@ class EpochLoader:
 
     def __init__(self, spec: LoaderSpec, state: dict | None = None):
         self.spec = spec
-        self.table = read_table(spec.shards, spec.remote)
+        self.table = open_table(spec.shards, spec.remote)
         self.n = len(self.table)
         self.order = make_order(spec.order, self.table, spec.block_window)
         self.prefetch = None
@@ -231,13 +96,13 @@ class EpochLoader:
     def _start_prefetch(self) -> None:
         """Remote shards: fetch the coming batches' shards ahead of need (data_pipeline.remote)."""
         if self.table.remote:
-            from data_pipeline.remote import Prefetcher
+            from data_pipeline.remote.prefetch import Prefetcher
 
             self.prefetch = Prefetcher(self.table, self.future_batches(), self.table.source.spec.ahead)
 
     def stop_on_unreadable(self, rows: np.ndarray, err: Exception) -> None:
         """A read failed under a batch (a tar gone, short, or not fetched): find which samples, record them."""
-        from data_pipeline import preflight
+        from data_pipeline.loaders import preflight
 
         found = preflight.find_undecodable(self.table, rows)
         if not found:
@@ -247,7 +112,7 @@ class EpochLoader:
     def stop_with(self, found: list[tuple[int, str]], what: str, cause: Exception | None) -> None:
         """Record samples that failed at run time in the run's data_view and stop this rank with one line:
         the restart skips and counts them (every rank agrees on them at start-up)."""
-        from data_pipeline import preflight
+        from data_pipeline.loaders import preflight
 
         path = preflight.record_runtime_bad(self.spec.view, self.spec.rank, self.table, found)
         names = ", ".join(f"{self.table.key(i)} ({why})" for i, why in found[:3])
@@ -351,16 +216,3 @@ class EpochLoader:
 
     def samples_consumed(self) -> int:
         return self.phases[-1].consumed
-
-
-def make_loader(kind: str, spec: LoaderSpec, state: dict | None = None) -> EpochLoader:
-    """Build the configured loader ("dali" or "torch"), optionally restored from ``state``."""
-    if kind == "dali":
-        from data_pipeline.dali_loader import DaliLoader
-
-        return DaliLoader(spec, state)
-    if kind == "torch":
-        from data_pipeline.torch_loader import TorchLoader
-
-        return TorchLoader(spec, state)
-    raise DataError(f"data.loader={kind!r}: allowed values are ['dali', 'torch']")

@@ -38,3 +38,17 @@ class RemoteSpec:
     @property
     def cache_root(self) -> str:
         return self.cache_dir or default_cache_dir()
+
+
+def remote_spec(d) -> RemoteSpec | None:
+    """The object-storage settings of a DataConfig (None for local shards)."""
+    if not is_remote(d.shards):
+        return None
+    return RemoteSpec(
+        cache_dir=d.cache_dir,
+        cache_gb=d.cache_gb,
+        endpoint=d.s3_endpoint,
+        retries=d.fetch_retries,
+        timeout_s=d.fetch_timeout_s,
+        ahead=d.prefetch_shards,
+    )

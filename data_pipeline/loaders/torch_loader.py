@@ -2,7 +2,7 @@
 
 For places where DALI cannot run. Samples are read by offset from the tar shards, decoded with
 PIL and augmented with torchvision in DataLoader worker processes. Order, crop box and flip come
-from ``data_pipeline.plan``, so this loader reads the same samples and crops them the same way as
+from ``data_pipeline.order``, so this loader reads the same samples and crops them the same way as
 the DALI one (decoders and resamplers differ in the last bits). Fine-tuning's RandAugment is timm's
 (``rand_augment_transform``), driven by a generator seeded per sample, so batches never depend on
 the number of workers.
@@ -19,10 +19,12 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_pipeline import preflight
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Batch, DataError, EpochLoader, LoaderSpec
-from data_pipeline.plan import RankStream, crop_params, pixel_box
-from data_pipeline.table import read_table
+from data_pipeline.loaders import preflight
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, Batch, EpochLoader, LoaderSpec
+from data_pipeline.loaders.source import open_table
+from data_pipeline.order.crops import crop_params, pixel_box
+from data_pipeline.order.phases import RankStream
+from engine.errors import DataError
 
 
 class PlanSamples(Dataset):
@@ -38,7 +40,7 @@ class PlanSamples(Dataset):
     @property
     def table(self):
         if self._table is None:
-            self._table = read_table(self.spec.shards, self.spec.remote)
+            self._table = open_table(self.spec.shards, self.spec.remote)
         return self._table
 
     def __getstate__(self) -> dict:

@@ -7,7 +7,7 @@ path, and the samples' label source and image formats).
 Both loaders address samples by their manifest row (a stable integer id): the byte range of the
 JPEG inside its tar, its stored width and height, and its label all come from the manifest, so
 reading a sample is one ``pread`` and no tar has to be walked. The DALI index files stay in the
-shard folder for other tools; ``data_pipeline.verify`` checks that they agree with the manifest.
+shard folder for other tools; ``data_pipeline.shards.verify`` checks that they agree with the manifest.
 """
 
 from __future__ import annotations
@@ -18,18 +18,15 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from data_pipeline.columns import FORMATS, file_digest, read_columns
-from data_pipeline.locations import RemoteSpec, is_remote
+from data_pipeline.dataset.columns import FORMATS, read_columns
+from data_pipeline.dataset.hashing import file_digest
 from engine.errors import DataError
 
-if TYPE_CHECKING:
-    from data_pipeline.remote import RemoteShards
-
-__all__ = ["DataError", "SampleTable", "check_shard_name", "read_table"]
+__all__ = ["DataError", "SampleTable", "TarSource", "check_shard_name", "read_table"]
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -51,6 +48,17 @@ class ShortTar(DataError):
         self.shard, self.tar_bytes = shard, tar_bytes
 
 
+class TarSource(Protocol):
+    """Where the tars of a folder in object storage come from (``data_pipeline.remote.shards``)."""
+
+    url: str
+    tar_bytes: dict[str, int]
+
+    def local(self, name: str) -> Path:
+        """The tar's path in the node's cache, fetched when absent."""
+        ...
+
+
 @dataclass
 class SampleTable:
     root: Path  # the shard folder (for remote data: the node's local copy of its metadata)
@@ -68,7 +76,7 @@ class SampleTable:
     formats: np.ndarray | None = None  # [N] uint8 code into columns.FORMATS; None = JPEG throughout
     shard_rows: np.ndarray | None = None  # [S+1] first row of each shard (None: rows not grouped by shard)
     digest: str | None = None  # the manifest's sha256 prefix, when the columns recorded it
-    source: RemoteShards | None = None  # object storage the tars are fetched from (None: local files)
+    source: TarSource | None = None  # object storage the tars are fetched from (None: local files)
     open_limit: int = 16  # tars kept open per process (a closed, evicted cache file frees its space)
     _files: dict = field(default_factory=dict, repr=False)
 
@@ -155,17 +163,12 @@ class SampleTable:
         return state
 
 
-def read_table(root: str | Path, remote: RemoteSpec | None = None) -> SampleTable:
+def read_table(root: str | Path, source: TarSource | None = None) -> SampleTable:
     """Load a finished shard folder's manifest; refuses folders that are not finished or consistent.
 
-    ``root`` is a folder or an ``s3://`` / ``https://`` location (then its dataset.json, manifest and
-    columns are copied to the node's cache, and shards are fetched into it as they are read)."""
-    source = None
-    if is_remote(str(root)):
-        from data_pipeline.remote import RemoteShards
-
-        source = RemoteShards.open(str(root), remote or RemoteSpec())
-        root = source.meta_dir
+    ``root`` is a local folder: a shard folder, or (with ``source``) the node's local copy of the
+    metadata of a folder in object storage, whose tars ``source`` fetches as they are read
+    (``data_pipeline.loaders.source.open_table`` opens either)."""
     root = Path(root)
     meta_path, manifest = root / "dataset.json", root / "manifest.parquet"
     if not meta_path.is_file() or not (manifest.is_file() or (root / "columns" / "meta.json").is_file()):

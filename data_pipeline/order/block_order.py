@@ -1,6 +1,6 @@
 """The block order: an epoch plan whose cost grows with what a rank reads, not with the dataset.
 
-The global order (``data_pipeline.plan``) permutes every row of the dataset each epoch: every rank
+The global order (``data_pipeline.order.global_order``) permutes every row of the dataset each epoch: every rank
 builds an int64 array of the dataset's length, which stops working around a hundred million samples.
 The block order keeps the same guarantees (a pure function of seed and epoch; phases after any change
 of world size, micro-batch, loader or exclusions; every remaining sample of an epoch read exactly once)
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.plan import Phase, RankStream, rank_range, steps_in_pool
+from data_pipeline.order.phases import Phase, RankStream, rank_range, steps_in_pool
 
 _SALT = 0xB10C  # keeps the block order's draws apart from the global order's
 

@@ -13,8 +13,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD
-from data_pipeline.table import read_table
+from data_pipeline.dataset.table import read_table
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 def iter_raw(shards: str) -> Iterator[tuple[str, int, bytes]]:

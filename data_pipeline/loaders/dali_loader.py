@@ -1,6 +1,6 @@
 """NVIDIA DALI input pipeline: tar shards -> decode of the crop region -> resize -> normalize.
 
-The sample order and every sample's crop box and flip come from ``data_pipeline.plan`` (pure
+The sample order and every sample's crop box and flip come from ``data_pipeline.order`` (pure
 functions of seed, epoch and manifest row), and the JPEG bytes are read by offset from the tar
 shards; an ``external_source`` hands both to DALI, which decodes only the crop region (ROI
 decoding: nvJPEG with the hardware decoder on GPUs that have one, ``mixed``), resizes (bicubic,
@@ -28,9 +28,10 @@ from collections import deque
 
 import numpy as np
 
-from data_pipeline import preflight
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Batch, DataError, EpochLoader, LoaderSpec
-from data_pipeline.plan import crop_params
+from data_pipeline.loaders import preflight
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, Batch, EpochLoader, LoaderSpec
+from data_pipeline.order.crops import crop_params
+from engine.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Batch
-from data_pipeline.plan import rank_range
-from data_pipeline.table import read_table
+from data_pipeline.dataset.table import read_table
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, Batch
+from data_pipeline.order.phases import rank_range
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class EvalSpec:
     decode_device: str = "cpu"
     device_id: int | None = None
     excluded: tuple[int, ...] = ()
-    label_map: tuple[int, ...] | None = None  # stored label -> the head's (data_pipeline.labels)
+    label_map: tuple[int, ...] | None = None  # stored label -> the head's (data_pipeline.dataset.labels)
 
 
 class EvalLoader:
@@ -107,7 +107,7 @@ class _Crops(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from data_pipeline.eval_reader import center_crop
+        from data_pipeline.loaders.eval_reader import center_crop
 
         return center_crop(self.table.read(int(self.rows[i])), self.img_size, self.crop)
 

@@ -1,0 +1,1 @@
+"""What a shard folder is: sample table, memory-mapped columns, DALI index files, labels, location, checksums."""

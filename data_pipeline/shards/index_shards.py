@@ -1,0 +1,492 @@
+"""Index existing WebDataset tar shards in place: a manifest, without copying or touching the tars.
+
+    python -m data_pipeline.index_shards SRC [SRC ...] OUT [--label cls|json:FIELD|none]
+        [--classes classes.json] [--workers 8]
+
+SRC are tar files, folders of tars, or brace patterns as webdataset users write them
+(``/data/laion/{00000..04199}.tar``). Shards written by ``webdataset.ShardWriter``/``TarWriter``,
+by img2dataset (``00000.jpg``, ``.txt``, ``.json``) or by ``make_shards`` all qualify. OUT gets
+``manifest.parquet``, ``dataset.json`` (which names every tar by its path), ``classes.json`` when
+the samples are labelled, ``skipped.json``, and one DALI index per tar (``<shard>.idx``, the
+``wds2idx`` format); the tars are only read, so they may sit on read-only storage.
+
+Samples are grouped from tar members with webdataset's own rule (``group_by_keys``: members with
+the same key before the first dot, in tar order). A sample's image is its first ``jpg``, ``jpeg``,
+``png`` or ``webp`` member (DALI decodes all three; JPEG keeps the region-of-interest decode); its
+width and height come from the image header. Labels come from ``.cls`` (an integer), from a field
+of ``.json`` (``--label json:FIELD``: integers are used as they are, strings become classes
+numbered in sorted order, as class folders are), or not at all (label -1). A sample without an
+image, an image member that is truncated or not an image, or a missing or unreadable label is
+skipped and listed with its reason.
+
+Like ``make_shards`` it is parallel (one task per tar) and restartable: each finished tar leaves
+``<shard>.part.json`` (with the tar's size and modification time), and a rerun reuses those whose
+tar is unchanged; a rerun with other arguments is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from data_pipeline.dataset.columns import write_columns
+from data_pipeline.dataset.hashing import checksum
+from data_pipeline.dataset.locations import is_remote
+from data_pipeline.dataset.members import image_format
+from data_pipeline.dataset.table import check_shard_name
+from data_pipeline.dataset.wds_index import Component, IndexedSample, write_index
+from engine.errors import DataError, StackError
+
+log = logging.getLogger("index_shards")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PLAN_VERSION = 1
+_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class IndexingError(DataError):
+    """The sources cannot be indexed with these arguments."""
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def expand_sources(sources: list[str]) -> list[Path] | list[str]:
+    """Tar paths from files, folders (their *.tar, sorted) and brace patterns, in the given order; or
+    tar URLs in object storage (``s3://bucket/prefix`` lists the prefix's tars)."""
+    from webdataset.shardlists import expand_urls
+
+    if any(is_remote(s) for s in sources):
+        return expand_remote(sources)
+    out: list[Path] = []
+    for src in sources:
+        for item in expand_urls(src):
+            p = Path(item)
+            if p.is_dir():
+                out += sorted(p.glob("*.tar"))
+            elif p.is_file():
+                out.append(p)
+            else:
+                raise IndexingError(f"{item}: no such tar file or folder (from {src!r})")
+    if not out:
+        raise IndexingError(f"no tar files in {sources}")
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        r = p.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(r)
+    return unique
+
+
+def expand_remote(sources: list[str]) -> list[str]:
+    """Tar URLs: brace patterns as given, a bare s3:// prefix listed. They must share one prefix: the one
+    training streams from (each tar is fetched as <prefix>/<shard>.tar)."""
+    from webdataset.shardlists import expand_urls
+
+    from data_pipeline.remote.objects import list_tars
+
+    if not all(is_remote(s) for s in sources):
+        raise IndexingError("give either local tars or tars in object storage, not both")
+    urls: list[str] = []
+    for src in sources:
+        if src.rstrip("/").endswith(".tar") or "{" in src:
+            urls += [u for u in expand_urls(src)]
+        else:
+            urls += list_tars(src)
+    if not urls:
+        raise IndexingError(f"no tar objects in {sources}")
+    urls = list(dict.fromkeys(urls))
+    bases = {u.rsplit("/", 1)[0] for u in urls}
+    if len(bases) > 1:
+        raise IndexingError(
+            f"the tars sit under {len(bases)} prefixes ({sorted(bases)[:3]}); training fetches every tar from "
+            "one prefix: index each prefix into its own folder"
+        )
+    return urls
+
+
+def shard_names(tars: list[Path]) -> list[str]:
+    """A plain, unique shard name per tar: its file name without .tar (prefixed by its folder when
+    two folders hold tars of the same name)."""
+    tars = [PurePosixPath(str(t)) for t in tars]
+    stems = [_NAME.sub("_", t.name.removesuffix(".tar")) or "shard" for t in tars]
+    names = []
+    for t, stem in zip(tars, stems):
+        name = stem if stems.count(stem) == 1 else f"{_NAME.sub('_', t.parent.name)}_{stem}"
+        if not name[0].isalnum():
+            name = f"s{name}"
+        names.append(check_shard_name(name, Path(str(t))))
+    if len(set(names)) != len(names):
+        raise IndexingError("tar files with the same name in folders of the same name; index them separately")
+    return names
+
+
+# ------------------------------------------------------------------------------ one tar
+
+
+def _members(tar_path: Path) -> Iterator[dict]:
+    """webdataset file samples whose data is the member's place in the tar (not its bytes)."""
+    size = tar_path.stat().st_size
+    with tarfile.open(tar_path, mode="r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            comp = Component(m.name.rpartition(".")[2], m.offset_data, m.size, m.name)
+            yield {"fname": m.name, "data": (comp, m.offset_data + m.size > size), "__url__": str(tar_path)}
+
+
+def group_samples(tar_path: Path) -> Iterator[dict]:
+    """Samples as webdataset groups them: {'__key__', ext: (Component, truncated)}."""
+    from webdataset.tariterators import group_by_keys
+
+    def handler(err: Exception) -> bool:
+        log.warning("%s: %s", tar_path, err)
+        return True
+
+    try:
+        yield from group_by_keys(_members(tar_path), handler=handler)
+    except (tarfile.ReadError, EOFError) as err:  # a truncated tar: the samples before the damage stay
+        log.warning("%s: the tar ends early (%s); samples after that point are not indexed", tar_path, err)
+
+
+@dataclass(frozen=True)
+class TarJob:
+    path: str
+    name: str
+    out: str
+    label: str  # cls | json:FIELD | none
+
+
+def _label(fd: int, sample: dict, mode: str) -> tuple[object, str | None]:
+    """(raw label, reason it is unusable or None)."""
+    if mode == "none":
+        return -1, None
+    ext = "cls" if mode == "cls" else "json"
+    if ext not in sample:
+        return None, f"no .{ext} member"
+    comp, truncated = sample[ext]
+    if truncated:
+        return None, f"the .{ext} member is truncated"
+    text = os.pread(fd, comp.size, comp.offset).decode("utf-8", errors="replace").strip()
+    if mode == "cls":
+        try:
+            return int(text), None
+        except ValueError:
+            return None, f".cls is not an integer ({text[:20]!r})"
+    field = mode.partition(":")[2]
+    try:
+        value = json.loads(text)
+        for part in field.split("."):
+            value = value[part]
+    except (ValueError, KeyError, TypeError):
+        return None, f".json has no field {field!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None, f".json field {field!r} is not an integer or a string ({value!r})"
+    return value, None
+
+
+def index_tar(job: TarJob) -> dict:
+    """Index one tar: its samples' image byte ranges, sizes, labels; writes its .idx and part file. A tar
+    in object storage is downloaded into OUT for the time it takes (one at a time per worker)."""
+    if not is_remote(job.path):
+        return _index_tar(job, Path(job.path))
+    import tempfile
+
+    from data_pipeline.remote.objects import fetch_url
+
+    with tempfile.TemporaryDirectory(dir=job.out, prefix=".download-") as tmp:
+        local = Path(tmp) / f"{job.name}.tar"
+        etag = fetch_url(job.path, local)
+        return _index_tar(job, local, etag)
+
+
+def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
+    from PIL import Image
+
+    out = Path(job.out)
+    origin = job.path  # the tar's path or URL, as the part record and skipped.json name it
+    stat = tar.stat()
+    rows, skipped, index = [], [], []
+    fd = os.open(tar, os.O_RDONLY)
+    try:
+        for sample in group_samples(tar):
+            key = sample["__key__"]
+            comps = [v[0] for k, v in sample.items() if not k.startswith("__")]
+            index.append(IndexedSample(key, tuple(sorted(comps, key=lambda c: c.offset))))
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            reason = None
+            if ext is None:
+                reason = f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})"
+            elif sample[ext][1]:
+                reason = "the image member is truncated (the tar ends inside it)"
+            if reason is None:
+                comp = sample[ext][0]
+                data = os.pread(fd, comp.size, comp.offset)
+                fmt = image_format(data[:12])
+                if fmt is None:
+                    reason = f".{ext} member is not a JPEG, PNG or WebP image"
+                else:
+                    try:
+                        with Image.open(io.BytesIO(data)) as im:  # the header only
+                            width, height = im.size
+                    except Exception as err:
+                        reason = f"unreadable {fmt} header ({type(err).__name__})"
+            label = None
+            if reason is None:
+                label, reason = _label(fd, sample, job.label)
+            if reason is not None:
+                skipped.append({"source": f"{origin}:{key}", "reason": reason})
+                continue
+            rows.append(
+                {
+                    "key": key,
+                    "label_raw": label,
+                    "shard": job.name,
+                    "offset": comp.offset,
+                    "size": comp.size,
+                    "width": width,
+                    "height": height,
+                    "source": f"{origin}:{comp.name}",
+                    "checksum": checksum(data),
+                    "action": "indexed",
+                    "format": fmt,
+                }
+            )
+    finally:
+        os.close(fd)
+    tmp = out / f"{job.name}.idx.tmp"
+    write_index(tmp, index)
+    os.replace(tmp, out / f"{job.name}.idx")
+    part = {
+        "shard": job.name,
+        "tar": origin,
+        "tar_bytes": stat.st_size,
+        **({"tar_etag": etag} if is_remote(origin) else {"tar_mtime_ns": stat.st_mtime_ns}),
+        "label": job.label,
+        "num_samples": len(rows),
+        "rows": rows,
+        "skipped": skipped,
+    }
+    tmp = out / f"{job.name}.part.json.tmp"
+    tmp.write_text(json.dumps(part))
+    os.replace(tmp, out / f"{job.name}.part.json")  # last: this tar now counts as indexed
+    return part
+
+
+def finished_part(out: Path, job: TarJob) -> dict | None:
+    path = out / f"{job.name}.part.json"
+    try:
+        part = json.loads(path.read_text())
+        if is_remote(job.path):
+            from data_pipeline.remote.objects import head_url
+
+            size, version = head_url(job.path)
+            key = "tar_etag"
+        else:
+            stat = Path(job.path).stat()
+            size, version, key = stat.st_size, stat.st_mtime_ns, "tar_mtime_ns"
+    except (OSError, ValueError, DataError):
+        return None
+    same = (part.get("tar"), part.get("tar_bytes"), part.get(key), part.get("label")) == (
+        job.path,
+        size,
+        version,
+        job.label,
+    )
+    return part if same and (out / f"{job.name}.idx").is_file() else None
+
+
+# ------------------------------------------------------------------------------ the whole set
+
+
+def resolve_labels(parts: list[dict], mode: str, classes: dict[str, int] | None) -> dict[str, int]:
+    """Set every row's integer ``label`` and ``class_name``; returns classes.json's mapping."""
+    rows = [r for p in parts for r in p["rows"]]
+    raw = {r["label_raw"] for r in rows}
+    if mode == "none":
+        mapping: dict[str, int] = {}
+    elif classes is not None:
+        mapping = classes
+    elif all(isinstance(v, int) for v in raw):
+        mapping = {str(v): v for v in sorted(raw)}
+    else:
+        mapping = {name: i for i, name in enumerate(sorted(str(v) for v in raw))}
+    names = {v: k for k, v in mapping.items()}
+    for r in rows:
+        v = r.pop("label_raw")
+        if mode == "none":
+            r["label"], r["class_name"] = -1, ""
+        elif isinstance(v, int) and (classes is None or v in names):
+            r["label"], r["class_name"] = v, names.get(v, str(v))
+        elif str(v) in mapping:
+            r["label"], r["class_name"] = mapping[str(v)], str(v)
+        else:
+            raise IndexingError(f"{r['source']}: label {v!r} is not in the given classes.json")
+    return mapping
+
+
+def write_manifest(out: Path, parts: list[dict]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = [
+        "key",
+        "label",
+        "class_name",
+        "shard",
+        "offset",
+        "size",
+        "width",
+        "height",
+        "source",
+        "checksum",
+        "action",
+        "format",
+    ]
+    rows = [r for p in parts for r in p["rows"]]
+    table = pa.table({c: [r[c] for r in rows] for c in cols})
+    tmp = out / "manifest.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / "manifest.parquet")
+    return len(rows)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out).resolve()
+    tars = expand_sources(args.sources)
+    inside = [t for t in tars if isinstance(t, Path) and t.parent == out]
+    if inside:
+        raise IndexingError(f"{out} holds the tars themselves ({inside[0].name}); give OUT a folder of its own")
+    names = shard_names(tars)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = json.loads(Path(args.classes).read_text()) if args.classes else None
+    plan = {"version": PLAN_VERSION, "tars": [str(t) for t in tars], "label": args.label, "classes": classes}
+    plan_path = out / "index_plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        raise IndexingError(f"{out} holds an index of other sources or labels; index into a new folder or remove it")
+    _atomic_json(plan_path, plan)
+    jobs = [TarJob(str(t), n, str(out), args.label) for t, n in zip(tars, names)]
+    parts = {j.name: finished_part(out, j) for j in jobs}
+    todo = [j for j in jobs if parts[j.name] is None]
+    if len(todo) < len(jobs):
+        log.info(
+            "%d of %d tars already indexed and unchanged; indexing %d", len(jobs) - len(todo), len(jobs), len(todo)
+        )
+    if args.workers > 1 and len(todo) > 1:
+        with mp.get_context("spawn").Pool(min(args.workers, len(todo))) as pool:  # workers start clean
+            for part in pool.imap_unordered(index_tar, todo):
+                parts[part["shard"]] = part
+    else:
+        for job in todo:
+            parts[job.name] = index_tar(job)
+    ordered = [parts[j.name] for j in jobs]
+    mapping = resolve_labels(ordered, args.label, classes)
+    total = write_manifest(out, ordered)
+    skipped = [s for p in ordered for s in p["skipped"]]
+    used = [p for p in ordered if p["num_samples"]]
+    _atomic_json(out / "skipped.json", skipped)
+    if mapping:
+        _atomic_json(out / "classes.json", mapping)
+    summary = {
+        "num_samples": total,
+        "num_classes": len(mapping),
+        "num_skipped": len(skipped),
+        "shards": [p["shard"] for p in used],
+        "tars": {p["shard"]: p["tar"] for p in used},
+        "layout": "indexed",
+        "label": args.label,
+        "tar_bytes": {p["shard"]: p["tar_bytes"] for p in used},
+    }
+    if tars and isinstance(tars[0], str):  # in object storage: upload this folder to their prefix to train
+        summary["tar_base"] = tars[0].rsplit("/", 1)[0]
+    summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
+    _atomic_json(out / "dataset.json", summary)
+    log.info("%d samples in %d tars indexed into %s (%d skipped)", total, len(used), out, len(skipped))
+    if "tar_base" in summary:
+        log.info(
+            "the tars stay in %s: publish the index beside them (deepmim-upload %s %s), then train with data.shards=%s",
+            summary["tar_base"],
+            out,
+            summary["tar_base"],
+            summary["tar_base"],
+        )
+    for s in skipped[:20]:
+        log.warning("skipped %s: %s", s["source"], s["reason"])
+    if len(skipped) > 20:
+        log.warning("... and %d more; all are listed in skipped.json", len(skipped) - 20)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m data_pipeline.index_shards",
+        description="Index existing WebDataset tar shards in place (webdataset ShardWriter, img2dataset, ...): "
+        "manifest.parquet, dataset.json, classes.json and DALI index files in OUT; the tars are never written.",
+    )
+    ap.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="tar files, folders of tars, or brace patterns "
+        "('/data/laion/{00000..04199}.tar'); the last positional argument is OUT",
+    )
+    ap.add_argument(
+        "--label",
+        default="cls",
+        help="where labels come from: cls (an integer .cls member, default), "
+        "json:FIELD (a field of the .json member, e.g. json:label), or none (label -1)",
+    )
+    ap.add_argument("--classes", help="classes.json to reuse (e.g. the training set's) for consistent labels")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes indexing tars in parallel (default: min(8, CPUs))",
+    )
+    args = ap.parse_args(argv)
+    if len(args.sources) < 2:
+        ap.error("give at least one SRC and the OUT folder")
+    *args.sources, args.out = args.sources
+    if args.label not in ("cls", "none") and not (args.label.startswith("json:") and len(args.label) > 5):
+        ap.error(f"--label {args.label!r}: cls, json:FIELD or none")
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    args = parse_args(argv)
+    try:
+        run(args)
+    except StackError as err:
+        log.error("%s", err)
+        return err.exit_code
+    except OSError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
