@@ -166,7 +166,7 @@ def check_paths(cfg: Config) -> None:
     if mode not in ("auto", "never", "fresh"):
         need(Path(mode).is_dir(), "checkpoint.resume", mode, "no such checkpoint folder")
     if mode == "never":
-        from engine.loop.checkpoint import holds_run
+        from engine.run_folder.checkpoints import holds_run
 
         held = holds_run(cfg.run_dir)
         if held:
@@ -200,7 +200,7 @@ def check_inputs(cfg: Config, plan) -> None:
         validation_label_map(cfg.data.shards, cfg.data.val_shards, val.label, classes)
     if cfg.task != "pretrain" and cfg.init.pretrained:
         from engine.models.classifier import check_encoder_fits
-        from engine.weights import inspect_source
+        from engine.weights.sources import inspect_source
 
         info = inspect_source(cfg.init.pretrained)
         if info.shape is None:
@@ -221,7 +221,7 @@ def finished(cfg: Config, plan) -> str:
     this run stops (answered from the markers, in a second, instead of after a launch); else ''."""
     if cfg.checkpoint.resume != "auto" or plan.stop_step is None:
         return ""
-    from engine.loop.checkpoint import newest_complete, read_marker
+    from engine.run_folder.checkpoints import newest_complete, read_marker
 
     newest = newest_complete(Path(cfg.run_dir) / "checkpoints")
     if newest is None:
@@ -303,7 +303,7 @@ def _run(cfg: Config, make_task: Callable[[], object], stop) -> int:
         setup_logging,
     )
     from engine.loop.ops import shm_op_built, use_environment_cache
-    from engine.serialization import load_guard
+    from engine.weights.safe_load import load_guard
 
     ops = use_environment_cache()  # the same op build whatever the shell or launcher (engine.loop.ops)
     if env_local_rank() == 0 and os.environ.get("DS_ACCELERATOR") == "cpu":
@@ -327,7 +327,7 @@ def _run(cfg: Config, make_task: Callable[[], object], stop) -> int:
     if building:
         log.info("DeepSpeed's CPU communication op built in %.0f s", time.perf_counter() - t0)
     try:
-        with load_guard():  # no torch.load in this process runs code from a file (engine.serialization)
+        with load_guard():  # no torch.load in this process runs code from a file (engine.weights.safe_load)
             return _train(cfg, dist, make_task, stop)
     finally:
         release_shared_memory()

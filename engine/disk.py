@@ -4,7 +4,7 @@ Everything a run writes besides the checkpoint (metrics, evaluations, TensorBoar
 keys, config.json, PREEMPTED) goes through ``writing(path)``: an ``OSError`` that says the disk is
 full, or that the folder cannot be written, becomes ``DiskError`` (exit code 2) naming the path and
 the space left on its file system, instead of a traceback on every rank. Checkpoints handle their
-own failures (engine.loop.trainer, engine.loop.checkpoint) and use ``free_space`` in their message.
+own failures (engine.loop.trainer, engine.run_folder.checkpoints) and use ``free_space`` in their message.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.dataset.wds_index import read_index
-from engine.loop.checkpoint import list_checkpoints
+from engine.run_folder.checkpoints import list_checkpoints
 
 MARK = "payload-ran"
 

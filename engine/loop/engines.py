@@ -105,7 +105,7 @@ class LocalEngine:
         path = Path(load_dir) / tag / self.FILE
         if not path.is_file():
             raise CheckpointError(f"{path}: not a local-engine checkpoint")
-        from engine.serialization import safe_load
+        from engine.weights.safe_load import safe_load
 
         state = safe_load(path)
         self.module.load_state_dict(state["module"])

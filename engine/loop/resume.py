@@ -13,8 +13,8 @@ from pathlib import Path
 
 from engine.config import Config, compare_for_resume, from_dict
 from engine.errors import CheckpointError
-from engine.loop import checkpoint as ckpt
 from engine.loop.dist import DistInfo, all_gather_objects, barrier
+from engine.run_folder import checkpoints as ckpt
 
 log = logging.getLogger(__name__)
 

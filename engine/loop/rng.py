@@ -1,7 +1,7 @@
 """Process-wide random number generator states, for seeding and for exact resume.
 
 States are stored as plain data (tensors, ints, tuples), so checkpoints load with
-``weights_only=True`` (engine.serialization): NumPy's state array travels as a tensor.
+``weights_only=True`` (engine.weights.safe_load): NumPy's state array travels as a tensor.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from data_pipeline.order.select import resolve_order
 from engine.config import Config, RunPlan, fingerprint, plan_run, resolved, to_dict
 from engine.disk import as_disk_error, free_space, writing
 from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy
-from engine.loop import checkpoint as ckpt
+from engine.loop import to_universal
 from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
 from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
 from engine.loop.engines import EngineFactory, deepspeed_engine
@@ -52,6 +52,7 @@ from engine.loop.zero_adapter import adapter_for
 from engine.models.flops import peak_flops
 from engine.observe.monitor import KeyAudit, RunMonitor
 from engine.observe.telemetry import MetricMeter, PhaseTimer, peak_memory_gb
+from engine.run_folder import checkpoints as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +355,7 @@ class Trainer:
                     self.resume_marker["world_size"],
                     self.dist.world_size,
                 )
-                ckpt.to_universal(path, self.ckpt_dir / "universal")
+                to_universal.convert(path, self.ckpt_dir / "universal")
             barrier()
             load_path = self.ckpt_dir / "universal" / path.name
         _, client = self.engine.load_checkpoint(

@@ -28,11 +28,11 @@ from torch import nn
 
 from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD
 from engine.errors import TeacherError, UnsafeFileError, WeightsError
-from engine.loop.checkpoint import newest_complete
 from engine.models.mim import DeepMIM
 from engine.models.registry import VariantSpec, get_variant, list_variants
-from engine.serialization import DEEPSPEED_CLASSES, is_torchscript_archive, read_torchscript_tensors, safe_load
-from engine.weight_formats import check_limits, check_safetensors_header
+from engine.run_folder.checkpoints import newest_complete
+from engine.weights.formats import check_limits, check_safetensors_header
+from engine.weights.safe_load import DEEPSPEED_CLASSES, is_torchscript_archive, read_torchscript_tensors, safe_load
 
 __all__ = ["TeacherError", "load_clip_teacher", "load_generator", "snapshot_generator"]
 
@@ -43,7 +43,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _load_file(path: str | Path) -> dict:
-    """A weights file as a dict of tensors, without running anything from it (engine.serialization):
+    """A weights file as a dict of tensors, without running anything from it (engine.weights.safe_load):
     a plain pickle is read with ``weights_only=True``; a TorchScript archive (OpenAI's CLIP release)
     has its tensors read and its code ignored."""
     path = Path(path)
@@ -221,7 +221,7 @@ class ClipTeacher(nn.Module):
 def inspect_clip(path: str | Path) -> ClipArch | None:
     """Before launch: the CLIP file's shapes (lazily, without reading the tensors) are a CLIP tower of a
     sane size. TorchScript archives are only checked when loaded (their tensors come as a whole)."""
-    from engine.weight_formats import read_state
+    from engine.weights.formats import read_state
 
     p = Path(path)
     if is_torchscript_archive(p):
@@ -481,7 +481,7 @@ def _load_official_generator(raw: dict, path: Path, img_size: int) -> Generator:
 
 def inspect_generator(path: str | Path, img_size: int, patch: int) -> str:
     """Before launch: the generator source is something a mixed target can use (shapes only)."""
-    from engine.weight_formats import inspect_file
+    from engine.weights.formats import inspect_file
 
     p = Path(path)
     if p.is_dir():

@@ -95,7 +95,7 @@ class FinetuneTask(Task):
         if not src:
             log.warning("init.pretrained is empty: training from random initialization")
             return {"kind": "random"}
-        from engine.weights import encoder_weights
+        from engine.weights.sources import encoder_weights
 
         w = encoder_weights(src)
         check_encoder_fits(w.shape, self.plan, f"init.pretrained={src}")

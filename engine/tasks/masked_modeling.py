@@ -69,8 +69,8 @@ class PretrainTask(Task):
         it into RUN_DIR/teacher/generator.pt (when it is one of our runs, which move on), later
         starts use that copy, so continuing or pruning the MAE run never changes this run's targets."""
         from engine.loop.dist import barrier
-        from engine.serialization import safe_load
         from engine.targets.teachers import snapshot_generator
+        from engine.weights.safe_load import safe_load
 
         snap = self.ctx.run_dir / "teacher" / "generator.pt"
         given = str(Path(self.cfg.target.generator).resolve())

@@ -46,7 +46,7 @@ def load_encoder(
 
     state = None
     if export or run:
-        from engine.weights import encoder_weights
+        from engine.weights.sources import encoder_weights
 
         w = encoder_weights(export or run, step)
         cfg, state = w.config, w.state
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from engine.config import plan_run
-    from engine.serialization import load_guard
+    from engine.weights.safe_load import load_guard
 
     warning = overlap_warning(args.train_shards, args.val_shards)
     if warning:

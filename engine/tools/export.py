@@ -84,8 +84,8 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, fm
 
     from data_pipeline.dataset.hashing import sha256_file
     from engine.config import from_dict, plan_run, to_dict
-    from engine.loop import checkpoint as ckpt
-    from engine.weights import consolidated_state, find_checkpoint
+    from engine.run_folder import checkpoints as ckpt
+    from engine.weights.sources import consolidated_state, find_checkpoint
 
     out_dir = Path(out_dir)
     path = find_checkpoint(Path(run_dir), step)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from engine.errors import StackError
-    from engine.serialization import load_guard
+    from engine.weights.safe_load import load_guard
 
     try:
         with load_guard():

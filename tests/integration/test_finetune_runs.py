@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.config import Config
-from engine.loop.checkpoint import MARKER, list_checkpoints
+from engine.run_folder.checkpoints import MARKER, list_checkpoints
 from tests.conftest import ROOT, cpu_env, run_deepspeed, run_single
 
 TEST_ARCH = "deepmim_vit_test_patch4"  # ViT-test/4 at 16 px, depth 4, width 32
@@ -74,7 +74,7 @@ def pretrained(demo_shards, tmp_path_factory) -> Path:
 def test_init_from_a_run_a_checkpoint_and_an_export_is_the_same(pretrained):
     from engine.config import plan_run
     from engine.models.classifier import build_classifier, load_encoder
-    from engine.weights import encoder_weights
+    from engine.weights.sources import encoder_weights
 
     ckpt = list_checkpoints(pretrained / "checkpoints")[-1]
     states = [encoder_weights(s).state for s in (pretrained, ckpt, pretrained.parent / "export")]
@@ -143,7 +143,7 @@ def test_finetune_trains_evaluates_and_resumes_bit_identically(pretrained, demo_
 
     # the export loads strictly into timm and gives our model's logits
     from engine.tools.export import export, load_exported
-    from engine.weights import consolidated_state
+    from engine.weights.sources import consolidated_state
 
     meta = export(straight, tmp_path / "export")
     assert meta["kind"] == "classifier" and meta["timm_kwargs"]["num_classes"] == 9
@@ -175,7 +175,7 @@ def test_linear_probe_trains_only_the_head_and_exports_a_folded_head(pretrained,
     )
     assert "frozen encoder" in out.stdout + out.stderr
     from engine.tools.export import export, load_exported
-    from engine.weights import consolidated_state, encoder_weights
+    from engine.weights.sources import consolidated_state, encoder_weights
 
     state = consolidated_state(list_checkpoints(run / "checkpoints")[-1])
     enc = encoder_weights(pretrained).state

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.loop.checkpoint import MARKER, list_checkpoints
+from engine.run_folder.checkpoints import MARKER, list_checkpoints
 from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_single, start_job
 from tests.helpers import MARK, Payload, text, wait_for
 
@@ -97,7 +97,7 @@ def test_export_of_a_run_with_a_payload_is_refused(small_run, tmp_path):
 
 def test_our_checkpoints_are_plain_data(small_run):
     """Everything a run writes loads with weights_only=True and only DeepSpeed's three classes."""
-    from engine.serialization import safe_load
+    from engine.weights.safe_load import safe_load
 
     ck = list_checkpoints(small_run / "checkpoints")[-1]
     for f in ck.glob("*.pt"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.loop.checkpoint import MARKER, list_checkpoints
+from engine.run_folder.checkpoints import MARKER, list_checkpoints
 from tests.conftest import run_deepspeed, run_single
 
 pytestmark = pytest.mark.launcher

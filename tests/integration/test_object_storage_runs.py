@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.shards.upload import upload
-from engine.loop.checkpoint import MARKER
+from engine.run_folder.checkpoints import MARKER
 from tests.conftest import cpu_env, deepspeed_cmd, run_deepspeed, start_job
 from tests.helpers import kill_group, wait_for
 from tests.object_store import environment, s3_server

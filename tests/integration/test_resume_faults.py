@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.loop.checkpoint import MARKER, list_checkpoints, read_marker
+from engine.run_folder.checkpoints import MARKER, list_checkpoints, read_marker
 from tests.conftest import deepspeed_cmd, run_deepspeed, start_job
 from tests.helpers import final_state, kill_group, wait_for
 

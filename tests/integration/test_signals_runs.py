@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.loop.checkpoint import MARKER, list_checkpoints
+from engine.run_folder.checkpoints import MARKER, list_checkpoints
 from tests.conftest import ROOT, cpu_env, free_port, start_job
 from tests.helpers import wait_for
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine.config import from_dict, plan_run
-from engine.loop.checkpoint import list_checkpoints
 from engine.models.mim import build_model, random_masking
+from engine.run_folder.checkpoints import list_checkpoints
 from engine.targets.teachers import ClipArch, load_generator
 from engine.tools.teacher_tools import random_openai_clip
 from tests.conftest import ROOT, cpu_env, run_deepspeed, run_single

@@ -17,7 +17,7 @@ from data_pipeline.loaders.factory import make_loader
 from data_pipeline.loaders.source import read_dataset
 from engine.config import Config, compare_for_resume, fingerprint
 from engine.errors import DataError
-from engine.loop.checkpoint import MARKER, apply_retention, list_checkpoints, mark_complete, newest_complete
+from engine.run_folder.checkpoints import MARKER, apply_retention, list_checkpoints, mark_complete, newest_complete
 from tests.helpers import copy_shards, corrupt_jpeg, truncate_tar
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from engine.errors import CheckpointError, DataError, NonFiniteError
-from engine.loop import checkpoint as ckpt
 from engine.loop.dist import DistInfo
 from engine.loop.engines import LocalEngine, local_engine
 from engine.loop.faults import FaultDrills
 from engine.loop.trainer import Trainer
+from engine.run_folder import checkpoints as ckpt
 from engine.tasks.masked_modeling import PretrainTask
 from tests.helpers import (
     copy_shards,

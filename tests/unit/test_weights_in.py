@@ -22,8 +22,8 @@ from engine.models.mim import DeepMIM
 from engine.models.registry import get_variant
 from engine.presets import get_preset
 from engine.tasks.classification import FinetuneTask
-from engine.weight_formats import inspect_file
-from engine.weights import encoder_weights
+from engine.weights.formats import inspect_file
+from engine.weights.sources import encoder_weights
 from tests.helpers import MARK, Payload, to_official_layout
 
 ARCH = "deepmim_vit_test_patch4"  # width 32, depth 4, patch 4, 16 px; default taps 2, 3, 4

@@ -20,8 +20,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -225,37 +223,3 @@ def read_marker(path: Path) -> dict:
         return json.loads((path / MARKER).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable {MARKER} ({err})") from None
-
-
-def to_universal(tag_dir: Path, out_root: Path) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and
-    Adam moments), which loads on any number of ranks. Idempotent; the result carries the
-    original's completeness marker."""
-    target = out_root / tag_dir.name
-    if (target / MARKER).is_file():
-        return target
-    tmp = out_root / (tag_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out_root.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine.loop.to_universal",
-        "--input_folder",
-        str(tag_dir),
-        "--output_folder",
-        str(tmp),
-        "--inject_missing_state",
-        "--num_extract_workers",
-        "2",
-        "--num_merge_workers",
-        "2",
-    ]
-    root = str(Path(__file__).resolve().parents[2])  # the converter wrapper lives in this repository
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
-    shutil.copy2(tag_dir / MARKER, tmp / MARKER)
-    os.replace(tmp, target)
-    return target

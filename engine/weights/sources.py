@@ -8,7 +8,7 @@
 
 Our checkpoints are consolidated from every rank's ZeRO-2 partition to float32 master weights with
 DeepSpeed's ``zero_to_fp32`` (never the bf16 copies the model trained with), under the load guard
-(engine.serialization). Files from elsewhere are read by ``engine.weight_formats`` without running
+(engine.weights.safe_load). Files from elsewhere are read by ``engine.weights.formats`` without running
 anything from them. Every source gives the encoder in timm's ``VisionTransformer`` layout, the
 encoder's shape, and a description for logs and checkpoints; ``inspect_source`` gives the shape
 alone, cheaply, for the checks before launch.
@@ -28,9 +28,9 @@ import torch
 
 from engine.config import Config, from_dict, plan_run
 from engine.errors import WeightsError
-from engine.loop import checkpoint as ckpt
-from engine.serialization import load_guard
-from engine.weight_formats import EncoderShape, FileInfo, encoder_state, inspect_file
+from engine.run_folder import checkpoints as ckpt
+from engine.weights.formats import EncoderShape, FileInfo, encoder_state, inspect_file
+from engine.weights.safe_load import load_guard
 
 log = logging.getLogger(__name__)
 

@@ -152,7 +152,7 @@ def read_state(path: Path, lazy: bool = False) -> tuple[dict[str, Any], str]:
     path = weights_file(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path, lazy), "plain"
-    from engine.serialization import is_torchscript_archive, safe_load
+    from engine.weights.safe_load import is_torchscript_archive, safe_load
 
     if is_torchscript_archive(path):
         raise WeightsError(f"{path}: a TorchScript archive (an OpenAI CLIP release?), not encoder weights")
