@@ -5,7 +5,9 @@ process group: the preset, every ``--set``, the paths the run reads, and the run
 world size (``engine.config.plan``). A problem is one line on stderr (from rank 0 only) and exit
 code 2. Exit codes of a run: 0 done or preempted (saved), 2 a user error (config, data,
 checkpoint, weights, world size, file system), 3 non-finite training that rollbacks could not
-fix, 4 a stalled rank (engine.loop.watchdog). Every one of them is an ``engine.errors`` type.
+fix, 4 a stalled rank (engine.loop.watchdog), 75 a condition of the moment (object storage
+throttling or unreachable, a full cache disk) outlasted data.fetch_patience_s: what was trained is
+saved, and the same command continues later. Every one of them is an ``engine.errors`` type.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from data_pipeline.dataset.locations import is_remote
 from engine.config import Config, apply_overrides, plan_run, resolved, validate
 from engine.config.paths import resolve_repo_path
-from engine.errors import ConfigError, StackError
+from engine.errors import ConfigError, StackError, TransientError
 from engine.presets import get_preset, list_presets
 
 log = logging.getLogger("engine")
@@ -40,7 +42,8 @@ def parse_args(stage: str, description: str, argv: list[str] | None = None) -> a
         description=description,
         epilog=f"Run under the deepspeed launcher (deepspeed --num_gpus N --module engine.{stage} ...) or "
         "launchers/pretrain.sh; without a GPU set DS_ACCELERATOR=cpu. Exit codes: 0 done or preempted, "
-        "2 a user error (config, data, checkpoint, weights, world size), 3 non-finite training, 4 a stalled rank.",
+        "2 a user error (config, data, checkpoint, weights, world size), 3 non-finite training, 4 a stalled rank, "
+        "75 storage unavailable for longer than data.fetch_patience_s (saved; run the same command later).",
     )
     ap.add_argument(
         "--preset", required=True, metavar="NAME", help=f"the recipe to start from; one of: {', '.join(names)}"
@@ -165,6 +168,13 @@ def check_paths(cfg: Config) -> None:
     mode = cfg.checkpoint.resume
     if mode not in ("auto", "never", "fresh"):
         need(Path(mode).is_dir(), "checkpoint.resume", mode, "no such checkpoint folder")
+    if mode == "auto":  # a folder whose checkpoints were all set aside as damaged: refused before launch
+        from engine.run_folder import checkpoints as ckpt
+
+        root = Path(cfg.run_dir) / "checkpoints"
+        broken = ckpt.broken_checkpoints(root)
+        if broken and not ckpt.list_checkpoints(root):
+            raise ckpt.no_checkpoint_verifies(root, broken)
     if mode == "never":
         from engine.run_folder.checkpoints import holds_run
 
@@ -187,7 +197,10 @@ def check_inputs(cfg: Config, plan) -> None:
         from data_pipeline.dataset.locations import remote_spec
         from data_pipeline.remote.checks import check_cache
 
-        check_cache(cfg.data.shards, remote_spec(cfg.data), cfg.data.block_window)
+        spec = remote_spec(cfg.data)  # before launch, throttling is waited out for two minutes at most (then 75)
+        check_cache(
+            cfg.data.shards, dataclasses.replace(spec, patience_s=min(spec.patience_s, 120.0)), cfg.data.block_window
+        )
     if cfg.task != "pretrain" and cfg.data.val_shards:
         from data_pipeline.dataset.labels import validation_label_map
         from data_pipeline.dataset.locations import remote_spec
@@ -244,7 +257,8 @@ def dataset_size(cfg: Config) -> int | None:
             from data_pipeline.dataset.locations import remote_spec
             from data_pipeline.remote.checks import remote_meta
 
-            quick = dataclasses.replace(remote_spec(cfg.data), retries=1)  # the check before launch retries
+            spec = remote_spec(cfg.data)  # (the check before launch waits for the storage; this only counts)
+            quick = dataclasses.replace(spec, patience_s=min(spec.patience_s, 10.0))
             return int(remote_meta(shards, quick)["num_samples"])
         return int(json.loads((Path(shards) / "dataset.json").read_text())["num_samples"])
     except (OSError, ValueError, KeyError, TypeError, StackError):
@@ -269,7 +283,8 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
             check_inputs(cfg, plan)  # the launcher's check: files read for their shapes, before any process
     except StackError as err:
         if not quiet:
-            print(f"config error: {err}", file=sys.stderr)
+            what = "storage unavailable" if isinstance(err, TransientError) else "config error"
+            print(f"{what}: {err}", file=sys.stderr)
         return err.exit_code
     if args.check:
         done = finished(cfg, plan)
@@ -346,6 +361,10 @@ def _train(cfg: Config, dist, make_task: Callable[[], object], stop) -> int:
             log.debug("%s", err.one_line())
         return err.exit_code
     log.info("done: %s", result)
+    if result.get("transient"):
+        from engine.errors import TransientError
+
+        return TransientError.exit_code
     return EXIT_OK
 
 

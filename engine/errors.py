@@ -7,6 +7,10 @@ An error that reaches an entry point is one line and an exit code, never a trace
   world size, a checkpoint, a weights file, a busy run folder, a full disk.
 * ``NonFiniteError`` (exit 3): training went non-finite and rollbacks could not fix it.
 * ``StalledError`` (exit 4): a rank stopped making progress (the watchdog).
+* ``TransientError`` (exit 75, ``EX_TEMPFAIL``): a condition of the moment (object storage
+  throttling or unreachable, a full cache disk, a lock held too long) outlasted the patience the
+  run was given; what was trained is saved, nothing is recorded against the data, and the same
+  command continues once the condition clears (``launchers/pretrain.sh`` starts it again).
 
 Most errors are found identically on every rank (they come from the config, the shared data
 view or a checkpoint all ranks read), so only rank 0 prints them: one message per job, not one
@@ -77,3 +81,9 @@ class StalledError(StackError, RuntimeError):
     """A rank stopped making progress for longer than the watchdog allows."""
 
     exit_code = 4
+
+
+class TransientError(StackError, OSError):
+    """A condition of the moment outlasted its patience: retry later (saved first when training)."""
+
+    exit_code = 75  # EX_TEMPFAIL (sysexits.h): schedulers and launchers read it as "try again"

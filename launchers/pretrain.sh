@@ -2,7 +2,8 @@
 # Launch pretraining, fine-tuning or linear probing under the `deepspeed` launcher, on one node or several.
 #
 #   launchers/pretrain.sh [--gpus N] [--hostfile FILE] [--master-addr HOST] [--master-port PORT] \
-#       [--node-rank K --no-ssh] [--module engine.finetune] -- --preset NAME --run-dir DIR [--set key=value ...]
+#       [--node-rank K --no-ssh] [--module engine.finetune] [--transient-restarts N] [--transient-wait S] \
+#       -- --preset NAME --run-dir DIR [--set key=value ...]
 #
 # One node:       launchers/pretrain.sh --gpus 8 -- --preset deepmim_vit_b16_pixel --run-dir runs/b16
 # Several nodes:  launchers/pretrain.sh --hostfile hostfile --master-addr node0 -- --preset ... --run-dir ...
@@ -24,6 +25,12 @@
 # reaches it (it would SIGKILL the ranks 30 s later, cutting a long save short). A signal that comes
 # while the ranks are still starting is passed on as soon as their handlers are in place. A second Ctrl-C, seconds
 # later, aborts without saving.
+#
+# Conditions of the moment: when object storage throttles or stays unreachable (or the node's cache disk stays
+# full) for longer than data.fetch_patience_s, the ranks save their last common step and exit 75 (EX_TEMPFAIL);
+# this script then starts the run again after a wait, --transient-restarts times (default 3; waits of about
+# --transient-wait seconds, default 60, doubling, jittered). It exits 75 if the condition outlasts them all:
+# requeue the job (launchers/slurm.sbatch does).
 set -uo pipefail
 # Stop signals are taken from the start (before the checks): one that comes early is remembered and
 # passed on as soon as the ranks can take it (see Preemption above).
@@ -41,7 +48,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-gpus="" hostfile="" addr="" port="${MASTER_PORT:-}" node_rank="" no_ssh=0 module=""
+gpus="" hostfile="" addr="" port="${MASTER_PORT:-}" node_rank="" no_ssh=0 module="" restarts=3 restart_wait=60
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -52,6 +59,8 @@ while [ $# -gt 0 ]; do
     --node-rank) node_rank="$2"; shift 2 ;;
     --no-ssh) no_ssh=1; shift ;;
     --module) module="$2"; shift 2 ;;
+    --transient-restarts) restarts="$2"; shift 2 ;;
+    --transient-wait) restart_wait="$2"; shift 2 ;;
     --) shift; break ;;
     *) echo "launchers/pretrain.sh: unknown option $1 (training arguments go after --; see --help)" >&2; exit 2 ;;
   esac
@@ -79,28 +88,27 @@ plan=(--gpus "${gpus:-0}" --master-addr "$addr")
 [ "$no_ssh" = 1 ] && plan+=(--no-ssh)
 # (checks run in a session of their own: a signal to this script's process group is this script's to handle)
 world=$(setsid --wait "$PY" -m engine.tools.launch_plan "${plan[@]}") || exit 2
-checked=$(setsid --wait "$PY" -m "$module" --check --world-size "$world" "$@") || exit 2
-case "$checked" in "run already complete"*) echo "$checked"; exit 0 ;; esac
+
+check() {  # the run's own check, for this world size: 0, 2 (a mistake, printed once) or 75 (the storage
+  # does not answer now); "run already complete" ends the script with 0
+  local checked rc
+  checked=$(setsid --wait "$PY" -m "$module" --check --world-size "$world" "$@")
+  rc=$?
+  [ "$rc" = 0 ] || return "$rc"
+  case "$checked" in "run already complete"*) echo "$checked"; exit 0 ;; esac
+}
 
 local_master=1
 case "${addr:-127.0.0.1}" in 127.0.0.1|localhost|"$(hostname)"|"$(hostname -f 2>/dev/null)") ;; *) local_master=0 ;; esac
-if [ -z "$port" ]; then
-  port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
-elif [ "$local_master" = 1 ] && [ "${node_rank:-0}" = 0 ]; then
-  "$PY" -c 'import socket, sys; s = socket.socket(); s.bind(("", int(sys.argv[1])))' "$port" 2>/dev/null \
-    || { echo "launchers/pretrain.sh: port $port is in use on this machine; pick another --master-port or leave it out" >&2; exit 2; }
-fi
-
-# DeepSpeed's launcher at warning level: its per-process INFO lines say nothing a run's own log does not
-args=(--master_port "$port" --log_level "${DS_LOG_LEVEL:-warning}")
-if [ -n "$hostfile" ]; then
-  args+=(--hostfile "$hostfile")  # the hostfile's slots decide the processes per node
-elif [ -n "$gpus" ]; then
-  args+=(--num_gpus "$gpus")
-fi
-[ -n "$addr" ] && args+=(--master_addr "$addr")
-[ -n "$node_rank" ] && args+=(--node_rank "$node_rank")
-[ "$no_ssh" = 1 ] && args+=(--no_ssh)
+pick_port() {
+  if [ -z "$fixed_port" ]; then
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+  elif [ "$local_master" = 1 ] && [ "${node_rank:-0}" = 0 ]; then
+    "$PY" -c 'import socket, sys; s = socket.socket(); s.bind(("", int(sys.argv[1])))' "$port" 2>/dev/null \
+      || { echo "launchers/pretrain.sh: port $port is in use on this machine; pick another --master-port or leave it out" >&2; exit 2; }
+  fi
+}
+fixed_port="$port"
 
 descendants() {  # all processes below PID $1
   local kids
@@ -127,13 +135,49 @@ forward() {  # the pending signal, once to every rank that has not had it (ranks
     case "$sent" in *" $pid "*) ;; *) kill -s "$pending" "$pid" 2>/dev/null && sent="$sent$pid " ;; esac
   done
 }
-# setsid: DeepSpeed's runner and launcher get a session of their own (see Preemption above)
-setsid "$DS" "${args[@]}" --module "$module" "$@" &
-child=$!
-while kill -0 "$child" 2>/dev/null; do
-  forward
-  sleep 1 &
-  wait $! 2>/dev/null  # returns at once when a trapped signal arrives
+launch() {  # one start of DeepSpeed's runner; returns its exit code
+  pick_port
+  # DeepSpeed's launcher at warning level: its per-process INFO lines say nothing a run's own log does not
+  args=(--master_port "$port" --log_level "${DS_LOG_LEVEL:-warning}")
+  if [ -n "$hostfile" ]; then
+    args+=(--hostfile "$hostfile")  # the hostfile's slots decide the processes per node
+  elif [ -n "$gpus" ]; then
+    args+=(--num_gpus "$gpus")
+  fi
+  [ -n "$addr" ] && args+=(--master_addr "$addr")
+  [ -n "$node_rank" ] && args+=(--node_rank "$node_rank")
+  [ "$no_ssh" = 1 ] && args+=(--no_ssh)
+  # setsid: DeepSpeed's runner and launcher get a session of their own (see Preemption above)
+  setsid "$DS" "${args[@]}" --module "$module" "$@" &
+  child=$!
+  while kill -0 "$child" 2>/dev/null; do
+    forward
+    sleep 1 &
+    wait $! 2>/dev/null  # returns at once when a trapped signal arrives
+  done
+  wait "$child"
+}
+
+check "$@"
+rc=$?
+attempt=0
+while :; do
+  if [ "$rc" = 0 ]; then
+    launch "$@"
+    rc=$?
+    child="" sent=" "
+  fi
+  # 75: the storage (or the cache disk) was unavailable for longer than the run's patience; a run that was
+  # training saved its ranks' last common step first. Try again later, unless a stop signal came meanwhile.
+  if [ "$rc" != 75 ] || [ "$attempt" -ge "$restarts" ] || [ -n "$pending" ]; then
+    exit "$rc"
+  fi
+  attempt=$((attempt + 1))
+  pause=$("$PY" -c 'import random, sys; w = float(sys.argv[1]) * 2 ** (int(sys.argv[2]) - 1); print(f"{min(w, 3600) * random.uniform(0.5, 1.5):.1f}")' "$restart_wait" "$attempt")
+  echo "launchers/pretrain.sh: exit 75 (storage unavailable for longer than data.fetch_patience_s); starting again in ${pause} s (restart $attempt of $restarts)" >&2
+  sleep "$pause" &
+  wait $! 2>/dev/null
+  [ -n "$pending" ] && exit 75  # a stop signal while waiting: the saved run stays as it is
+  check "$@"
+  rc=$?
 done
-wait "$child"
-exit $?

@@ -1,5 +1,6 @@
 """A real S3-compatible server for the tests (moto's server mode on a random loopback port) and a
-proxy in front of it that cuts chosen downloads mid-transfer, as a failing network does."""
+proxy in front of it that cuts chosen downloads mid-transfer, as a failing network does, or answers
+503 SlowDown, as S3 does when throttling."""
 
 from __future__ import annotations
 
@@ -81,13 +82,31 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+SLOW_DOWN = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request "
+    b"rate.</Message></Error>"
+)
+
+
 class CuttingProxy:
     """TCP proxy to ``target``; a request whose first line contains one of ``cut`` gets the first
-    ``keep`` bytes of its response, then the connection is closed (counted in ``cuts``)."""
+    ``keep`` bytes of its response, then the connection is closed (counted in ``cuts``). Throttling:
+    from the ``throttle_after``-th GET of a ``.tar`` on, every request is answered 503 SlowDown for
+    ``throttle_s`` seconds (counted in ``throttled``), as S3 answers an overloaded prefix."""
 
-    def __init__(self, target: tuple[str, int], cut: tuple[str, ...], keep: int = 1500):
+    def __init__(
+        self,
+        target: tuple[str, int],
+        cut: tuple[str, ...] = (),
+        keep: int = 1500,
+        throttle_after: int = 0,
+        throttle_s: float = 0.0,
+    ):
         self.target, self.cut, self.keep = target, cut, keep
-        self.cuts = 0
+        self.throttle_after, self.throttle_s = throttle_after, throttle_s
+        self.throttle_until: float | None = None
+        self.tar_gets = 0
+        self.cuts = self.throttled = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -98,6 +117,20 @@ class CuttingProxy:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+    def _throttling(self, line: str) -> bool:
+        import time
+
+        if not self.throttle_after:
+            return False
+        if self.throttle_until is None:
+            if line.startswith("GET") and ".tar " in line:
+                self.tar_gets += 1
+                if self.tar_gets >= self.throttle_after:
+                    self.throttle_until = time.monotonic() + self.throttle_s
+            if self.throttle_until is None:
+                return False
+        return time.monotonic() < self.throttle_until
 
     def _accept(self) -> None:
         while not self._closed:
@@ -145,6 +178,15 @@ class CuttingProxy:
                 while b"\r\n\r\n" in buf:  # GET and HEAD requests: a head and no body
                     head, buf = buf.split(b"\r\n\r\n", 1)
                     line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+                    if self._throttling(line):  # answered here; clients send one request at a time
+                        self.throttled += 1
+                        body = b"" if line.startswith("HEAD") else SLOW_DOWN
+                        client.sendall(
+                            b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                            + f"Content-Length: {len(SLOW_DOWN)}\r\n\r\n".encode()
+                            + body
+                        )
+                        continue
                     if any(c in line for c in self.cut):
                         with lock:
                             state["budget"] = self.keep

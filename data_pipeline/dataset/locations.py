@@ -10,11 +10,17 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-SCHEMES = ("s3://", "https://", "http://")
+SCHEMES = ["s3://", "https://", "http://"]
 
 
 def is_remote(location: str) -> bool:
-    return str(location).startswith(SCHEMES)
+    return str(location).startswith(tuple(SCHEMES))
+
+
+def register_scheme(prefix: str) -> None:
+    """Another scheme served by a store (``data_pipeline.remote.stores.register``)."""
+    if prefix not in SCHEMES:
+        SCHEMES.append(prefix)
 
 
 def default_cache_dir() -> str:
@@ -30,9 +36,13 @@ class RemoteSpec:
     cache_dir: str = ""  # node-local folder; empty = default_cache_dir()
     cache_gb: float = 0.0  # budget for cached shards; 0 = enough for the ranks' read-ahead (see remote)
     endpoint: str = ""  # S3-compatible endpoint URL; empty = AWS_ENDPOINT_URL or AWS itself
-    retries: int = 5  # attempts per fetch before its samples count as unreadable
+    # downloads of an object whose bytes differ from the recorded size or checksum before it counts as
+    # changed (a corruption in transit is gone on the next download; a replaced object is not)
+    retries: int = 3
     timeout_s: float = 60.0  # connect and read timeout per request
-    backoff_s: float = 1.0  # first wait between attempts (doubles each time)
+    patience_s: float = 600.0  # how long throttling, timeouts, a full cache disk or a busy lock are waited out
+    backoff_s: float = 1.0  # backoff base: the n-th wait is uniform in [0, min(cap, base x 2^n)]
+    backoff_cap_s: float = 60.0
     ahead: int = 8  # shards fetched ahead of the one being read, per rank
 
     @property
@@ -50,5 +60,6 @@ def remote_spec(d) -> RemoteSpec | None:
         endpoint=d.s3_endpoint,
         retries=d.fetch_retries,
         timeout_s=d.fetch_timeout_s,
+        patience_s=d.fetch_patience_s,
         ahead=d.prefetch_shards,
     )

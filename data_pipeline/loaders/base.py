@@ -28,12 +28,18 @@ from data_pipeline.loaders.identity import data_identity, identity_changes
 from data_pipeline.loaders.source import open_table
 from data_pipeline.order.phases import Phase, RankStream
 from data_pipeline.order.select import make_order
-from engine.errors import DataError
+from data_pipeline.remote.retry import ChangedObject
+from engine.errors import DataError, TransientError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the shard tools start without it
     import torch
 
 log = logging.getLogger(__name__)
+
+# Read failures that say nothing about the samples' bytes: a shard that changed or vanished in object
+# storage (the run stops, naming it), or a condition of the moment (waited out, then a transient stop).
+# Neither is ever recorded as bad samples.
+NOT_THE_SAMPLES = (ChangedObject, TransientError)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,6 +51,7 @@ class Batch:
     label: torch.Tensor  # [N] int64 (-1 for unlabeled data)
     keys: list[str] = field(default_factory=list)  # '<shard>/<key>', for exact-resume checks and logs
     rows: np.ndarray | None = None  # manifest rows of the samples
+    void: bool = False  # a stand-in of zeros: this rank could not read in time (EpochLoader.go_void)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,10 @@ class EpochLoader:
         self.epoch = 0
         self.phases = [Phase(spec.world_size, 0, self.excluded)]
         self.restored_same_layout = False
+        # a condition of the moment outlasted its patience (go_void): stand-ins from then on
+        self.transient: TransientError | None = None
+        self._void_taken = 0  # stand-in micro-batches handed out this epoch
+        self.rewound = False  # positions set back by restore_snapshot (a transient stop)
         if state is not None:
             self._restore(state)
 
@@ -122,6 +133,40 @@ class EpochLoader:
             "command) and they are skipped and counted",
             rank_local=True,
         ) from cause
+
+    def go_void(self, err: TransientError) -> None:
+        """A read of this rank outlasted its patience (throttling, a full cache disk, ...). This rank
+        cannot take part in the next steps with data, and stopping alone would leave the others waiting
+        in a collective: from now on it hands out stand-ins of zeros (``void_batch``) without moving
+        its position, the trainer marks their steps void (skipped on every rank), every rank stops at
+        the same step, and the positions are set back to the last step all ranks trained
+        (``restore_snapshot``) before the save. Nothing is recorded against the data."""
+        if self.transient is None:
+            self.transient = err
+            log.warning(
+                "rank %d: %s; standing in empty batches until every rank stops at the same step, then saving and "
+                "exiting 75",
+                self.spec.rank,
+                err.one_line(),
+            )
+
+    def void_batch(self) -> Batch:
+        """A micro-batch of zeros in the training shape (labels 0, no keys, no rows)."""
+        import torch
+
+        n, s = self.spec.micro_batch, self.spec.img_size
+        dev = torch.device("cuda", self.spec.device_id) if self.spec.device_id is not None else torch.device("cpu")
+        self._void_taken += 1
+        zeros = torch.zeros(n, 3, s, s, device=dev)
+        return Batch(zeros, torch.zeros(n, dtype=torch.int64, device=dev), [], np.zeros(0, np.int64), void=True)
+
+    def snapshot(self) -> tuple[int, tuple[Phase, ...]]:
+        """Where the loader is (cheap: the trainer keeps one per recent step)."""
+        return self.epoch, tuple(self.phases)
+
+    def restore_snapshot(self, snap: tuple[int, tuple[Phase, ...]]) -> None:
+        self.epoch, self.phases = snap[0], list(snap[1])
+        self.transient, self._void_taken, self.rewound = None, 0, True
 
     def close(self) -> None:
         if self.prefetch is not None:
@@ -172,8 +217,9 @@ class EpochLoader:
 
     @property
     def position(self) -> int:
-        """Micro-batches of the current phase taken so far (counted in this run's micro-batch)."""
-        return self.phases[-1].consumed // self.spec.micro_batch
+        """Micro-batches of the current phase taken so far (counted in this run's micro-batch; stand-ins
+        count, so every rank agrees on accumulation boundaries)."""
+        return self.phases[-1].consumed // self.spec.micro_batch + self._void_taken
 
     def micro_batches_left(self) -> int:
         return self.stream().length // self.spec.micro_batch
@@ -185,6 +231,7 @@ class EpochLoader:
     def _next_epoch(self) -> None:
         self.epoch += 1
         self.phases = [Phase(self.spec.world_size, 0, self.excluded)]
+        self._void_taken = 0
 
     def labels_and_keys(self, rows: np.ndarray) -> tuple[torch.Tensor, list[str]]:
         import torch

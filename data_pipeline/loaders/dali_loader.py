@@ -29,9 +29,9 @@ from collections import deque
 import numpy as np
 
 from data_pipeline.loaders import preflight
-from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, Batch, EpochLoader, LoaderSpec
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, NOT_THE_SAMPLES, Batch, EpochLoader, LoaderSpec
 from data_pipeline.order.crops import crop_params
-from engine.errors import DataError
+from engine.errors import DataError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class _Source:
         for i in rows:
             try:
                 jpgs.append(np.frombuffer(t.read(i), dtype=np.uint8))
-            except (OSError, DataError) as err:  # a tar that cannot be read or fetched
+            except NOT_THE_SAMPLES:
+                raise  # a changed or missing object, or a condition of the moment: not recorded
+            except (OSError, DataError) as err:  # a tar that cannot be read
                 self.loader.stop_on_unreadable(rows, err)
             x, y, w, h, flip = crop_params(
                 s.seed, epoch, int(i), int(t.width[i]), int(t.height[i]), s.crop_scale, s.crop_ratio, s.flip_prob
@@ -141,12 +143,18 @@ class DaliLoader(EpochLoader):
 
     def __iter__(self):
         for _ in range(self.micro_batches_left()):
-            try:
-                out = next(self._it)[0]
-            except DataError:
-                raise  # a sample that could not be read: recorded by the source
-            except RuntimeError as err:  # DALI could not decode something in the queue
-                self._fail(err)
+            if self.transient is None:
+                try:
+                    out = next(self._it)[0]
+                except TransientError as err:  # waited out its patience: stand-ins until every rank stops
+                    self.go_void(err)
+                except DataError:
+                    raise  # a sample that could not be read (recorded by the source), or a changed shard
+                except RuntimeError as err:  # DALI could not decode something in the queue
+                    self._fail(err)
+            if self.transient is not None:
+                yield self.void_batch()
+                continue
             rows = self._source.pending.popleft()
             self._advance(len(rows))
             labels, keys = self.labels_and_keys(rows)

@@ -34,7 +34,7 @@ from data_pipeline.dataset.members import MARKER_CHECKS, decode_error, scan_tar_
 from data_pipeline.dataset.table import SampleTable, ShortTar
 from data_pipeline.dataset.wds_index import Component, IndexError_, read_index
 from data_pipeline.loaders.source import DatasetView
-from engine.errors import DataError
+from engine.errors import DataError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ def _row_problem(table, r, key, off, n, size, fd, walked, checks) -> str | None:
 
 
 def find_undecodable(table: SampleTable, rows: np.ndarray) -> list[tuple[int, str]]:
-    """(row, reason) of the samples among ``rows`` that do not decode (or cannot be read)."""
-    from data_pipeline.remote.retry import FetchError
+    """(row, reason) of the samples among ``rows`` that do not decode (or cannot be read). A shard that
+    changed in object storage, or a condition of the moment, is raised: never a property of a sample."""
+    from data_pipeline.remote.retry import ChangedObject
 
     found: dict[int, str] = {}
     for i in np.unique(np.asarray(rows, dtype=np.int64)):
@@ -155,10 +156,8 @@ def find_undecodable(table: SampleTable, rows: np.ndarray) -> list[tuple[int, st
             continue
         try:
             reason = decode_error(table.read(int(i)))
-        except FetchError as err:  # the whole shard cannot be fetched: none of its samples can be read
-            for r in table.rows_of(err.shard) if err.shard else [i]:
-                found[int(r)] = f"its shard could not be fetched ({err})"
-            continue
+        except (ChangedObject, TransientError):
+            raise
         except ShortTar as err:  # the tar ends early: this sample and every later one of the shard
             rows_of = table.rows_of(err.shard)
             for r in rows_of[table.offset[rows_of] + table.size[rows_of] > err.tar_bytes]:

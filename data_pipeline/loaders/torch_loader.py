@@ -20,11 +20,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_pipeline.loaders import preflight
-from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, Batch, EpochLoader, LoaderSpec
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, NOT_THE_SAMPLES, Batch, EpochLoader, LoaderSpec
 from data_pipeline.loaders.source import open_table
 from data_pipeline.order.crops import crop_params, pixel_box
 from data_pipeline.order.phases import RankStream
-from engine.errors import DataError
+from data_pipeline.remote.retry import ChangedObject
+from engine.errors import DataError, TransientError
 
 
 class PlanSamples(Dataset):
@@ -154,10 +155,18 @@ class TorchLoader(EpochLoader):
         it = iter(self._loader)
         for _ in range(st.length // self.spec.micro_batch):
             planned = next(expected)
-            try:
-                img, rows = next(it)
-            except (OSError, ValueError, RuntimeError, DataError) as err:  # a sample not read or decoded
-                self._fail(planned, err)
+            if self.transient is None:
+                try:
+                    img, rows = next(it)
+                except TransientError as err:  # waited out its patience: stand-ins until every rank stops
+                    self.go_void(_as_raised(err))
+                except ChangedObject as err:
+                    raise _as_raised(err) from None  # a changed or missing shard: stop, naming it
+                except (OSError, ValueError, RuntimeError, DataError) as err:  # a sample not read or decoded
+                    self._fail(planned, err)
+            if self.transient is not None:
+                yield self.void_batch()
+                continue
             self._advance(len(rows))
             if self.device.type == "cuda":
                 img = img.to(self.device, non_blocking=True)
@@ -166,7 +175,21 @@ class TorchLoader(EpochLoader):
         self._next_epoch()
 
     def _fail(self, rows: np.ndarray, err: Exception) -> None:
+        if isinstance(err, NOT_THE_SAMPLES):
+            raise err
         found = preflight.find_undecodable(self.table, rows)
         if not found:
             raise err
         self.stop_with(found, "cannot read or decode", None)
+
+
+def _as_raised(err: Exception) -> Exception:
+    """An error from a DataLoader worker carries the worker's traceback in its message; the same error
+    with only its own message (the last line), so it reads as one line like any other."""
+    text = str(err)
+    if not text.startswith("Caught "):
+        return err
+    last = text.strip().splitlines()[-1]
+    message = last.split(": ", 1)[1] if ": " in last else last
+    kind = type(err)
+    return kind(message) if kind.__init__ is not Exception.__init__ else err

@@ -36,8 +36,8 @@ def check_cache(url: str, spec: RemoteSpec, window: int) -> None:
     if spec.cache_gb and spec.cache_gb * 2**30 < need:
         raise ConfigError(
             f"data.cache_gb={spec.cache_gb:g} is less than one rank's read-ahead: data.prefetch_shards + "
-            f"data.block_window = {spec.ahead + window} shards of up to {largest / 2**30:.2f} GB; set at least "
-            f"{need / 2**30:.1f} GB per rank on a node"
+            f"data.block_window = {spec.ahead + window} shards of up to {largest / 2**30:.3g} GB; set at least "
+            f"{need / 2**30:.3g} GB per rank on a node"
         )
     root = Path(spec.cache_root)
     probe = next((p for p in (root, *root.parents) if p.exists()), Path("/"))

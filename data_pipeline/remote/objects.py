@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_pipeline.dataset.locations import RemoteSpec
-from data_pipeline.remote.retry import _Transient, with_retries
+from data_pipeline.remote.retry import ChangedObject, with_retries
 from data_pipeline.remote.stores import ObjectStore, make_store
 
 
@@ -24,15 +24,13 @@ def head_url(url: str, spec: RemoteSpec | None = None) -> tuple[int, str]:
 
 
 def fetch_url(url: str, dest: Path, spec: RemoteSpec | None = None) -> str:
-    """Download one object (with retries); returns its version tag (ETag)."""
+    """Download one object (transient faults waited out); returns its version tag (ETag). An object
+    whose size is not the one announced, download after download, is being replaced: ChangedObject."""
     spec = spec or RemoteSpec()
     store, name = _parent(url, spec)
-    size, tag = with_retries(lambda: store.head(name), url, spec)
-
-    def attempt() -> None:
-        store.download(name, dest)
-        if size >= 0 and dest.stat().st_size != size:
-            raise _Transient(f"{dest.stat().st_size} of {size} bytes")
-
-    with_retries(attempt, url, spec)
-    return tag
+    for _ in range(max(1, spec.retries)):
+        size, tag = with_retries(lambda: store.head(name), url, spec)
+        with_retries(lambda: store.download(name, dest), url, spec)
+        if size < 0 or dest.stat().st_size == size:
+            return tag
+    raise ChangedObject(f"{url}: {dest.stat().st_size} bytes downloaded where the store announced {size}")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data_pipeline.remote.retry import _describe
+from data_pipeline.remote.retry import describe
 from engine.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Prefetcher:
                         self.table.source.local(self.table.shards[pending.popleft()])
                     fetched += 1
         except Exception as err:  # never take the run down from here: the reader fetches on demand
-            log.warning("shard read-ahead stopped (%s); shards are fetched when read", _describe(err))
+            log.warning("shard read-ahead stopped (%s); shards are fetched when read", describe(err))
 
     def _wait_for_room(self, needed: deque[int], base: int, fetched: int, total: int) -> int | None:
         """Block until fetching one more shard keeps at most ``ahead`` beyond what the consumer's

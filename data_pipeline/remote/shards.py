@@ -13,30 +13,33 @@ variables, ``~/.aws`` profiles and instance roles exactly as the AWS CLI does, a
 manager downloads large objects in parallel ranges) and urllib3 for HTTPS (already a dependency of
 boto3). Credentials are never logged: messages name the bucket, key and endpoint only.
 
-The cache is shared by the ranks of a node: a file lock per shard makes one process fetch it while
-the others wait; a node-wide lock serializes the budget: before a fetch, the least recently used
-shards are removed until the new one fits in ``data.cache_gb``. Fetched tars are checked against the
-sizes (and checksums, where the shard writer recorded them) in dataset.json. A fetch that keeps
-failing after its retries (with exponential backoff) makes the shard's samples unreadable: the
-loaders record them like samples that do not decode (the run stops with a one-line error and skips
-them on restart), never a hang and never a silent skip. An object shorter than recorded (truncated
-upload) is kept: the samples inside it train, the ones past its end are recorded as unreadable.
+The cache is shared by the ranks of a node (``data_pipeline.remote.cache``). Every fetched tar is
+checked against the size and the content checksum dataset.json records (``make_shards`` and
+``index_shards`` record both; for folders indexed before checksums were recorded, the first full
+fetch on a node records one there and later fetches are held to it). A tar whose bytes differ,
+download after download, is a changed shard: the run stops with one line naming it and what to do,
+and nothing is recorded against its samples (they would train under the keys of other images).
+A missing object stops the same way. Throttling, timeouts, cut connections and a full cache disk are
+conditions of the moment: waited out (``data_pipeline.remote.retry``) and, past the patience, a
+``TransientFetchError`` that leaves no trace.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
 from data_pipeline.dataset.hashing import file_checksum
 from data_pipeline.dataset.locations import RemoteSpec
 from data_pipeline.remote.cache import ShardCache, file_lock
-from data_pipeline.remote.retry import FetchError, _Transient, with_retries
+from data_pipeline.remote.retry import ChangedObject, Episode, with_retries
 from data_pipeline.remote.stores import MissingObject, make_store
 from engine.errors import DataError
 
@@ -77,12 +80,18 @@ class RemoteShards:
         self.tar_checksum: dict[str, str] = {str(k): str(v) for k, v in meta.get("tar_checksum", {}).items()}
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:8]
         self.namespace = f"{_slug(url)}-{digest}"  # a re-uploaded dataset never reads the old tars
-        self.failed: dict[str, FetchError] = {}
+        self.broken: dict[str, Exception] = {}  # shards that changed or vanished: the same error again
         self.fetched_bytes = 0
+        self._episodes: dict[str, Episode] = {}  # per shard: trouble shared by read-ahead and reader
+        self._lock = threading.Lock()
         self._cache: ShardCache | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None, "failed": {}}
+        return {**self.__dict__, "_cache": None, "broken": {}, "_episodes": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, url: str, spec: RemoteSpec) -> RemoteShards:
@@ -142,52 +151,94 @@ class RemoteShards:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         return 2 * local * (self.spec.ahead + 4) * (self.largest() or 1 << 30)
 
+    def _episode(self, name: str) -> Episode:
+        with self._lock:
+            return self._episodes.setdefault(name, Episode())
+
     def local(self, name: str) -> Path:
-        """The tar in the node's cache, fetched (with retries) when absent; FetchError when it cannot be."""
-        if name in self.failed:
-            raise self.failed[name]
-        expected = self.tar_bytes.get(name)
+        """The tar in the node's cache, fetched when absent. Raises ``ChangedObject`` or ``MissingObject``
+        (permanent: the run must stop) or ``TransientFetchError`` (the patience ran out)."""
+        if name in self.broken:
+            raise self.broken[name]
+        episode = self._episode(name)
+        where = self.store.where(f"{name}.tar")
         try:
+            expected = self.tar_bytes.get(name)
             if expected is None:  # a folder that predates recorded sizes: ask, so the budget holds
-                expected = self.tar_bytes[name] = with_retries(
-                    lambda: self.store.head(f"{name}.tar")[0], self.store.where(f"{name}.tar"), self.spec, name
-                )
-            return self.cache.ensure(name, expected, lambda tmp: self._fetch(name, tmp), self.spec.timeout_s)
-        except FetchError as err:
-            err.shard = name
-            self.failed[name] = err
-            raise
+                size = with_retries(lambda: self.store.head(f"{name}.tar")[0], where, self.spec, name, episode)
+                expected = self.tar_bytes[name] = size
+            deadline = time.monotonic() + self.spec.patience_s
+            return self.cache.ensure(name, expected, lambda tmp: self._fetch(name, tmp, episode), deadline)
         except MissingObject as err:
-            self.failed[name] = FetchError(str(err), name)
-            raise self.failed[name] from None
+            self.broken[name] = ChangedObject(
+                f"{err}, though dataset.json lists it: restore it, or index the folder again (deepmim-index-shards "
+                "or deepmim-make-shards, then deepmim-upload) and resume with data.on_change=next_epoch",
+                name,
+            )
+            raise self.broken[name] from None
+        except ChangedObject as err:
+            self.broken[name] = err
+            raise
 
-    def _fetch(self, name: str, tmp: Path) -> None:
-        expected, checksum = self.tar_bytes.get(name), self.tar_checksum.get(name)
-        short: list[int] = []
+    def _fetch(self, name: str, tmp: Path, episode: Episode) -> None:
+        """Download into ``tmp`` and check the bytes: transient faults are waited out (patience), a
+        size or checksum that differs download after download is a changed shard."""
+        expected, recorded = self.tar_bytes.get(name), self.tar_checksum.get(name)
+        checksum = recorded or self._node_checksum(name)
+        where = self.store.where(f"{name}.tar")
 
-        def attempt() -> None:
-            self.store.download(f"{name}.tar", tmp)
-            got = tmp.stat().st_size
-            if expected is not None and got != expected:
-                short.append(got)
-                raise _Transient(f"{got} bytes where dataset.json records {expected}")
-            if checksum and file_checksum(tmp) != checksum:
-                raise _Transient("content differs from the checksum dataset.json records")
+        def download() -> None:
+            try:
+                self.store.download(f"{name}.tar", tmp)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):  # evict for the next attempt, then retry it
+                    freed = self.cache.make_room(expected or 0)
+                    raise OSError(err.errno, f"the shard cache's disk is full (evicted {freed / 1e6:.0f} MB)") from None
+                raise
 
         t0 = time.perf_counter()
+        why = ""
+        for attempt in range(max(1, self.spec.retries)):
+            with_retries(download, where, self.spec, name, episode)
+            got = tmp.stat().st_size
+            if expected is not None and got != expected:
+                why = f"{got} bytes where dataset.json records {expected}"
+            elif checksum and file_checksum(tmp) != checksum:
+                why = f"its content checksum differs from the one {'dataset.json' if recorded else 'this node'} records"
+            else:
+                if not checksum:
+                    self._record_node_checksum(name, file_checksum(tmp))
+                self.fetched_bytes += got
+                log.debug("fetched %s: %.1f MB in %.2f s", name, got / 1e6, time.perf_counter() - t0)
+                return
+            log.warning("%s: download %d of %d: %s", where, attempt + 1, self.spec.retries, why)
+        raise ChangedObject(
+            f"{where} changed since it was written or indexed: {why}, in {self.spec.retries} downloads; its samples "
+            "would train under the keys of other images. Restore the object, or index the folder again "
+            "(deepmim-index-shards, or deepmim-make-shards then deepmim-upload) and resume with "
+            "data.on_change=next_epoch (or start a new run folder)",
+            name,
+        )
+
+    # A folder indexed before checksums were recorded: the first full fetch on this node records one
+    # (CACHE/meta/<folder>/checksums.json), and every later fetch on the node is held to it.
+    def _node_checksums(self) -> Path:
+        return self.meta_dir / "checksums.json"
+
+    def _node_checksum(self, name: str) -> str | None:
         try:
-            with_retries(attempt, self.store.where(f"{name}.tar"), self.spec, name)
-        except FetchError:
-            if short and expected is not None and 0 < short[-1] < expected and tmp.is_file():
-                log.warning(
-                    "%s is %d bytes, shorter than the %d dataset.json records (a truncated upload?): its samples "
-                    "past the end will be recorded as unreadable",
-                    self.store.where(f"{name}.tar"),
-                    short[-1],
-                    expected,
-                )
-                return  # keep what there is: the samples inside it are fine
-            raise
-        size = tmp.stat().st_size
-        self.fetched_bytes += size
-        log.debug("fetched %s: %.1f MB in %.2f s", name, size / 1e6, time.perf_counter() - t0)
+            return json.loads(self._node_checksums().read_text()).get(name)
+        except (OSError, ValueError):
+            return None
+
+    def _record_node_checksum(self, name: str, value: str) -> None:
+        path = self._node_checksums()
+        with file_lock(path.with_suffix(".lock")):
+            try:
+                known = json.loads(path.read_text())
+            except (OSError, ValueError):
+                known = {}
+            known.setdefault(name, value)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, path)

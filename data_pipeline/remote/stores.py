@@ -24,6 +24,21 @@ class MissingObject(DataError):
     """The object does not exist (HTTP 404): not worth retrying."""
 
 
+# Answers that mean "not now": throttling (S3's SlowDown is a 503), timeouts, overload.
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+TRANSIENT_CODES = (
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestTimeTooSkewed",
+)
+
+
 def split_url(url: str) -> tuple[str, str, str]:
     """'s3://bucket/a/b' -> ('s3', 'bucket', 'a/b'); 'https://host/a' -> ('https', 'https://host', 'a')."""
     m = re.fullmatch(r"(s3|https?)://([^/]+)/?(.*)", url.rstrip("/"))
@@ -34,9 +49,32 @@ def split_url(url: str) -> tuple[str, str, str]:
 
 
 class ObjectStore:
-    """What both stores share; each answers ``head`` (size, version tag) or raises ``MissingObject``."""
+    """Objects under one location (``url``), named relative to it. Every method raises
+    ``MissingObject``, ``DataError`` (the user must act) or ``OSError`` (worth another try)."""
+
+    url: str
+    spec: RemoteSpec
+
+    def where(self, name: str) -> str:
+        """The object's full location, for messages."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def download(self, name: str, dest: Path) -> None:
+        """The object's bytes into the file ``dest``."""
+        raise NotImplementedError
+
+    def put(self, path: Path, name: str) -> None:
+        raise NotImplementedError
 
     def head(self, name: str) -> tuple[int, str]:
+        """(size, version tag)."""
+        raise NotImplementedError
+
+    def list_tars(self) -> list[str]:
+        """Locations of the ``*.tar`` objects directly under ``url``, sorted."""
         raise NotImplementedError
 
     def exists(self, name: str) -> bool:
@@ -118,8 +156,12 @@ class S3Store(ObjectStore):
 
     @contextlib.contextmanager
     def _errors(self, name: str):
-        """botocore's exceptions -> one line naming the object (never the credentials)."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+        """botocore's exceptions -> one line naming the object (never the credentials): a missing object,
+        something the user must fix (``DataError``), or a condition of the moment (``OSError``)."""
+        from boto3.exceptions import RetriesExceededError as Boto3RetriesExceeded
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+        from s3transfer.exceptions import RetriesExceededError
 
         try:
             yield
@@ -130,12 +172,21 @@ class S3Store(ObjectStore):
             ) from None
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
-            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                raise MissingObject(f"{self.where(name)} does not exist") from None
+            status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code in ("NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise DataError(f"{self.where(name)}: {code} (check the bucket name and the credentials)") from None
-            raise OSError(f"{self.where(name)}: {code or status}") from None
+            if code in ("404", "NoSuchKey", "NotFound") or status == 404:
+                raise MissingObject(f"{self.where(name)} does not exist") from None
+            if status in TRANSIENT_STATUS or status >= 500 or code in TRANSIENT_CODES:
+                what = f"{code} (HTTP {status})" if code and code != str(status) else f"HTTP {status}"
+                raise OSError(f"{self.where(name)}: {what}") from None
+            raise DataError(f"{self.where(name)}: {code or status} (HTTP {status}), refused by the store") from None
+        except (BotoCoreError, RetriesExceededError, Boto3RetriesExceeded) as err:  # connections, timeouts, cuts
+            raise OSError(f"{self.where(name)}: {type(err).__name__}: {str(err)[:200]}") from None
+        except S3UploadFailedError as err:  # boto3 folds the ClientError of an upload into its text
+            if any(code in str(err) for code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId")):
+                raise DataError(f"{self.where(name)}: {err} (check the bucket name and the credentials)") from None
+            raise OSError(f"{self.where(name)}: {err}") from None
 
 
 class HttpStore(ObjectStore):
@@ -167,13 +218,22 @@ class HttpStore(ObjectStore):
             r = self.pool.request("GET", self.where(name), preload_content=preload)
         except urllib3.exceptions.HTTPError as err:
             raise OSError(f"{self.where(name)}: {type(err).__name__}") from None
-        if r.status == 404:
-            raise MissingObject(f"{self.where(name)} does not exist (HTTP 404)")
-        if r.status in (401, 403):
-            raise DataError(f"{self.where(name)}: HTTP {r.status} (the mirror refuses access)")
-        if r.status != 200:
-            raise OSError(f"{self.where(name)}: HTTP {r.status}")
+        try:
+            self._status(name, r.status)
+        except (DataError, OSError):
+            r.release_conn()
+            raise
         return r
+
+    def _status(self, name: str, status: int) -> None:
+        if status in (404, 410):
+            raise MissingObject(f"{self.where(name)} does not exist (HTTP {status})")
+        if status in (401, 403):
+            raise DataError(f"{self.where(name)}: HTTP {status} (the mirror refuses access)")
+        if status in TRANSIENT_STATUS or status >= 500:
+            raise OSError(f"{self.where(name)}: HTTP {status}")
+        if status != 200:
+            raise DataError(f"{self.where(name)}: HTTP {status}, refused by the mirror")
 
     def get(self, name: str) -> bytes:
         return self._get(name, preload=True).data
@@ -201,10 +261,7 @@ class HttpStore(ObjectStore):
             r = self.pool.request("HEAD", self.where(name))
         except urllib3.exceptions.HTTPError as err:
             raise OSError(f"{self.where(name)}: {type(err).__name__}") from None
-        if r.status == 404:
-            raise MissingObject(f"{self.where(name)} does not exist (HTTP 404)")
-        if r.status != 200:
-            raise OSError(f"{self.where(name)}: HTTP {r.status}")
+        self._status(name, r.status)
         tag = r.headers.get("ETag") or r.headers.get("Last-Modified") or ""
         return int(r.headers.get("Content-Length", -1)), tag.strip('"')
 
@@ -212,6 +269,20 @@ class HttpStore(ObjectStore):
         raise DataError(f"{self.url}: an https:// mirror cannot be listed; name its tars (a brace pattern)")
 
 
+# scheme -> store class; ``register`` adds one (an in-memory store in the tests, say)
+STORES: dict[str, type[ObjectStore]] = {"s3": S3Store, "https": HttpStore, "http": HttpStore}
+
+
+def register(scheme: str, store: type[ObjectStore]) -> None:
+    """Serve ``scheme://...`` locations with ``store`` (their shards then count as remote)."""
+    from data_pipeline.dataset.locations import register_scheme
+
+    STORES[scheme] = store
+    register_scheme(f"{scheme}://")
+
+
 def make_store(url: str, spec: RemoteSpec | None = None) -> ObjectStore:
-    spec = spec or RemoteSpec()
-    return S3Store(url, spec) if url.startswith("s3://") else HttpStore(url, spec)
+    scheme = url.split("://", 1)[0]
+    if scheme not in STORES:
+        raise DataError(f"{url}: no store for {scheme}:// (known: {sorted(STORES)})")
+    return STORES[scheme](url, spec or RemoteSpec())

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from data_pipeline.dataset.columns import write_columns
-from data_pipeline.dataset.hashing import checksum
+from data_pipeline.dataset.hashing import checksum, file_checksum
 from data_pipeline.dataset.locations import is_remote
 from data_pipeline.dataset.members import image_format
 from data_pipeline.dataset.table import check_shard_name
@@ -273,6 +273,7 @@ def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
         "shard": job.name,
         "tar": origin,
         "tar_bytes": stat.st_size,
+        "tar_checksum": file_checksum(tar),  # every fetch from object storage is held to it
         **({"tar_etag": etag} if is_remote(origin) else {"tar_mtime_ns": stat.st_mtime_ns}),
         "label": job.label,
         "num_samples": len(rows),
@@ -305,7 +306,8 @@ def finished_part(out: Path, job: TarJob) -> dict | None:
         version,
         job.label,
     )
-    return part if same and (out / f"{job.name}.idx").is_file() else None
+    # (a part from before tar checksums were recorded is redone: the tar is read once more)
+    return part if same and "tar_checksum" in part and (out / f"{job.name}.idx").is_file() else None
 
 
 # ------------------------------------------------------------------------------ the whole set
@@ -414,6 +416,7 @@ def run(args: argparse.Namespace) -> dict:
         "layout": "indexed",
         "label": args.label,
         "tar_bytes": {p["shard"]: p["tar_bytes"] for p in used},
+        "tar_checksum": {p["shard"]: p["tar_checksum"] for p in used},
     }
     if tars and isinstance(tars[0], str):  # in object storage: upload this folder to their prefix to train
         summary["tar_base"] = tars[0].rsplit("/", 1)[0]

@@ -29,14 +29,14 @@ from engine.errors import DataError, StackError
 log = logging.getLogger("upload")
 
 
-def _remote_size(store, name: str) -> int | None:
-    if not hasattr(store, "client"):
-        return None
-    from botocore.exceptions import ClientError
+def _remote_size(store, name: str, spec) -> int | None:
+    """The size of an object already in the store, or None when there is none."""
+    from data_pipeline.remote.retry import with_retries
+    from data_pipeline.remote.stores import MissingObject
 
     try:
-        return int(store.client.head_object(Bucket=store.bucket, Key=store.key(name))["ContentLength"])
-    except ClientError:
+        return int(with_retries(lambda: store.head(name)[0], store.where(name), spec))
+    except MissingObject:
         return None
 
 
@@ -49,8 +49,8 @@ def upload(folder: str | Path, url: str, workers: int = 8, endpoint: str = "") -
 
     root = Path(folder)
     url = url.rstrip("/")
-    if not url.startswith("s3://"):
-        raise DataError(f"{url}: uploads go to s3:// locations (https:// mirrors are read-only)")
+    if url.startswith(("https://", "http://")):
+        raise DataError(f"{url}: https:// mirrors are read-only; upload to an s3:// location")
     try:
         meta = json.loads((root / "dataset.json").read_text())
     except (OSError, ValueError) as err:
@@ -82,7 +82,7 @@ def upload(folder: str | Path, url: str, workers: int = 8, endpoint: str = "") -
     def send(item: tuple[Path, str]) -> int:
         path, name = item
         size = path.stat().st_size
-        if _remote_size(store, name) == size:
+        if _remote_size(store, name, spec) == size:
             return 0
         with_retries(lambda: store.put(path, name), store.where(name), spec)
         return size

@@ -81,6 +81,13 @@ def _validate_data(cfg: Config) -> None:
     _check(d.prefetch_shards >= 1, f"data.prefetch_shards={d.prefetch_shards}: must be >= 1")
     _check(d.fetch_retries >= 1, f"data.fetch_retries={d.fetch_retries}: must be >= 1")
     _check(d.fetch_timeout_s > 0, f"data.fetch_timeout_s={d.fetch_timeout_s}: must be > 0")
+    _check(d.fetch_patience_s > 0, f"data.fetch_patience_s={d.fetch_patience_s}: must be > 0 seconds")
+    stall = cfg.fault.stall_exit_s
+    _check(
+        not is_remote(d.shards) or not stall or d.fetch_patience_s < stall,
+        f"data.fetch_patience_s={d.fetch_patience_s:g} must be below fault.stall_exit_s={stall:g}: a rank that "
+        "waits out the storage makes no step meanwhile, and the watchdog would end the run first",
+    )
     if is_remote(d.shards):
         _check(
             d.order != "global",

@@ -48,6 +48,10 @@ HARMLESS_PREFIXES = (
     "data.eval_batch",
     "schedule.max_steps",  # where this run stops, not the schedule's shape
     "data.on_change",
+    "data.fetch_",  # how object storage is reached and waited for
+    "data.cache_",
+    "data.prefetch_shards",
+    "data.s3_endpoint",
 )
 
 

@@ -104,8 +104,14 @@ class DataConfig:
     cache_gb: float = 0.0  # 0 = auto: 2 x ranks per node x (prefetch_shards + 4) x the largest shard
     prefetch_shards: int = 8  # shards fetched ahead of need, per rank
     s3_endpoint: str = ""  # S3-compatible endpoint; empty = AWS_ENDPOINT_URL, else AWS
-    fetch_retries: int = 5  # attempts per object (backoff doubling from 1 s), then its samples are unreadable
+    # downloads of a shard whose size or checksum differs from dataset.json's before it counts as changed
+    # (the run then stops, naming it: its bytes are not the ones its samples were indexed from)
+    fetch_retries: int = 3
     fetch_timeout_s: float = 60.0  # per request (connect and read)
+    # how long a condition of the moment (throttling, timeouts, cut connections, a full cache disk, a busy
+    # lock) is waited out, with jittered backoff, before the run saves and stops with exit code 75 (nothing
+    # is recorded against the data; the same command continues later). Below fault.stall_exit_s.
+    fetch_patience_s: float = 600.0
 
 
 @dataclass

@@ -12,6 +12,9 @@ replaces it:
   partitions (all parameter groups) and a local stop request (a signal) is added; the two flags
   are max-all-reduced over the data-parallel group (an enqueued collective, not a host sync), so
   every rank sees the same values at the same step;
+* a rank that could not read its data in time (``void``: a condition of the moment outlasted its
+  patience, ``engine.loop.transient``) raises a third flag; it also marks the update as skipped, so
+  every rank leaves the weights as they were, and the trainer stops all ranks at the same step;
 * the non-finite flag is handed to torch's fused AdamW as ``found_inf``: the kernel leaves
   weights, moments and step counts untouched when it is set. Skips are counted on the device;
 * after each step the flags and counters are copied to a ring of pinned host buffers behind
@@ -39,6 +42,7 @@ class StepFlags:
     step: int  # the optimizer step these flags belong to (1-based: after that update)
     bad: bool  # the update was skipped (non-finite loss or gradient on some rank)
     stop: bool  # some rank asked to stop (preemption signal) at or before this step
+    void: bool  # some rank stood in empty data for this step (its update was skipped everywhere)
     skipped_total: int
     consecutive_bad: int
 
@@ -65,13 +69,14 @@ class NonFiniteGuard:
             optimizer.hook_inner_step(self._host_skipped_step)
         cuda = device.type == "cuda"
         self.lag = (2 if cuda else 0) if lag is None else lag
-        self.flags = torch.zeros(2, device=device)  # [bad, stop], all-reduced with MAX
+        self.flags = torch.zeros(3, device=device)  # [bad, stop, void], all-reduced with MAX
         self.loss_bad = torch.zeros((), device=device)
         self.skipped = torch.zeros((), device=device)
         self.consecutive = torch.zeros((), device=device)
         self.inject_grad = False  # fault drills: poison one gradient before the check
+        self.void = False  # this rank's micro-batches of the step are stand-ins (set by the trainer)
         self.steps = 0
-        self._host = [torch.zeros(4, pin_memory=cuda) for _ in range(self.RING)]
+        self._host = [torch.zeros(5, pin_memory=cuda) for _ in range(self.RING)]
         self._events = [torch.cuda.Event() if cuda else None for _ in range(self.RING)]
         optimizer.hook_step(self._step)
 
@@ -86,6 +91,9 @@ class NonFiniteGuard:
             self.inject_grad = False
         self.flags[0].copy_(self.loss_bad)
         self.flags[1].fill_(1.0 if self.stop.requested else 0.0)
+        self.flags[2].fill_(1.0 if self.void else 0.0)
+        if self.void:  # no update from stand-in data, on any rank
+            self.flags[0].fill_(1.0)
         if grads:
             # One multi-tensor norm kernel over every gradient (bf16 or fp32): NaN/inf show in the norms.
             norms = torch.stack(torch._foreach_norm(grads)).float()
@@ -112,7 +120,7 @@ class NonFiniteGuard:
 
     def _publish(self) -> None:
         slot = self.steps % self.RING
-        vals = torch.stack([self.flags[0], self.flags[1], self.skipped, self.consecutive])
+        vals = torch.stack([self.flags[0], self.flags[1], self.skipped, self.consecutive, self.flags[2]])
         event = self._events[slot]
         self._host[slot].copy_(vals, non_blocking=event is not None)
         if event is not None:
@@ -127,8 +135,8 @@ class NonFiniteGuard:
         slot = step % self.RING
         if self._events[slot] is not None and not self._events[slot].query():
             self._events[slot].synchronize()
-        bad, stop, skipped, consecutive = self._host[slot].tolist()
-        return StepFlags(step, bad > 0, stop > 0, int(skipped), int(consecutive))
+        bad, stop, skipped, consecutive, void = self._host[slot].tolist()
+        return StepFlags(step, bad > 0, stop > 0, void > 0, int(skipped), int(consecutive))
 
     def latest(self) -> StepFlags | None:
         """The flags the trainer acts on now: those of ``lag`` steps ago."""

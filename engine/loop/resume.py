@@ -1,9 +1,13 @@
 """Which checkpoint a run continues from, decided before anything heavy is built.
 
 ``--resume auto`` takes the newest complete checkpoint whose files verify against its marker
-(damaged ones are renamed ``broken-*`` and the next older one is tried); an explicit checkpoint
-folder must be complete and verify; ``never`` starts over. The saved config is compared with the
-current one before any weights are read (``engine.config.resume_policy``).
+(damaged ones are renamed ``broken-*`` and the next older one is tried). A folder that held
+checkpoints never trains from step 0 again by itself: when none verifies, every start refuses with
+one line listing them and how to go on. ``--resume PATH`` names a checkpoint; one that does not
+verify, or whose marker is missing or damaged, is forced (a warning names what is wrong, and the
+marker's contents are read from the checkpoint's model-states file). ``never`` and ``fresh`` start
+over. The saved config is compared with the current one before any weights are read
+(``engine.config.resume_policy``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from engine.config import Config, compare_for_resume, from_dict
 from engine.errors import CheckpointError
 from engine.loop.dist import DistInfo, all_gather_objects, barrier
 from engine.run_folder import checkpoints as ckpt
+from engine.weights.safe_load import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +35,11 @@ def find_resume(mode: str, ckpt_dir: Path, dist: DistInfo) -> Path | None:
     if mode == "auto":
         newest = ckpt.newest_complete(ckpt_dir)
         found = ckpt.newest_verified(ckpt_dir, dist.rank, dist.world_size, gather, barrier)
-        if newest is not None and found is None:
-            raise CheckpointError(
-                f"every complete checkpoint in {ckpt_dir} is damaged (renamed broken-*); not starting over in this "
-                "run folder"
-            )
+        if found is None:
+            broken = ckpt.broken_checkpoints(ckpt_dir)
+            if broken:  # this folder held checkpoints: never a silent start from step 0
+                raise ckpt.no_checkpoint_verifies(ckpt_dir, broken)
+            return None
         if newest is not None and found != newest:
             log.warning(
                 "resuming from %s instead of the newest checkpoint %s, which is damaged (now %s)",
@@ -44,12 +49,21 @@ def find_resume(mode: str, ckpt_dir: Path, dist: DistInfo) -> Path | None:
             )
         return found
     path = Path(mode)
-    if not (path / ckpt.MARKER).is_file():
-        raise CheckpointError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {ckpt.MARKER})")
-    problems = ckpt.verify(path, dist.rank, dist.world_size, gather)
-    if problems:
-        raise CheckpointError(f"checkpoint.resume={mode!r} is damaged: {'; '.join(problems[:3])}")
+    if not (path / ckpt.MARKER).is_file() and ckpt.states_file(path) is None:
+        raise CheckpointError(f"checkpoint.resume={mode!r}: not a checkpoint (no {ckpt.MARKER}, no model states)")
+    problems = ckpt.verify(path, dist.rank, dist.world_size, gather) if (path / ckpt.MARKER).is_file() else []
+    if problems or not (path / ckpt.MARKER).is_file():
+        why = "; ".join(problems[:3]) or f"no {ckpt.MARKER}"
+        log.warning("--resume %s: forced, as asked, though it does not verify (%s)", path, why)
     return path
+
+
+def resume_marker(path: Path) -> dict:
+    """The marker of the checkpoint being resumed, or (forced) what its model-states file says."""
+    try:
+        return ckpt.read_marker(path)
+    except CheckpointError:
+        return marker_from_states(path)
 
 
 def check_config(saved: dict, now: Config) -> None:
@@ -63,3 +77,34 @@ def check_config(saved: dict, now: Config) -> None:
         log.warning("resuming with a changed setting that alters training: %s", line)
     for line in harmless:
         log.info("resuming with a changed setting: %s", line)
+
+
+def marker_from_states(path: Path) -> dict:
+    """What the marker would say, read from the checkpoint's own model-states file: for a checkpoint
+    forced with ``--resume PATH`` whose ``complete.json`` is missing or damaged. Its tensors are mapped,
+    not read; nothing vouches for the files, so the result lists none to verify."""
+    file = ckpt.states_file(path)
+    if file is None:
+        raise CheckpointError(
+            f"{path}: neither {ckpt.MARKER} nor a model-states file ({' or '.join(ckpt.MODEL_STATES)})"
+        )
+    try:
+        state = safe_load(file, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
+    client = state.get("client_state", state)  # the local engine nests it; DeepSpeed stores it at the top
+    try:
+        train, ranks = client["train"], client["ranks"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{file}: not a checkpoint written by this stack (no train state)") from None
+    module = state.get("module", {})
+    half = any(getattr(t, "dtype", None) is not None and "bfloat16" in str(t.dtype) for t in module.values())
+    info = {k: v for k, v in client.items() if k not in ("train", "ranks", "format_version")}
+    return {
+        **info,
+        "step": train["step"],
+        "epoch": train["epoch"],
+        "precision": client.get("precision", "bf16" if half else "fp32"),
+        "data": ranks[0]["loader"].get("data"),
+        "forced": True,
+    }

@@ -34,14 +34,14 @@ from data_pipeline.loaders.source import DatasetView, read_dataset
 from data_pipeline.order.select import resolve_order
 from engine.config import Config, RunPlan, fingerprint, plan_run, resolved, to_dict
 from engine.disk import as_disk_error, free_space, writing
-from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy
+from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy, TransientError
 from engine.loop import to_universal
 from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
 from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
 from engine.loop.engines import EngineFactory, deepspeed_engine
 from engine.loop.faults import NoFaults, fault_injector
 from engine.loop.guard import NonFiniteGuard
-from engine.loop.resume import check_config, find_resume
+from engine.loop.resume import check_config, find_resume, resume_marker
 from engine.loop.rng import rng_state, seed_everything, set_rng_state
 from engine.loop.runlock import RunLock
 from engine.loop.schedule import lr_at
@@ -55,6 +55,14 @@ from engine.observe.telemetry import MetricMeter, PhaseTimer, peak_memory_gb
 from engine.run_folder import checkpoints as ckpt
 
 log = logging.getLogger(__name__)
+
+
+class VoidSteps(Exception):
+    """Raised inside the loop when steps from guard step ``first`` on were stand-ins on some rank."""
+
+    def __init__(self, first: int):
+        super().__init__(first)
+        self.first = first
 
 
 class Trainer:
@@ -82,6 +90,11 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.rollbacks = 0
         self.stale_flags_through = 0  # guard steps whose flags predate the last rollback
+        self.flags_read = 0  # guard steps whose flags the loop has acted on
+        self.last_save = 0  # the step of the newest checkpoint this process wrote or resumed from
+        # per guard step g: the state before it (step count, loader position, RNG, task state), for the
+        # few steps whose flags the lag has not shown yet: a transient stop sets every rank back to one
+        self.snapshots: dict[int, tuple] = {}
         # built by build()
         self.built = False
         self.resume_from: Path | None = None
@@ -112,7 +125,7 @@ class Trainer:
         self._lock_run_dir()
         self.resume_from = find_resume(self.cfg.checkpoint.resume, self.ckpt_dir, self.dist)
         if self.resume_from is not None:
-            self.resume_marker = ckpt.read_marker(self.resume_from)
+            self.resume_marker = resume_marker(self.resume_from)
             if "config" in self.resume_marker:  # refuse an incompatible config before building anything
                 check_config(self.resume_marker["config"], self.cfg)
         self._build_data()
@@ -275,6 +288,7 @@ class Trainer:
             "config_fingerprint": fingerprint(self.cfg),
             **self.task.reference(),
             "world_size": self.dist.world_size,
+            "precision": self.precision,
             "ranks": ranks,
         }
 
@@ -284,8 +298,13 @@ class Trainer:
             raise NonFiniteError(f"weights are not finite at step {self.step}; not saving them")
 
     def save(self, keep: bool = False) -> Path:
+        first = self._first_void()
+        if first is not None:  # a step since the last flags read was stand-in data somewhere: not this state
+            raise VoidSteps(first)
         with self.watchdog.held() if self.watchdog is not None else contextlib.nullcontext():
-            return self._save(keep)
+            path = self._save(keep)
+        self.last_save = self.step
+        return path
 
     def _save(self, keep: bool) -> Path:
         self._check_finite_weights()
@@ -391,7 +410,10 @@ class Trainer:
         """One micro-step: the task's forward, backward, and the optimizer at boundaries."""
         self.timer.start("fwd_bwd")
         out = self.task.forward(self.engine, batch, self.timer)
-        loss = self.faults.loss(self.step + 1, out.loss)
+        # stand-in data (a rank that could not read in time) still runs forward and backward, to meet the
+        # other ranks in the gradient collectives, but contributes nothing (the guard skips the update)
+        loss = out.loss * 0.0 if getattr(batch, "void", False) else out.loss
+        loss = self.faults.loss(self.step + 1, loss)
         self.guard.observe_loss(loss)
         self.engine.backward(loss)
         self.timer.stop("fwd_bwd")
@@ -471,8 +493,14 @@ class Trainer:
         self.engine.train()
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.plan.total_steps)
         try:
-            if self._loop(stop) == "preempted":
+            try:
+                outcome = self._loop(stop)
+            except VoidSteps as void:
+                outcome = self._stop_transient(void.first)
+            if outcome == "preempted":
                 result = {"step": self.step, "complete": False, "preempted": True}
+            elif outcome == "transient":
+                result = {"step": self.step, "complete": False, "transient": True}
             else:
                 result = self._finish(stop)
         finally:
@@ -506,13 +534,16 @@ class Trainer:
         return {"step": self.step, "complete": False, "preempted": True}
 
     def _loop(self, stop: int) -> str:
-        last_save = self.step
+        self.last_save = self.step
         window_start, window_steps = time.perf_counter(), 0
         lr = self._set_lr()
+        self._snapshot()
         while self.step < stop:
             fetch = time.perf_counter()
             for batch in self.loader:
                 self.timer.add_host("data_wait", time.perf_counter() - fetch)
+                if batch.void:  # this rank could not read in time: every rank skips from here, then stops
+                    self.guard.void = True
                 micro = self.loader.position  # 1-based index of this micro-batch in the epoch
                 boundary = micro % self.plan.grad_accum == 0
                 logs = boundary and ((self.step + 1) % self.cfg.log.interval == 0 or self.step + 1 == stop)
@@ -532,31 +563,80 @@ class Trainer:
                         window_start, window_steps = time.perf_counter(), 0
                     action = self._react_to_flags()
                     if action == "preempt":
-                        if last_save != self.step:
+                        if self.last_save != self.step:
                             self.save()
                         self._preempted(saved=True)
                         return "preempted"
                     every = self.cfg.log.figure_interval
-                    if every and self.step % every == 0 and self.dist.is_main:
+                    if every and self.step % every == 0 and self.dist.is_main and not self.guard.void:
                         self._save_figure(self.run_dir / "figures" / f"step_{self.step:08d}.png")
                     if action == "rolled_back":
-                        last_save = self.step
+                        self.last_save = self.step
                     elif self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
                         self.save()
-                        last_save = self.step
                     if self.step >= stop:
                         break
                     lr = self._set_lr()
+                    self._snapshot()
                 fetch = time.perf_counter()
             else:  # the epoch ended
                 self._epoch_end()
                 every = self.cfg.checkpoint.keep_every_epochs
                 if every and self.loader.epoch % every == 0 and self.step < stop:
                     self.save(keep=True)
-                    last_save = self.step
-        if last_save != self.step:
+        if self.last_save != self.step:
             self.save()
         return "done"
+
+    # ------------------------------------------------------------------ transient stops
+    def _snapshot(self) -> None:
+        """The state before the next step (guard step ``steps + 1``): a few dozen microseconds of host
+        copies per step, no device sync. Kept for the steps whose flags the lag has not shown yet."""
+        g = self.guard.steps + 1
+        self.snapshots[g] = (self.step, self.loader.snapshot(), rng_state(), self.task.state_dict())
+        for old in [k for k in self.snapshots if k < g - self.guard.RING]:
+            del self.snapshots[old]
+
+    def _first_void(self) -> int | None:
+        """Before a save: the first guard step not yet acted on whose flags say some rank stood in
+        empty data (read now, waiting for the device: saves are rare)."""
+        start = max(self.flags_read, self.stale_flags_through) + 1
+        for g in range(start, self.guard.steps + 1):
+            flags = self.guard.flags_at(g)
+            if flags is not None and flags.void:
+                return g
+        return None
+
+    def _stop_transient(self, first: int) -> str:
+        """Some rank could not read in time from guard step ``first`` on, and every rank skipped those
+        updates: set the loader positions, RNG and task state back to the state before ``first``
+        (the weights are still that state's), save it, and stop every rank alike (exit code 75)."""
+        snap = self.snapshots.get(first)
+        if snap is None:
+            raise TransientError(f"stood in empty data since guard step {first}, whose state is no longer kept")
+        voided = self.guard.steps - (first - 1)
+        self.guard.skipped.sub_(voided)  # stand-ins, not non-finite steps
+        self.step, loader_state, rng, task_state = snap
+        self.loader.restore_snapshot(loader_state)
+        set_rng_state(rng)
+        self.task.load_state_dict(task_state)
+        self.flags_read = self.stale_flags_through = self.guard.steps
+        self.guard.void = False
+        self.meter = MetricMeter()
+        if self.last_save != self.step:
+            self.save()
+        barrier()  # every rank's save is complete before any rank exits (the launcher stops the rest)
+        if self.dist.is_main:
+            with writing(self.run_dir / "PREEMPTED"):
+                (self.run_dir / "PREEMPTED").write_text(f"{self.step}\ntransient\n")
+        log.warning(
+            "data could not be read in time on some rank (a condition of the moment outlasted "
+            "data.fetch_patience_s; see its line above): %d step(s) of stand-ins undone on every rank, step %d "
+            "saved, nothing recorded against the data; exiting 75: the same command continues once it clears",
+            voided,
+            self.step,
+        )
+        return "transient"
 
     def _epoch_end(self) -> None:
         with self.watchdog.held("an evaluation"):
@@ -570,6 +650,9 @@ class Trainer:
         flags = self.guard.latest()
         if flags is None or flags.step <= self.stale_flags_through:
             return None  # (steps already answered by a rollback; a stop request is repeated by later steps)
+        self.flags_read = max(self.flags_read, flags.step)
+        if flags.void:
+            raise VoidSteps(flags.step)
         if flags.bad:
             log.warning(
                 "step %d: non-finite loss or gradient; update skipped (%d skipped so far, %d in a row)",

@@ -31,6 +31,8 @@ from engine.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
+BROKEN_NOTE = "BROKEN.txt"  # in a checkpoint set aside as broken-step_*: what was wrong with it
+MODEL_STATES = ("mp_rank_00_model_states.pt", "local_states.pt")  # DeepSpeed's, the local engine's
 FORMAT_VERSION = 2  # 2: the marker lists the files with sizes and CRC-32
 _TAG = re.compile(r"^step_(\d{8,})$")
 
@@ -89,7 +91,10 @@ def file_problems(path: Path, names: list[str], recorded: dict[str, dict]) -> li
 
 def verify(path: Path, rank: int = 0, world_size: int = 1, gather: Callable[[object], list] | None = None) -> list[str]:
     """Problems of a complete checkpoint's files (empty: it verifies). Ranks split the files."""
-    recorded = read_marker(path).get("files")
+    try:
+        recorded = read_marker(path).get("files")
+    except CheckpointError as err:  # the marker itself is damaged: nothing vouches for the files
+        return [str(err).removeprefix(f"{path}: ")]
     if recorded is None:
         return []  # written before markers listed files: nothing to compare with
     names = sorted(recorded)
@@ -119,6 +124,7 @@ def newest_verified(
                 "; ".join(problems[:3]),
                 path.name,
             )
+            (path / BROKEN_NOTE).write_text("\n".join(problems) + "\n")  # why, for every later start to say
             os.replace(path, path.with_name(f"broken-{path.name}"))
         if barrier is not None:
             barrier()
@@ -216,6 +222,33 @@ def apply_retention(root: str | Path, keep_last: int) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
+
+
+def broken_checkpoints(root: str | Path) -> list[tuple[Path, str]]:
+    """Checkpoints set aside as damaged (``broken-step_*``), oldest first, with what was wrong."""
+    root = Path(root)
+    found = []
+    for p in sorted(root.glob("broken-step_*")) if root.is_dir() else []:
+        note = p / BROKEN_NOTE
+        why = note.read_text().strip().splitlines()[0] if note.is_file() and note.read_text().strip() else "damaged"
+        found.append((p, why))
+    return found
+
+
+def no_checkpoint_verifies(root: Path, broken: list[tuple[Path, str]]) -> CheckpointError:
+    """The refusal every start gives a run folder whose checkpoints all failed their checks."""
+    listed = "; ".join(f"{p.name} ({why})" for p, why in broken[-3:])
+    more = f" and {len(broken) - 3} older" if len(broken) > 3 else ""
+    newest = broken[-1][0] if broken else root
+    return CheckpointError(
+        f"no checkpoint in {root.resolve()} verifies: {listed}{more}. Not starting from step 0 in a folder that "
+        f"held a run. To go on: --resume {newest.resolve()} forces that checkpoint (its files are loaded as they "
+        "are: check them first), or --resume fresh moves the run aside and starts over, or choose another --run-dir"
+    )
+
+
+def states_file(path: Path) -> Path | None:
+    return next((path / n for n in MODEL_STATES if (path / n).is_file()), None)
 
 
 def read_marker(path: Path) -> dict:

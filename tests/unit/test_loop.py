@@ -166,13 +166,28 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(demo_shards, tmp
     assert (run / "checkpoints" / "broken-step_00000004").is_dir()
 
 
-def test_every_checkpoint_damaged_refuses_to_start_over(demo_shards, tmp_path):
+def test_every_checkpoint_damaged_refuses_every_start_until_told(demo_shards, tmp_path):
+    """Every complete.json damaged (a storage fault), the job requeued twice: each start refuses with one
+    line that lists what was found and how to go on; never a silent start from step 0. Forcing one of them
+    (--resume PATH) continues from it; its marker's contents come from its model-states file."""
     run = tmp_path / "run"
-    train(run, demo_shards, 2, "checkpoint.interval=2")
-    f = run / "checkpoints" / "step_00000002" / LocalEngine.FILE
-    f.write_bytes(b"x" + f.read_bytes()[1:])
-    with pytest.raises(CheckpointError, match="every complete checkpoint"):
-        train(run, demo_shards, 4)
+    train(run, demo_shards, 4, "checkpoint.interval=2")
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step:08d}" / ckpt.MARKER).write_text('{"step": 4, "files": {')
+    for _ in range(3):  # the first start sets them aside; the requeued ones find only broken-* folders
+        with pytest.raises(CheckpointError) as info:
+            train(run, demo_shards, 6)
+        msg = info.value.one_line()
+        assert "no checkpoint in" in msg and "broken-step_00000004 (unreadable complete.json" in msg, msg
+        assert "--resume fresh" in msg and "broken-step_00000002" in msg and "\n" not in str(info.value)
+        assert not (run / "metrics.jsonl").read_text().count('"step": 5')
+    forced = run / "checkpoints" / "broken-step_00000004"
+    result = train(run, demo_shards, 6, f"checkpoint.resume={forced}", "checkpoint.interval=2")
+    assert result == {"step": 6, "complete": True}
+    train(tmp_path / "straight", demo_shards, 6, "checkpoint.interval=2")
+    a, b = weights(tmp_path / "straight"), weights(run)  # continued from step 4, exactly
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train(run, demo_shards, 6) == {"step": 6, "complete": True}  # auto now finds step 6
 
 
 def test_incompatible_config_is_refused_before_anything_is_built(demo_shards, tmp_path):
