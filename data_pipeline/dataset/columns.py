@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.dataset.files import atomic_json, replace_folder, temp_name
 from data_pipeline.dataset.hashing import file_digest
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def write_columns(root: Path, shard_names: list[str]) -> dict:
     import pyarrow.parquet as pq
 
     t = pq.read_table(root / "manifest.parquet")
-    out = root / "columns.tmp"
-    out.mkdir(exist_ok=True)
+    out = temp_name(root / "columns")
+    out.mkdir()
     position = {s: i for i, s in enumerate(shard_names)}
     shard = np.asarray([position[s] for s in t.column("shard").to_pylist()], dtype=np.int32)
     if len(shard) and np.any(np.diff(shard) < 0):
@@ -69,12 +69,7 @@ def write_columns(root: Path, shard_names: list[str]) -> dict:
         "manifest_mtime_ns": st.st_mtime_ns,
     }
     (out / "meta.json").write_text(json.dumps(meta))
-    target = root / "columns"
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    os.replace(out, target)
+    replace_folder(out, root / "columns")
     return meta
 
 
@@ -127,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     meta["manifest_sha256"] = info["manifest_sha256"]
-    tmp = root / "dataset.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, root / "dataset.json")
+    atomic_json(root / "dataset.json", meta)
     print(f"wrote {root / 'columns'} ({info['rows']} rows)")
     return 0
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from data_pipeline.dataset.columns import write_columns
+from data_pipeline.dataset.files import atomic_bytes, atomic_json, claim, locked, remove_stale, temp_name
 from data_pipeline.dataset.hashing import checksum, file_checksum
 from data_pipeline.dataset.locations import is_remote
 from data_pipeline.dataset.members import image_format
@@ -51,6 +52,7 @@ log = logging.getLogger("index_shards")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PLAN_VERSION = 1
+LOCKS = ".locks"  # OUT/.locks/: a claim per tar, and the final assembly's lock
 _NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -199,7 +201,19 @@ def _label(fd: int, sample: dict, mode: str) -> tuple[object, str | None]:
 
 def index_tar(job: TarJob) -> dict:
     """Index one tar: its samples' image byte ranges, sizes, labels; writes its .idx and part file. A tar
-    in object storage is downloaded into OUT for the time it takes (one at a time per worker)."""
+    in object storage is downloaded into OUT for the time it takes (one at a time per worker). Returns
+    ``{"shard", "busy": True}`` when another indexer into the same folder is indexing it now."""
+    with claim(Path(job.out) / LOCKS / f"{job.name}.lock") as mine:
+        if not mine:
+            return {"shard": job.name, "busy": True}
+        done = finished_part(Path(job.out), job)  # the other indexer may have finished it meanwhile
+        if done is not None:
+            return done
+        remove_stale(Path(job.out), job.name)  # what a killed indexer of this tar left
+        return _index_one(job)
+
+
+def _index_one(job: TarJob) -> dict:
     if not is_remote(job.path):
         return _index_tar(job, Path(job.path))
     import tempfile
@@ -266,9 +280,13 @@ def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
             )
     finally:
         os.close(fd)
-    tmp = out / f"{job.name}.idx.tmp"
-    write_index(tmp, index)
-    os.replace(tmp, out / f"{job.name}.idx")
+    tmp = temp_name(out / f"{job.name}.idx")
+    try:
+        write_index(tmp, index)
+        idx_checksum = file_checksum(tmp)
+        os.replace(tmp, out / f"{job.name}.idx")
+    finally:
+        tmp.unlink(missing_ok=True)
     part = {
         "shard": job.name,
         "tar": origin,
@@ -279,10 +297,9 @@ def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
         "num_samples": len(rows),
         "rows": rows,
         "skipped": skipped,
+        "idx_checksum": idx_checksum,
     }
-    tmp = out / f"{job.name}.part.json.tmp"
-    tmp.write_text(json.dumps(part))
-    os.replace(tmp, out / f"{job.name}.part.json")  # last: this tar now counts as indexed
+    atomic_bytes(out / f"{job.name}.part.json", json.dumps(part).encode())  # last: this tar counts as indexed
     return part
 
 
@@ -306,8 +323,11 @@ def finished_part(out: Path, job: TarJob) -> dict | None:
         version,
         job.label,
     )
-    # (a part from before tar checksums were recorded is redone: the tar is read once more)
-    return part if same and "tar_checksum" in part and (out / f"{job.name}.idx").is_file() else None
+    # (a part from before tar checksums were recorded is redone: the tar is read once more); the index
+    # file on disk is checked too, not only the record
+    idx = out / f"{job.name}.idx"
+    intact = idx.is_file() and file_checksum(idx) == part.get("idx_checksum")
+    return part if same and "tar_checksum" in part and intact else None
 
 
 # ------------------------------------------------------------------------------ the whole set
@@ -359,16 +379,13 @@ def write_manifest(out: Path, parts: list[dict]) -> int:
     ]
     rows = [r for p in parts for r in p["rows"]]
     table = pa.table({c: [r[c] for r in rows] for c in cols})
-    tmp = out / "manifest.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "manifest.parquet")
+    tmp = temp_name(out / "manifest.parquet")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out / "manifest.parquet")
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(rows)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -382,9 +399,13 @@ def run(args: argparse.Namespace) -> dict:
     classes = json.loads(Path(args.classes).read_text()) if args.classes else None
     plan = {"version": PLAN_VERSION, "tars": [str(t) for t in tars], "label": args.label, "classes": classes}
     plan_path = out / "index_plan.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
-        raise IndexingError(f"{out} holds an index of other sources or labels; index into a new folder or remove it")
-    _atomic_json(plan_path, plan)
+    with locked(out / LOCKS / "assemble.lock"):
+        if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+            raise IndexingError(
+                f"{out} holds an index of other sources or labels; index into a new folder or remove it"
+            )
+        remove_stale(out, "index_plan.json")
+        atomic_json(plan_path, plan)
     jobs = [TarJob(str(t), n, str(out), args.label) for t, n in zip(tars, names)]
     parts = {j.name: finished_part(out, j) for j in jobs}
     todo = [j for j in jobs if parts[j.name] is None]
@@ -399,14 +420,28 @@ def run(args: argparse.Namespace) -> dict:
     else:
         for job in todo:
             parts[job.name] = index_tar(job)
+    for job in todo:  # tars another indexer into this folder had claimed: wait for it, do what it left
+        if parts[job.name].get("busy"):
+            with locked(out / LOCKS / f"{job.name}.lock"):
+                pass
+            parts[job.name] = index_tar(job)
+            if parts[job.name].get("busy"):
+                raise IndexingError(f"{out}: {job.name} stays claimed by another indexer; run again")
     ordered = [parts[j.name] for j in jobs]
+    with locked(out / LOCKS / "assemble.lock"):  # the folder's own files, one writer at a time
+        return _assemble(out, ordered, tars, args, classes)
+
+
+def _assemble(out: Path, ordered: list[dict], tars: list, args: argparse.Namespace, classes) -> dict:
+    for name in ("manifest.parquet", "columns", "classes.json", "skipped.json", "dataset.json"):
+        remove_stale(out, name)  # what a killed indexer left (the assembly lock is ours)
     mapping = resolve_labels(ordered, args.label, classes)
     total = write_manifest(out, ordered)
     skipped = [s for p in ordered for s in p["skipped"]]
     used = [p for p in ordered if p["num_samples"]]
-    _atomic_json(out / "skipped.json", skipped)
+    atomic_json(out / "skipped.json", skipped)
     if mapping:
-        _atomic_json(out / "classes.json", mapping)
+        atomic_json(out / "classes.json", mapping)
     summary = {
         "num_samples": total,
         "num_classes": len(mapping),
@@ -421,7 +456,7 @@ def run(args: argparse.Namespace) -> dict:
     if tars and isinstance(tars[0], str):  # in object storage: upload this folder to their prefix to train
         summary["tar_base"] = tars[0].rsplit("/", 1)[0]
     summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
-    _atomic_json(out / "dataset.json", summary)
+    atomic_json(out / "dataset.json", summary)
     log.info("%d samples in %d tars indexed into %s (%d skipped)", total, len(used), out, len(skipped))
     if "tar_base" in summary:
         log.info(

@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.dataset.columns import write_columns
-from data_pipeline.dataset.hashing import checksum
+from data_pipeline.dataset.files import atomic_bytes, atomic_json, claim, locked, remove_stale, temp_name
+from data_pipeline.dataset.hashing import HashingWriter, checksum, file_checksum
 from data_pipeline.dataset.locations import is_remote
-from data_pipeline.dataset.wds_index import Component, IndexedSample, write_index
+from data_pipeline.dataset.wds_index import Component, IndexedSample, IndexError_, read_index, write_index
 from data_pipeline.shards.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
 from data_pipeline.shards.sources import LAYOUTS, SourceItem, sample_key, scan
 from engine.errors import DataError, StackError
@@ -49,6 +50,7 @@ from engine.errors import DataError, StackError
 log = logging.getLogger("make_shards")
 
 PLAN_VERSION = 1
+LOCKS = ".locks"  # OUT/.locks/: a claim per shard, and the final assembly's lock
 MAX_KEY = 90  # keeps "<key>.jpg" inside a plain ustar header (no long-name extension blocks)
 
 
@@ -121,75 +123,99 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> Component:
 
 
 def write_shard(job: ShardJob) -> dict:
-    """Write one shard (tar, index, part file); returns its part record."""
+    """Write one shard (tar, index, part file) and return its part record; ``{"shard", "busy": True}``
+    when another process (a second writer into the same folder) is writing it now."""
     out = Path(job.out)
     name = shard_name(job.index)
-    tar_tmp, idx_tmp = out / f"{name}.tar.tmp", out / f"{name}.idx.tmp"
+    with claim(out / LOCKS / f"{name}.lock") as mine:
+        if not mine:
+            return {"shard": name, "busy": True}
+        done = finished_part(out, job.index)  # the other writer may have finished it meanwhile
+        if done is not None:
+            return done
+        remove_stale(out, name)  # what a killed writer of this shard left
+        return _write_shard(job, out, name)
+
+
+def _write_shard(job: ShardJob, out: Path, name: str) -> dict:
+    tar_tmp, idx_tmp = temp_name(out / f"{name}.tar"), temp_name(out / f"{name}.idx")
     rows, skipped, index = [], [], []
-    tar_hash = hashlib.blake2b(digest_size=16)
-    with open(tar_tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for rel, label, key in job.items:
-            try:
-                data = (Path(job.src) / rel).read_bytes()
-                img = prepare_image(data, job.quality, job.max_short_side, job.max_pixels)
-            except BadImage as err:
-                skipped.append({"source": rel, "reason": str(err)})
-                continue
-            except OSError as err:
-                skipped.append({"source": rel, "reason": f"cannot read ({err.strerror or err})"})
-                continue
-            jpg = _add(tar, f"{key}.jpg", img.data)
-            cls = _add(tar, f"{key}.cls", str(label).encode())
-            index.append(IndexedSample(key, (jpg, cls)))
-            rows.append(
-                {
-                    "key": key,
-                    "label": label,
-                    "class_name": job.class_names[label] if label >= 0 else "",
-                    "shard": name,
-                    "offset": jpg.offset,
-                    "size": jpg.size,
-                    "width": img.width,
-                    "height": img.height,
-                    "source": rel,
-                    "checksum": checksum(img.data),
-                    "action": img.action,
-                }
-            )
-    part = {"shard": name, "num_samples": len(rows), "rows": rows, "skipped": skipped}
-    if rows:
-        data = tar_tmp.read_bytes()
-        tar_hash.update(data)
-        part.update(tar_bytes=len(data), tar_checksum=tar_hash.hexdigest())
-        write_index(idx_tmp, index)
-        os.replace(tar_tmp, out / f"{name}.tar")
-        os.replace(idx_tmp, out / f"{name}.idx")
-    else:  # every file of this shard was bad: publish no empty tar (DALI rejects those)
-        tar_tmp.unlink()
-    part_tmp = out / f"{name}.part.json.tmp"
-    part_tmp.write_text(json.dumps(part))
-    os.replace(part_tmp, out / f"{name}.part.json")  # last: the shard now counts as finished
-    return part
+    try:
+        with open(tar_tmp, "wb") as raw:
+            hashed = HashingWriter(raw)  # the checksum of the bytes written here, without reading them back
+            with tarfile.open(fileobj=hashed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for rel, label, key in job.items:
+                    try:
+                        data = (Path(job.src) / rel).read_bytes()
+                        img = prepare_image(data, job.quality, job.max_short_side, job.max_pixels)
+                    except BadImage as err:
+                        skipped.append({"source": rel, "reason": str(err)})
+                        continue
+                    except OSError as err:
+                        skipped.append({"source": rel, "reason": f"cannot read ({err.strerror or err})"})
+                        continue
+                    jpg = _add(tar, f"{key}.jpg", img.data)
+                    cls = _add(tar, f"{key}.cls", str(label).encode())
+                    index.append(IndexedSample(key, (jpg, cls)))
+                    rows.append(
+                        {
+                            "key": key,
+                            "label": label,
+                            "class_name": job.class_names[label] if label >= 0 else "",
+                            "shard": name,
+                            "offset": jpg.offset,
+                            "size": jpg.size,
+                            "width": img.width,
+                            "height": img.height,
+                            "source": rel,
+                            "checksum": checksum(img.data),
+                            "action": img.action,
+                        }
+                    )
+        part = {"shard": name, "num_samples": len(rows), "rows": rows, "skipped": skipped}
+        if rows:  # (a shard whose every file was bad publishes no empty tar: DALI rejects those)
+            write_index(idx_tmp, index)
+            part.update(tar_bytes=hashed.bytes, tar_checksum=hashed.hexdigest(), idx_checksum=file_checksum(idx_tmp))
+            os.replace(tar_tmp, out / f"{name}.tar")
+            os.replace(idx_tmp, out / f"{name}.idx")
+        atomic_bytes(out / f"{name}.part.json", json.dumps(part).encode())  # last: the shard counts as finished
+        return part
+    finally:
+        tar_tmp.unlink(missing_ok=True)
+        idx_tmp.unlink(missing_ok=True)
 
 
 def finished_part(out: Path, index: int) -> dict | None:
-    """The part record of a shard that is complete and intact on disk, else None."""
+    """The part record of a shard that is complete and intact on disk, else None. What is on disk is
+    checked, not only the record: the tar's size and checksum, every sample's bytes against the checksum
+    taken from the image when it was written, and the index file."""
     name = shard_name(index)
     part_path = out / f"{name}.part.json"
-    if not part_path.is_file():
-        return None
     try:
         part = json.loads(part_path.read_text())
-    except json.JSONDecodeError:
+    except (OSError, ValueError):
         return None
     if part["num_samples"] == 0:
         return part
     tar, idx = out / f"{name}.tar", out / f"{name}.idx"
     if not (tar.is_file() and idx.is_file()) or tar.stat().st_size != part["tar_bytes"]:
         return None
-    if checksum(tar.read_bytes()) != part["tar_checksum"]:
+    if file_checksum(tar) != part["tar_checksum"]:
         return None
-    return part
+    fd = os.open(tar, os.O_RDONLY)
+    try:
+        if any(checksum(os.pread(fd, r["size"], r["offset"])) != r["checksum"] for r in part["rows"]):
+            return None
+    finally:
+        os.close(fd)
+    if "idx_checksum" in part:
+        return part if file_checksum(idx) == part["idx_checksum"] else None
+    try:  # a part written before index checksums were recorded
+        entries = read_index(idx)
+    except IndexError_:
+        return None
+    same = [(e.key, e.component("jpg").offset) for e in entries] == [(r["key"], r["offset"]) for r in part["rows"]]
+    return part if same else None
 
 
 def _plan_record(args: argparse.Namespace, shards: list[list[SourceItem]]) -> dict:
@@ -229,16 +255,13 @@ def write_manifest(out: Path, parts: list[dict]) -> int:
         "action",
     ]
     table = pa.table({c: [r[c] for r in rows] for c in columns})
-    tmp = out / "manifest.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "manifest.parquet")
+    tmp = temp_name(out / "manifest.parquet")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out / "manifest.parquet")
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(rows)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -248,16 +271,18 @@ def run(args: argparse.Namespace) -> dict:
     shards = plan_shards(items, args.seed, int(args.shard_size_mb * 2**20))
     plan = _plan_record(args, shards)
     plan_path = out / "plan.json"
-    if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        if old != plan:
-            changed = sorted(k for k in plan if old.get(k) != plan[k])
-            raise ShardError(
-                f"{out} holds shards from a different plan (changed: {changed}); "
-                "write to a new folder or delete the old shards"
-            )
-    else:
-        _atomic_json(plan_path, plan)
+    with locked(out / LOCKS / "assemble.lock"):
+        if plan_path.is_file():
+            old = json.loads(plan_path.read_text())
+            if old != plan:
+                changed = sorted(k for k in plan if old.get(k) != plan[k])
+                raise ShardError(
+                    f"{out} holds shards from a different plan (changed: {changed}); "
+                    "write to a new folder or delete the old shards"
+                )
+        else:
+            remove_stale(out, "plan.json")
+            atomic_json(plan_path, plan)
     keys = unique_keys(items)
     names = tuple(sorted(classes, key=classes.get)) if classes else ()
     parts: dict[int, dict] = {}
@@ -273,15 +298,28 @@ def run(args: argparse.Namespace) -> dict:
             )
     if parts:
         log.info("%d of %d shards already finished and verified; writing %d", len(parts), len(shards), len(todo))
-    _write_all(todo, args.workers, not args.no_progress)
+    busy = _write_all(todo, args.workers, not args.no_progress)
+    for job in busy:  # claimed by another writer into this folder: wait for it, write what it left undone
+        with locked(out / LOCKS / f"{shard_name(job.index)}.lock"):
+            pass
+        part = write_shard(job)
+        if part.get("busy"):
+            raise ShardError(f"{out}: shard {part['shard']} stays claimed by another writer; run again")
     for job in todo:
         parts[job.index] = json.loads((out / f"{shard_name(job.index)}.part.json").read_text())
     ordered = [parts[i] for i in range(len(shards))]
+    with locked(out / LOCKS / "assemble.lock"):  # the folder's own files, one writer at a time
+        return _assemble(out, ordered, items, classes, args)
+
+
+def _assemble(out: Path, ordered: list[dict], items: list, classes: dict, args: argparse.Namespace) -> dict:
+    for name in ("manifest.parquet", "columns", "classes.json", "skipped.json", "dataset.json"):
+        remove_stale(out, name)  # what a killed writer left (the assembly lock is ours)
     total = write_manifest(out, ordered)
     skipped = [s for p in ordered for s in p["skipped"]]
     reencoded = sum(1 for p in ordered for r in p["rows"] if r["action"] != "copied")
-    _atomic_json(out / "classes.json", classes)
-    _atomic_json(out / "skipped.json", skipped)
+    atomic_json(out / "classes.json", classes)
+    atomic_json(out / "skipped.json", skipped)
     summary = {
         "num_samples": total,
         "num_files": len(items),
@@ -295,29 +333,42 @@ def run(args: argparse.Namespace) -> dict:
         "tar_checksum": {p["shard"]: p["tar_checksum"] for p in ordered if p["num_samples"] > 0},
     }
     summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
-    _atomic_json(out / "dataset.json", summary)
+    atomic_json(out / "dataset.json", summary)
     _print_summary(summary, skipped)
     return summary
 
 
-def _write_all(jobs: list[ShardJob], workers: int, progress: bool) -> None:
+def _write_all(jobs: list[ShardJob], workers: int, progress: bool) -> list[ShardJob]:
+    """Write the shards; returns the jobs another writer into the same folder had claimed."""
     if not jobs:
-        return
+        return []
     total = sum(len(j.items) for j in jobs)
     bar = _progress(total, progress)
     start = time.perf_counter()
+    by_name = {shard_name(j.index): j for j in jobs}
+    busy = []
     if workers <= 1:
-        for job in jobs:
-            write_shard(job)
-            bar.update(len(job.items))
+        parts = map(write_shard, jobs)
     else:
         # spawn: workers must not inherit threads (DALI, torch) from a parent that has them
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for part in pool.imap_unordered(write_shard, jobs):
+        pool = mp.get_context("spawn").Pool(min(workers, len(jobs)))
+        parts = pool.imap_unordered(write_shard, jobs)
+    try:
+        for part in parts:
+            if part.get("busy"):
+                busy.append(by_name[part["shard"]])
+            else:
                 bar.update(part["num_samples"] + len(part["skipped"]))
+    finally:
+        if workers > 1:
+            pool.close()
+            pool.join()
     bar.close()
     rate = total / max(time.perf_counter() - start, 1e-9)
-    log.info("wrote %d shard(s), %d file(s) at %.0f images/s", len(jobs), total, rate)
+    log.info("wrote %d shard(s), %d file(s) at %.0f images/s", len(jobs) - len(busy), total, rate)
+    if busy:
+        log.info("%d shard(s) are being written by another process; waiting for them", len(busy))
+    return busy
 
 
 def _progress(total: int, enabled: bool):

@@ -249,3 +249,53 @@ def test_every_sample_once_per_epoch_across_ranks(demo_shards, world):
         seen = [k for loader in loaders for b in loader for k in b.keys]
         assert len(seen) == len(set(seen)) == 72 - d.dropped_per_epoch
         assert d.dropped_per_epoch == 72 - world * 5 * d.micro_steps_per_epoch
+
+
+def test_two_writers_into_one_folder_cooperate(demo_tree, tmp_path):
+    """Two make_shards with the same arguments into the same folder at once (two nodes of one job): each
+    takes the shards the other has not claimed, waits for the rest, and the folder is exactly what one
+    writer makes. Threads here (flock treats each open file as its own owner, as it does processes);
+    tests/integration/test_writers_runs.py runs real processes."""
+    import threading
+
+    from data_pipeline.shards.make_shards import main
+
+    ref = tmp_path / "ref"
+    make_shards(demo_tree, ref, "--shard-size-mb", "0.01")
+    for attempt in range(3):
+        out = tmp_path / f"shared{attempt}"
+        argv = [str(demo_tree), str(out), "--shard-size-mb", "0.01", "--workers", "1", "--no-progress"]
+        codes = []
+        writers = [threading.Thread(target=lambda a=argv, c=codes: c.append(main(a))) for _ in range(2)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        assert codes == [0, 0]
+        for name in sorted(p.name for p in ref.iterdir() if p.is_file()):
+            assert (ref / name).read_bytes() == (out / name).read_bytes(), (attempt, name)
+        assert not list(out.glob("*.tmp")) and verify.verify(out) == []
+
+
+def test_a_rerun_repairs_damage_its_record_agrees_with(demo_tree, tmp_path):
+    """A shard rewritten with other bytes and its part record rewritten to match (what interleaved writers
+    of an earlier version left behind), and an index file damaged: the rerun checks the samples and the
+    index on disk, not only the record, and rewrites both shards."""
+    from data_pipeline.dataset.hashing import file_checksum
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    make_shards(demo_tree, ref, "--shard-size-mb", "0.01")
+    make_shards(demo_tree, out, "--shard-size-mb", "0.01")
+    tar = out / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[1024:1536] = bytes(512)  # inside the first image
+    tar.write_bytes(bytes(data))
+    part_path = out / "shard-000001.part.json"
+    part = json.loads(part_path.read_text())
+    part.update(tar_bytes=len(data), tar_checksum=file_checksum(tar))  # the record vouches for the damage
+    part_path.write_text(json.dumps(part))
+    idx = out / "shard-000002.idx"
+    idx.write_text(idx.read_text().replace(" jpg ", " png ", 1))
+    make_shards(demo_tree, out, "--shard-size-mb", "0.01")
+    for name in ("shard-000001.tar", "shard-000001.part.json", "shard-000002.idx", "manifest.parquet"):
+        assert (ref / name).read_bytes() == (out / name).read_bytes(), name
