@@ -131,6 +131,15 @@ def check_paths(cfg: Config) -> None:
     if cfg.task == "pretrain" and cfg.target.kind == "mixed" and not cfg.target.generator:
         raise ConfigError("target.generator: an MAE checkpoint is required for target.kind=mixed")
     d = cfg.data
+    if is_remote(d.shards):  # the node-local shard cache: a folder this user can write
+        from data_pipeline.dataset.locations import default_cache_dir
+
+        root = Path(d.cache_dir or default_cache_dir())
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"data.cache_dir={str(root)!r}: a file, not a folder (shards are cached there)")
+        from engine.disk import check_writable
+
+        check_writable(root, "data.cache_dir", "choose a writable node-local folder (data.cache_dir)")
     for field, shards in (("data.shards", d.shards), ("data.val_shards", d.val_shards)):
         if (field == "data.val_shards" and not shards) or is_remote(shards):
             continue  # object storage: read (and its cache checked) by check_inputs
@@ -193,6 +202,11 @@ def check_inputs(cfg: Config, plan) -> None:
     """What the run reads fits it, before anything is launched: weight files (their architecture
     read from the file, shapes only, against the preset's) and fine-tuning's validation labels."""
     t = cfg.target
+    if plan.micro_batch is not None and plan.grad_accum is not None:
+        from engine.loop.ds_setup import check_ds_config
+
+        check_ds_config(cfg, plan)
+    check_resume_target(cfg)
     if is_remote(cfg.data.shards):
         from data_pipeline.dataset.locations import remote_spec
         from data_pipeline.remote.checks import check_cache
@@ -202,23 +216,23 @@ def check_inputs(cfg: Config, plan) -> None:
             cfg.data.shards, dataclasses.replace(spec, patience_s=min(spec.patience_s, 120.0)), cfg.data.block_window
         )
     if cfg.task != "pretrain" and cfg.data.val_shards:
-        from data_pipeline.dataset.labels import validation_label_map
+        from data_pipeline.dataset.labels import classifier_labels
         from data_pipeline.dataset.locations import remote_spec
         from data_pipeline.dataset.table import read_table
         from data_pipeline.loaders.source import open_table
 
-        train = open_table(cfg.data.shards, remote_spec(cfg.data))
-        val = read_table(cfg.data.val_shards)
-        classes = cfg.finetune.num_classes or train.num_classes or int(train.label.max()) + 1
-        validation_label_map(cfg.data.shards, cfg.data.val_shards, val.label, classes)
+        d = cfg.data
+        train, val = open_table(d.shards, remote_spec(d)), read_table(d.val_shards)
+        classifier_labels(train, val, cfg.finetune.num_classes, d.shards, d.val_shards)  # refuses what cannot score
     if cfg.task != "pretrain" and cfg.init.pretrained:
         from engine.models.classifier import check_encoder_fits
-        from engine.weights.sources import inspect_source
+        from engine.weights.sources import check_finite_source, inspect_source
 
         info = inspect_source(cfg.init.pretrained)
         if info.shape is None:
             raise ConfigError(f"init.pretrained={cfg.init.pretrained!r}: {info.describe()}, not a ViT encoder")
         check_encoder_fits(info.shape, plan, f"init.pretrained={cfg.init.pretrained!r}")
+        check_finite_source(cfg.init.pretrained)
     if cfg.task == "pretrain" and t.kind == "mixed":
         from engine.targets.teachers import inspect_generator
 
@@ -227,6 +241,35 @@ def check_inputs(cfg: Config, plan) -> None:
         from engine.targets.teachers import inspect_clip
 
         inspect_clip(t.teacher)
+
+
+def check_resume_target(cfg: Config) -> None:
+    """Before launch: the checkpoint this run would continue from was written with a compatible config
+    (a CLIP run resumed onto a pixel checkpoint, say, is refused now, not by every rank) and, for a CLIP
+    target, with the same teacher file. Damaged markers are left to the ranks (they fall back)."""
+    from engine.loop.resume import check_config
+    from engine.run_folder import checkpoints as ckpt
+
+    mode = cfg.checkpoint.resume
+    if mode in ("never", "fresh"):
+        return
+    path = Path(mode) if mode != "auto" else ckpt.newest_complete(Path(cfg.run_dir) / "checkpoints")
+    try:
+        marker = ckpt.read_marker(path) if path is not None else None
+    except StackError:
+        return
+    if not marker or "config" not in marker:
+        return
+    check_config(marker["config"], cfg)
+    saved = marker.get("target") or {}
+    if cfg.task == "pretrain" and cfg.target.kind == "clip" and saved.get("kind") == "clip" and saved.get("sha256"):
+        from data_pipeline.dataset.hashing import sha256_file
+
+        if Path(cfg.target.teacher).is_file() and sha256_file(cfg.target.teacher) != saved["sha256"]:
+            raise ConfigError(
+                f"target.teacher={cfg.target.teacher!r}: not the teacher {path} was trained with ({saved.get('path')}, "
+                f"sha256 {saved['sha256'][:12]}); resume with that file, or start a new run folder"
+            )
 
 
 def finished(cfg: Config, plan) -> str:
@@ -349,8 +392,14 @@ def _run(cfg: Config, make_task: Callable[[], object], stop) -> int:
 
 
 def _train(cfg: Config, dist, make_task: Callable[[], object], stop) -> int:
+    import time
+
     from engine.loop.trainer import Trainer
 
+    notes = Path(cfg.run_dir) / "heartbeat"
+    started = time.time()
+    with contextlib.suppress(OSError):
+        (notes / f"stopped_rank{dist.rank}.json").unlink()
     try:
         result = Trainer(cfg, dist, make_task(), stop=stop).train()
     except StackError as err:
@@ -359,13 +408,59 @@ def _train(cfg: Config, dist, make_task: Callable[[], object], stop) -> int:
             log.error("%s", err.one_line())
         else:
             log.debug("%s", err.one_line())
+        if dist.world_size > 1:  # for the peers whose next collective fails because this rank leaves
+            with contextlib.suppress(OSError):
+                notes.mkdir(parents=True, exist_ok=True)
+                (notes / f"stopped_rank{dist.rank}.json").write_text(json.dumps({"code": err.exit_code}))
         return err.exit_code
+    except Exception as err:
+        if dist.world_size == 1 or not peer_gone(err):
+            raise
+        return _after_peer_stopped(notes, started, dist.rank, err)
     log.info("done: %s", result)
     if result.get("transient"):
         from engine.errors import TransientError
 
         return TransientError.exit_code
     return EXIT_OK
+
+
+# What the collective libraries say when the process at the other end went away.
+PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "remote worker", "remote process", "NCCL communicator")
+
+
+def peer_gone(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(p.lower() in text for p in PEER_GONE)
+
+
+def _after_peer_stopped(notes: Path, started: float, rank: int, err: BaseException) -> int:
+    """A collective failed because another rank left. When it left on purpose, it said why in one line
+    and left a note: this rank ends quietly with its exit code. Otherwise (killed, out of memory) this
+    rank says what it saw, in one line."""
+    import time
+
+    deadline = time.monotonic() + 2.0
+    while True:
+        found = []
+        for note in notes.glob("stopped_rank*.json") if notes.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                if note.stat().st_mtime >= started:
+                    found.append(int(json.loads(note.read_text())["code"]))
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if found:
+        log.debug("rank %d: another rank stopped (exit code %d); so does this one", rank, found[0])
+        return found[0]
+    first = str(err).strip().splitlines()[0][:200]
+    log.error(
+        "rank %d: another rank ended without a word (communication with it failed: %s); see its output above, or "
+        "the system log (out of memory?)",
+        rank,
+        first,
+    )
+    return 1
 
 
 def exit_now(code: int, join_timeout_s: float = 10.0) -> None:

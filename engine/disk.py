@@ -64,15 +64,15 @@ def writing(path: str | Path) -> Iterator[None]:
         raise mapped from None
 
 
-def check_writable(folder: str | Path) -> None:
-    """Before launch: the run folder (or the nearest folder that exists above it) can be written.
+def check_writable(folder: str | Path, what: str = "run folder", fix: str = "choose a writable --run-dir") -> None:
+    """Before launch: the folder (or the nearest folder that exists above it) can be written.
     ``os.access`` answers for read-only file systems even for root."""
     target = _existing(Path(folder))
     if not target.is_dir():
-        raise DiskError(f"run folder {folder}: {target} exists and is not a folder")
+        raise DiskError(f"{what} {folder}: {target} exists and is not a folder")
     if not os.access(target, os.W_OK | os.X_OK):
         why = "on a read-only file system" if _read_only(target) else "not writable by this user"
-        raise DiskError(f"run folder {Path(folder).absolute()}: {target} is {why}; choose a writable --run-dir")
+        raise DiskError(f"{what} {Path(folder).absolute()}: {target} is {why}; {fix}")
 
 
 def _read_only(path: Path) -> bool:

@@ -48,7 +48,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class Batch:
     img: torch.Tensor  # [N, 3, H, W] float32, ImageNet-normalized, on the loader's output device
-    label: torch.Tensor  # [N] int64 (-1 for unlabeled data)
+    label: torch.Tensor | None  # [N] int64 (-1 for unlabeled data); None when the task reads no labels
     keys: list[str] = field(default_factory=list)  # '<shard>/<key>', for exact-resume checks and logs
     rows: np.ndarray | None = None  # manifest rows of the samples
     void: bool = False  # a stand-in of zeros: this rank could not read in time (EpochLoader.go_void)
@@ -77,6 +77,8 @@ class LoaderSpec:
     order: str = "global"  # global (a permutation of all rows) | block (data_pipeline.order.block_order); resolved
     block_window: int = 4  # block order: shards shuffled together
     remote: RemoteSpec | None = None  # object storage access and the node's cache (s3:// and https:// shards)
+    labels: bool = True  # hand out labels (pretraining reads none: nothing is built or moved for them)
+    label_map: tuple[int, ...] | None = None  # stored label -> the label handed out (a dense classifier head)
 
 
 class EpochLoader:
@@ -158,7 +160,8 @@ class EpochLoader:
         dev = torch.device("cuda", self.spec.device_id) if self.spec.device_id is not None else torch.device("cpu")
         self._void_taken += 1
         zeros = torch.zeros(n, 3, s, s, device=dev)
-        return Batch(zeros, torch.zeros(n, dtype=torch.int64, device=dev), [], np.zeros(0, np.int64), void=True)
+        labels = torch.zeros(n, dtype=torch.int64, device=dev) if self.spec.labels else None
+        return Batch(zeros, labels, [], np.zeros(0, np.int64), void=True)
 
     def snapshot(self) -> tuple[int, tuple[Phase, ...]]:
         """Where the loader is (cheap: the trainer keeps one per recent step)."""
@@ -233,10 +236,20 @@ class EpochLoader:
         self.phases = [Phase(self.spec.world_size, 0, self.excluded)]
         self._void_taken = 0
 
-    def labels_and_keys(self, rows: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+    def labels_and_keys(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor | None, list[str]]:
+        """The batch's labels on ``device`` (None when the task reads none; from pinned memory without
+        waiting, on a GPU) and its sample keys."""
         import torch
 
-        return torch.from_numpy(self.table.label[rows]), [self.table.key(i) for i in rows]
+        labels = None
+        if self.spec.labels:
+            stored = self.table.label[rows]
+            if self.spec.label_map is not None:
+                stored = np.asarray(self.spec.label_map, dtype=np.int64)[stored]
+            labels = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.int64))
+            if device.type == "cuda":
+                labels = labels.pin_memory().to(device, non_blocking=True)
+        return labels, [self.table.key(i) for i in rows]
 
     def at_epoch_boundary(self) -> bool:
         """At an epoch's start, or with nothing of it left to read (a save after its last step)."""

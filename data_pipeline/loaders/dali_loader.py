@@ -157,9 +157,9 @@ class DaliLoader(EpochLoader):
                 continue
             rows = self._source.pending.popleft()
             self._advance(len(rows))
-            labels, keys = self.labels_and_keys(rows)
             img = out["img"]
-            yield Batch(img=img, label=labels.to(img.device), keys=keys, rows=rows)
+            labels, keys = self.labels_and_keys(rows, img.device)
+            yield Batch(img=img, label=labels, keys=keys, rows=rows)
         self._next_epoch()
 
     def _fail(self, err: Exception) -> None:

@@ -13,13 +13,15 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from data_pipeline.dataset.table import read_table
+from data_pipeline.dataset.locations import RemoteSpec
 from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.loaders.source import open_table
 
 
-def iter_raw(shards: str) -> Iterator[tuple[str, int, bytes]]:
-    """Yields (shard/key, label, JPEG bytes) for every sample, in manifest order."""
-    table = read_table(shards)
+def iter_raw(shards: str, remote: RemoteSpec | None = None) -> Iterator[tuple[str, int, bytes]]:
+    """Yields (shard/key, label, JPEG bytes) for every sample, in manifest order (``remote``: how to reach
+    shards in object storage: the run's own data settings)."""
+    table = open_table(shards, remote)
     try:
         for i in range(len(table)):
             yield table.key(i), int(table.label[i]), table.read(i)

@@ -170,8 +170,8 @@ class TorchLoader(EpochLoader):
             self._advance(len(rows))
             if self.device.type == "cuda":
                 img = img.to(self.device, non_blocking=True)
-            labels, keys = self.labels_and_keys(rows)
-            yield Batch(img=img, label=labels.to(img.device), keys=keys, rows=rows)
+            labels, keys = self.labels_and_keys(rows, img.device)
+            yield Batch(img=img, label=labels, keys=keys, rows=rows)
         self._next_epoch()
 
     def _fail(self, rows: np.ndarray, err: Exception) -> None:

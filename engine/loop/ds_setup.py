@@ -68,6 +68,8 @@ def resolve_ds_config(cfg: Config, plan: RunPlan, precision: str = "bf16") -> di
     ds = load_ds_config(cfg.engine.ds_config)
     apply_ds_overrides(ds, cfg.engine.ds_overrides)
     said = ds.get("bf16", {}).get("enabled")
+    if said is not None and not isinstance(said, bool):
+        raise ConfigError(f"bf16.enabled={said!r}: true or false; the precision is set with engine.precision")
     if said is False and precision == "bf16" and cfg.engine.precision == "bf16":
         raise ConfigError(
             f"{cfg.engine.ds_config} (with engine.ds_overrides) disables bf16 while engine.precision=bf16: set "
@@ -89,7 +91,17 @@ def resolve_ds_config(cfg: Config, plan: RunPlan, precision: str = "bf16") -> di
             )
         ds[key] = value
     zero = ds.get("zero_optimization", {})
-    if ds.get("gradient_clipping", 0.0) > 0 and not zero.get("compute_grad_norm", True):
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+        raise ConfigError(f"gradient_clipping={clip!r} (engine.ds_config / engine.ds_overrides): a number, 0 = off")
+    if not isinstance(zero, dict):
+        raise ConfigError(f"zero_optimization={zero!r} (engine.ds_config / engine.ds_overrides): a section")
+    if zero.get("stage", 0) not in (1, 2):
+        raise ConfigError(
+            f"zero_optimization.stage={zero.get('stage', 0)!r}: this stack runs ZeRO stages 1 and 2 (the non-finite "
+            "guard reads their gradient partitions; ZeRO-3 saves nothing for models of these sizes)"
+        )
+    if clip > 0 and not zero.get("compute_grad_norm", True):
         raise ConfigError(
             f"{cfg.engine.ds_config}: gradient_clipping > 0 needs zero_optimization.compute_grad_norm=true "
             "(the recipe, like MAE's, does not clip: the norm is then not computed, which saves a pass and a sync)"
@@ -117,3 +129,46 @@ def apply_ds_overrides(ds: dict, overrides: list[str]) -> None:
         if leaf in BATCH_KEYS:
             raise ConfigError(f"engine.ds_overrides: {leaf} comes from data.global_batch and data.micro_batch")
         node[leaf] = value
+
+
+# DeepSpeed sections that its constants modules do not all name; the constants add the rest. A key
+# close to one of these but not one of them is a typo (DeepSpeed itself ignores unknown keys).
+KNOWN_SECTIONS = (
+    "zero_optimization", "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb",
+    "csv_monitor", "compile", "aio", "elasticity", "autotuning", "amp", "sparse_gradients", "pipeline",
+    "data_efficiency", "curriculum_learning", "gradient_clipping", "bf16", "fp16", "checkpoint",
+)  # fmt: skip
+
+
+def check_ds_config(cfg: Config, plan: RunPlan) -> None:
+    """Before launch: the DeepSpeed config this run would build passes our rules and DeepSpeed's own
+    validation (built with a world of one, whose batch arithmetic agrees), and no override names a key
+    that is a typo of a known one. Raises ConfigError naming the field."""
+    import difflib
+
+    precision = "fp32" if cfg.engine.precision == "fp32" else "bf16"
+    ds = resolve_ds_config(cfg, plan, precision)
+    known = _known_keys()
+    for item in cfg.engine.ds_overrides:
+        top = item.partition("=")[0].split(".")[0]
+        close = difflib.get_close_matches(top, known, n=1, cutoff=0.8)
+        if top not in known and close:
+            raise ConfigError(f"engine.ds_overrides: {top!r} is not a DeepSpeed setting; did you mean {close[0]!r}?")
+    probe = {**ds, "train_batch_size": plan.micro_batch * plan.grad_accum}
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as err:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+        raise ConfigError(
+            f"{cfg.engine.ds_config} with engine.ds_overrides={cfg.engine.ds_overrides}: DeepSpeed refuses it: "
+            + " | ".join(lines[:3])[:400]
+        ) from None
+
+
+def _known_keys() -> set[str]:
+    import deepspeed.runtime.constants as constants
+
+    keys = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+    return keys | set(KNOWN_SECTIONS)

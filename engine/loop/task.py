@@ -55,6 +55,8 @@ class AugmentSpec:
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     rand_augment: str = ""  # timm-style "rand-m9-mstd0.5-inc1"; empty = off (MAE pretraining)
     flip_prob: float = 0.5
+    labels: bool = False  # the task reads labels (pretraining does not: none are moved to the device)
+    label_map: tuple[int, ...] | None = None  # stored label -> what the task reads (a dense classifier head)
 
 
 class Timer(Protocol):

@@ -266,6 +266,8 @@ class Trainer:
             order=self.order,
             block_window=d.block_window,
             remote=remote_spec(d),
+            labels=aug.labels,
+            label_map=aug.label_map,
         )
 
     # ------------------------------------------------------------------ state
@@ -704,9 +706,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging and figures
     def _save_figure(self, path: Path) -> None:
+        """A figure is a view of the run, never a reason to fail it: a problem is one warning line."""
         held = self.watchdog.held("a figure") if self.watchdog is not None else contextlib.nullcontext()
-        with held, writing(path):
-            written = self.task.figure(self.engine, path)
+        try:
+            with held, writing(path):
+                written = self.task.figure(self.engine, path)
+        except (DataError, TransientError) as err:  # the shards it reads (a full disk still stops the run)
+            log.warning("no figure %s: %s", path.name, err.one_line())
+            return
         if written:
             with writing(self.run_dir / "tensorboard"):
                 self.monitor.figure(self.step, path)

@@ -31,7 +31,7 @@ from engine.errors import TeacherError, UnsafeFileError, WeightsError
 from engine.models.mim import DeepMIM
 from engine.models.registry import VariantSpec, get_variant, list_variants
 from engine.run_folder.checkpoints import newest_complete
-from engine.weights.formats import check_limits, check_safetensors_header
+from engine.weights.formats import check_limits, check_safetensors_header, require_finite
 from engine.weights.safe_load import DEEPSPEED_CLASSES, is_torchscript_archive, read_torchscript_tensors, safe_load
 
 __all__ = ["TeacherError", "load_clip_teacher", "load_generator", "snapshot_generator"]
@@ -65,6 +65,8 @@ def _load_file(path: str | Path) -> dict:
         raise TeacherError(f"teacher weights {path}: cannot read ({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict):
         raise TeacherError(f"teacher weights {path}: expected a state dict, got {type(obj).__name__}")
+    inner = obj.get("state_dict") or obj.get("model") or obj.get("module")
+    require_finite(inner if isinstance(inner, dict) else obj, f"teacher weights {path}", TeacherError)
     return obj
 
 
@@ -219,17 +221,10 @@ class ClipTeacher(nn.Module):
 
 
 def inspect_clip(path: str | Path) -> ClipArch | None:
-    """Before launch: the CLIP file's shapes (lazily, without reading the tensors) are a CLIP tower of a
-    sane size. TorchScript archives are only checked when loaded (their tensors come as a whole)."""
-    from engine.weights.formats import read_state
-
+    """Before launch: the CLIP file is read as the run will read it (a TorchScript archive too, without
+    running its code; its weights finite) and its shapes are a CLIP tower of a sane size."""
     p = Path(path)
-    if is_torchscript_archive(p):
-        return None
-    try:
-        sd, _ = read_state(p, lazy=True)
-    except WeightsError as err:
-        raise TeacherError(f"target.teacher: {err}") from None
+    sd = _load_file(p)
     if isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     shapes = {k: tuple(v) if isinstance(v, tuple) else tuple(v.shape) for k, v in sd.items()}
@@ -508,4 +503,5 @@ def inspect_generator(path: str | Path, img_size: int, patch: int) -> str:
             f"generator {p}: {shape.describe()}; the student sees {img_size} px in patches of {patch} (a generator "
             "is not resampled)"
         )
+    _load_file(p)  # read as the run will read it: its weights finite
     return info.describe()

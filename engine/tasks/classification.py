@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.dataset.labels import HeadLabels
 from data_pipeline.dataset.locations import remote_spec
 from data_pipeline.loaders.eval_loader import EvalLoader, EvalSpec
 from data_pipeline.loaders.source import read_dataset
-from engine.errors import ConfigError
 from engine.loop.task import AugmentSpec, StepOutput, Task, TaskContext, Timer
 from engine.models.classifier import ProbeHead, build_classifier, check_encoder_fits, load_encoder, timm_args
 
@@ -33,7 +33,8 @@ class FinetuneTask(Task):
     def __init__(self) -> None:
         super().__init__()
         self.num_classes = 0
-        self.label_map: tuple[int, ...] | None = None
+        self.head: HeadLabels | None = None  # the training labels as head outputs
+        self.label_map: tuple[int, ...] | None = None  # stored validation label -> head output
         self.img_size = 0
         self.init: dict = {}
         self.mixup: Any = None
@@ -47,13 +48,8 @@ class FinetuneTask(Task):
         self.ctx = ctx
         cfg, f = ctx.cfg, ctx.cfg.finetune
         self.name = cfg.task
-        train = read_dataset(cfg.data.shards, remote=remote_spec(cfg.data))
-        if (train.table.label < 0).any():
-            raise ConfigError(
-                f"data.shards={cfg.data.shards!r}: unlabeled samples (label -1); fine-tuning needs labels"
-            )
-        self.num_classes = f.num_classes or train.num_classes or int(train.table.label.max()) + 1
-        self.label_map = self._check_validation_labels()
+        self.head, self.label_map = self._labels()
+        self.num_classes = self.head.num_classes
         self.img_size = ctx.plan.img_size
         torch.manual_seed(cfg.seed)  # identical initial head on every rank
         self.module = build_classifier(cfg, ctx.plan, self.num_classes)
@@ -78,17 +74,18 @@ class FinetuneTask(Task):
         self.best = {"top1": None, "top5": None, "epoch": None}
         self.dtype = torch.float32
 
-    def _check_validation_labels(self) -> tuple[int, ...] | None:
-        """Validation labels the head can score, numbered as in training: checked now, not at the
-        first epoch end (where a bad label would crash every attempt)."""
-        from data_pipeline.dataset.labels import validation_label_map
+    def _labels(self) -> tuple[HeadLabels, tuple[int, ...] | None]:
+        """The head's outputs for the training labels, and the validation labels mapped onto them:
+        decided now, not at the first epoch end (where a bad label would crash every attempt)."""
+        from data_pipeline.dataset.labels import classifier_labels
 
         d = self.cfg.data
+        train = read_dataset(d.shards, remote=remote_spec(d)).table
         val = read_dataset(d.val_shards).table
-        mapping, note = validation_label_map(d.shards, d.val_shards, val.label, self.num_classes)
-        if note:
+        head, val_map, notes = classifier_labels(train, val, self.cfg.finetune.num_classes, d.shards, d.val_shards)
+        for note in notes:
             log.warning("%s", note)
-        return tuple(int(v) for v in mapping) if mapping is not None else None
+        return head, tuple(int(v) for v in val_map) if val_map is not None else None
 
     def _load_pretrained(self) -> dict:
         src = self.cfg.init.pretrained
@@ -179,6 +176,8 @@ class FinetuneTask(Task):
             (d.crop_ratio[0], d.crop_ratio[1]),
             self.cfg.finetune.rand_augment,
             d.flip_prob,
+            labels=True,
+            label_map=self.head.lookup,
         )
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -301,7 +300,12 @@ class FinetuneTask(Task):
     def reference(self) -> dict:
         name, kwargs = timm_args(self.cfg, self.plan, self.num_classes)
         return {
-            "classifier": {"timm_model": name, "timm_kwargs": kwargs, "num_classes": self.num_classes},
+            "classifier": {
+                "timm_model": name,
+                "timm_kwargs": kwargs,
+                "num_classes": self.num_classes,
+                "label_names": list(self.head.names),  # output i is this class
+            },
             "init": {k: v for k, v in self.init.items() if k in ("kind", "path", "step")},
         }
 

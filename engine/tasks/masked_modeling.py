@@ -157,11 +157,12 @@ class PretrainTask(Task):
     def figure(self, engine, path: Path, count: int = 6) -> bool:
         """Reconstructions (pixel, mixed) or similarity maps (CLIP) of one center-cropped image of
         each of the first classes; rank 0 only, no collectives (ZeRO-2 keeps full weights per rank)."""
+        from data_pipeline.dataset.locations import remote_spec
         from data_pipeline.loaders.eval_reader import center_crop, iter_raw
         from engine.observe.reconstructions import save_reconstructions
 
         picked, seen = [], set()
-        for _, label, data in iter_raw(self.cfg.data.shards):
+        for _, label, data in iter_raw(self.cfg.data.shards, remote_spec(self.cfg.data)):
             if label not in seen:
                 seen.add(label)
                 picked.append(center_crop(data, self.img_size))

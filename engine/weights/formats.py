@@ -246,4 +246,22 @@ def encoder_state(path: str | Path) -> tuple[dict[str, Any], FileInfo, list[str]
             out[name] = v.float()
         else:
             dropped.append(k)
+    require_finite(out, p)
     return out, info, sorted(dropped)
+
+
+def require_finite(state: dict[str, Any], where: Path | str, error: type[WeightsError] = WeightsError) -> None:
+    """Weights with a NaN or an infinity cannot train (the first steps would be skipped, then the run
+    stopped with no word about the file): refused with one line naming the file and the tensor."""
+    import torch
+
+    for name, t in state.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
+        # the values stored in the file, not the view: a small storage expanded to a huge shape (a file
+        # that lies about its size, refused by the shape limits) is never materialized here
+        n = t.untyped_storage().nbytes() // t.element_size()
+        stored = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,)) if n < t.numel() else t
+        if not bool(torch.isfinite(stored).all()):
+            bad = int((~torch.isfinite(stored)).sum())
+            raise error(f"{where}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of {t.numel()}")

@@ -29,7 +29,7 @@ import torch
 from engine.config import Config, from_dict, plan_run
 from engine.errors import WeightsError
 from engine.run_folder import checkpoints as ckpt
-from engine.weights.formats import EncoderShape, FileInfo, encoder_state, inspect_file
+from engine.weights.formats import EncoderShape, FileInfo, encoder_state, inspect_file, require_finite
 from engine.weights.safe_load import load_guard
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EncoderWeights",
     "WeightsError",
+    "check_finite_source",
     "consolidated_state",
     "encoder_weights",
     "find_checkpoint",
@@ -172,6 +173,24 @@ def encoder_weights(source: str | Path, step: int | None = None) -> EncoderWeigh
         raise WeightsError(f"{path.resolve()} is a {cfg.task} checkpoint; init.pretrained wants a pretraining run")
     full = consolidated_state(path)
     state = {k[len("encoder.") :]: v.float() for k, v in full.items() if k.startswith("encoder.")}
+    require_finite(state, f"{path.resolve()} (its fp32 master weights)")
     dropped = sorted(k for k in full if not k.startswith("encoder."))
     origin = {"kind": "checkpoint", "path": where, "step": marker["step"], "what": "a checkpoint of our run"}
     return EncoderWeights(state, _shape_of_config(cfg), origin, cfg, dropped)
+
+
+def check_finite_source(source: str | Path) -> None:
+    """Before launch: the encoder weights a source holds are finite (files and exports are read; of a
+    checkpoint, the model states, whose bf16 copy shows a NaN of the master weights, are mapped)."""
+    from engine.weights.safe_load import safe_load
+
+    kind, path = resolve(source)
+    if kind == "export":
+        encoder_state(path / _export_meta(path).get("weights", "encoder.safetensors"))
+    elif kind == "file":
+        encoder_state(path)
+    else:
+        file = ckpt.states_file(path)
+        if file is not None:
+            module = safe_load(file, mmap=True).get("module", {})
+            require_finite({k: v for k, v in module.items() if k.startswith("encoder.")}, file)

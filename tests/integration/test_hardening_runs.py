@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.run_folder.checkpoints import MARKER, list_checkpoints
-from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_single, start_job
+from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_deepspeed, run_single, start_job
 from tests.helpers import MARK, Payload, text, wait_for
 
 
@@ -210,3 +210,30 @@ def test_watchdog_names_a_stalled_rank_and_exits(demo_shards, tmp_path):
     assert "watchdog: rank 0 has waited" in out and f"rank 1 (pid {rank1[0]}" in out and "is silent" in out
     assert "exiting with code 4" in out
     assert list_checkpoints(run / "checkpoints")  # the last complete checkpoint is still there
+
+
+def test_a_stop_on_one_rank_is_one_line(demo_tree, tmp_path):
+    """A JPEG that passes the start-up checks but does not decode, in rank 1's share: rank 1 records it and
+    says so in one line; rank 0, whose next collective fails because rank 1 left, says nothing more (no
+    'Connection closed by peer' traceback) and ends with the same exit code."""
+    from data_pipeline.dataset.table import read_table
+    from data_pipeline.order.global_order import epoch_permutation
+    from data_pipeline.order.phases import rank_range
+    from tests.conftest import make_shards
+    from tests.helpers import corrupt_header
+
+    shards = tmp_path / "shards"
+    make_shards(demo_tree, shards, "--shard-size-mb", "0.03")
+    table = read_table(shards)
+    row = int(epoch_permutation(0, 0, len(table))[rank_range(len(table), 1, 2)[0] + 4])  # rank 1's 2nd batch
+    shard = table.shards[int(table.shard_id[row])]
+    corrupt_header(shards, shard, list(table.rows_of(shard)).index(row))
+    proc = run_deepspeed(
+        2, "--preset", "deepmim_test_pixel", "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={shards}",
+        "--set", "schedule.max_steps=6", check=False,
+    )  # fmt: skip
+    out = text(proc)
+    errors = [ln for ln in out.splitlines() if " ERROR engine" in ln]
+    assert proc.returncode == 2, out[-3000:]
+    assert len(errors) == 1 and "[rank1]" in errors[0] and table.key(row) in errors[0], errors
+    assert "Traceback" not in out and "closed by peer" not in out, out[-3000:]
