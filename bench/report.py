@@ -70,6 +70,26 @@ def simple_table(d: dict) -> list[str]:
     return lines
 
 
+def meta_table(d: dict) -> list[str]:
+    """A node's manifest metadata for shards in object storage (bench/data_meta.py)."""
+    s = d["at_scale"]
+    lines = [f"**Manifest metadata per node** ({d['device']}, {d['date'][:10]})", ""]
+    keys = ["samples", "shards", "ranks", "node_metadata_gb", "read_metadata_gb", "ratio_to_read", "whole_columns_gb"]
+    lines += [
+        _row(keys),
+        _row(["---"] * len(keys)),
+        _row([_num(s[k]) if isinstance(s[k], float) else s[k] for k in keys]),
+    ]
+    m = d.get("measured")
+    if m:
+        lines.append(
+            f"\nmeasured over HTTP: {m['bytes_fetched']} bytes fetched for the rows of {m['rank_reads_shards']} of "
+            f"{m['shards']} shards (the plan says {m['bytes_predicted_by_plan']}; "
+            f"whole columns {m['bytes_whole_columns']})"
+        )
+    return lines
+
+
 def profile_table(d: dict) -> list[str]:
     head = (
         f"**Kernel time per step** ({d['device']}, {d['date'][:10]}; {d['arch']} {d['target']} {d['config']}, "
@@ -109,9 +129,13 @@ def render(paths: list[str]) -> str:
         if "benchmark" not in d:
             continue
         kind = d["benchmark"]
-        table = {"model_step": model_step_table, "profile_step": profile_table, "trainer_metrics": metrics_table}.get(
-            kind, simple_table
-        )
+        tables = {
+            "model_step": model_step_table,
+            "profile_step": profile_table,
+            "trainer_metrics": metrics_table,
+            "data_meta": meta_table,
+        }
+        table = tables.get(kind, simple_table)
         out += [*table(d), ""]
     return "\n".join(out)
 

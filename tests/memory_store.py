@@ -86,6 +86,10 @@ class MemoryStore(ObjectStore):
         self.faults.before("get", self.where(name))
         return self._object(name)
 
+    def get_range(self, name: str, start: int, end: int) -> bytes:
+        self.faults.before("range", self.where(name))
+        return self._object(name)[start:end]
+
     def download(self, name: str, dest: Path) -> None:
         self.faults.before("download", self.where(name))
         self.faults.write(dest, self._object(name))

@@ -61,16 +61,38 @@ def write_columns(root: Path, shard_names: list[str]) -> dict:
     keys = pa.table({"key": t.column("key").combine_chunks()})
     with pa.OSFile(str(out / "keys.arrow"), "wb") as sink, pa.ipc.new_file(sink, keys.schema) as writer:
         writer.write_table(keys)
+    write_key_ranges(out, t.column("key").to_pylist())
     st = (root / "manifest.parquet").stat()
     meta = {
         "rows": t.num_rows,
         "manifest_sha256": file_digest(root / "manifest.parquet"),
         "manifest_bytes": st.st_size,
         "manifest_mtime_ns": st.st_mtime_ns,
+        # where each .npy file's array starts: a reader of object storage fetches one shard's rows by range
+        "data_offsets": {p.name: npy_data_offset(p) for p in sorted(out.glob("*.npy"))},
     }
     (out / "meta.json").write_text(json.dumps(meta))
     replace_folder(out, root / "columns")
     return meta
+
+
+def write_key_ranges(out: Path, keys: list[str]) -> None:
+    """The keys again, in a form read by byte range: ``key_bytes.bin`` (every key's UTF-8 bytes, in row
+    order) and ``key_offsets.npy`` (int64 [N+1]: where row i's key starts in it)."""
+    encoded = [k.encode() for k in keys]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    np.save(out / "key_offsets.npy", offsets)
+    (out / "key_bytes.bin").write_bytes(b"".join(encoded))
+
+
+def npy_data_offset(path: Path) -> int:
+    """Bytes before the array in a .npy file (its header)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        read(f)  # (shape, fortran order, dtype): not needed here
+        return f.tell()
 
 
 def read_columns(root: Path, rows: int) -> dict | None:

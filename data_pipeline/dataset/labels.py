@@ -144,6 +144,6 @@ def classifier_labels(
 ) -> tuple[HeadLabels, np.ndarray | None, list[str]]:
     """The head for the training shards, the validation lookup onto it, and what to log: what a
     fine-tuning run and the check before its launch both decide."""
-    head = head_labels(train.label, read_classes(train.root), num_classes, f"data.shards={train_where!r}")
+    head = head_labels(train.distinct_labels(), read_classes(train.root), num_classes, f"data.shards={train_where!r}")
     val_map, note = validation_label_map(train.root, val.root, val.label, head)
     return head, val_map, [n for n in (head.note, note) if n]

@@ -76,6 +76,7 @@ class SampleTable:
     formats: np.ndarray | None = None  # [N] uint8 code into columns.FORMATS; None = JPEG throughout
     shard_rows: np.ndarray | None = None  # [S+1] first row of each shard (None: rows not grouped by shard)
     digest: str | None = None  # the manifest's sha256 prefix, when the columns recorded it
+    label_values: tuple[int, ...] | None = None  # the distinct labels, as dataset.json records them
     source: TarSource | None = None  # object storage the tars are fetched from (None: local files)
     open_limit: int = 16  # tars kept open per process (a closed, evicted cache file frees its space)
     _files: dict = field(default_factory=dict, repr=False)
@@ -146,6 +147,12 @@ class SampleTable:
             self._files["fingerprint"] = file_digest(self.root / "manifest.parquet")
         return self._files["fingerprint"]
 
+    def distinct_labels(self) -> np.ndarray:
+        """The labels that occur, sorted (from dataset.json when it records them: no row is read)."""
+        if self.label_values is not None:
+            return np.asarray(self.label_values, dtype=np.int64)
+        return np.unique(np.asarray(self.label))
+
     def rows_of(self, name: str) -> np.ndarray:
         sid = self.shards.index(name)
         if self.shard_rows is not None:
@@ -190,6 +197,7 @@ def read_table(root: str | Path, source: TarSource | None = None) -> SampleTable
         "tar_paths": {str(k): str(v) for k, v in meta.get("tars", {}).items()} if source is None else {},
         "label_source": str(meta.get("label", "cls")),
         "source": source,
+        "label_values": tuple(int(v) for v in meta["label_values"]) if "label_values" in meta else None,
     }
     cols = read_columns(root, int(meta["num_samples"]))
     if cols is not None and len(cols["shard_rows"]) == len(shards) + 1:

@@ -76,8 +76,8 @@ def _check_remote_rows(table: SampleTable, name: str, rows: np.ndarray, rank: in
     """Shards in object storage are not read at start-up: the manifest's byte ranges are compared with
     the tar size dataset.json records; images are checked as they are fetched and decoded."""
     size = table.source.tar_bytes.get(name)
-    if size is None:
-        return []
+    if size is None or getattr(table.source, "rows", None) is not None:
+        return []  # (rows read by shard are checked against the tar's size when they are fetched)
     end = np.asarray(table.offset[rows]) + np.asarray(table.size[rows])
     why = "past the end of the tar (by its recorded size)"
     return [BadSample(name, table.keys[int(r)].as_py(), why, rank, 1, (int(r),)) for r in rows[end > size]]

@@ -22,8 +22,7 @@ def open_table(location: str | Path, remote: RemoteSpec | None = None) -> Sample
     if is_remote(str(location)):
         from data_pipeline.remote.shards import RemoteShards
 
-        source = RemoteShards.open(str(location), remote or RemoteSpec())
-        return read_table(source.meta_dir, source=source)
+        return RemoteShards.open(str(location), remote or RemoteSpec()).table()
     return read_table(location)
 
 

@@ -64,8 +64,10 @@ class Prefetcher:
                     base = self._wait_for_room(needed, base, fetched, total)
                     if base is None:
                         return
+                    name = self.table.shards[pending.popleft()]
                     with contextlib.suppress(DataError, OSError):  # the reader meets (and reports) it
-                        self.table.source.local(self.table.shards[pending.popleft()])
+                        self.table.source.local(name)
+                        self.table.source.warm_rows(name)
                     fetched += 1
         except Exception as err:  # never take the run down from here: the reader fetches on demand
             log.warning("shard read-ahead stopped (%s); shards are fetched when read", describe(err))

@@ -36,10 +36,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline.dataset.hashing import file_checksum
 from data_pipeline.dataset.locations import RemoteSpec
+from data_pipeline.dataset.table import SampleTable, check_shard_name, read_table
 from data_pipeline.remote.cache import ShardCache, file_lock
 from data_pipeline.remote.retry import ChangedObject, Episode, with_retries
+from data_pipeline.remote.rows import LazyColumn, LazyKeys, ShardIdColumn, ShardRows, lazy_layout
 from data_pipeline.remote.stores import MissingObject, make_store
 from engine.errors import DataError
 
@@ -83,6 +87,8 @@ class RemoteShards:
         self.broken: dict[str, Exception] = {}  # shards that changed or vanished: the same error again
         self.fetched_bytes = 0
         self._episodes: dict[str, Episode] = {}  # per shard: trouble shared by read-ahead and reader
+        self.rows: ShardRows | None = None  # the rows, read by shard (set by ``table``)
+        self.tar_index = {str(s): i for i, s in enumerate(meta.get("shards", []))}
         self._lock = threading.Lock()
         self._cache: ShardCache | None = None
 
@@ -113,6 +119,8 @@ class RemoteShards:
 
     @staticmethod
     def _copy_meta(store, spec: RemoteSpec, meta_dir: Path) -> None:
+        """The folder's small files into the node's cache. Its rows stay in the store when its columns
+        can be read by range (``data_pipeline.remote.rows``); older folders are copied whole."""
         import shutil
 
         shutil.rmtree(meta_dir, ignore_errors=True)
@@ -130,11 +138,57 @@ class RemoteShards:
         for name in META_FILES[1:]:
             copy(name, required=False)
         if copy("columns/meta.json", required=False):
+            if lazy_layout(json.loads((meta_dir / "columns" / "meta.json").read_text())):
+                copy("columns/shard_rows.npy", required=True)
+                log.info("data: the shard list of %s copied to %s; rows are read by shard", store.url, meta_dir)
+                return
             for name in COLUMN_FILES[1:]:
                 copy(f"columns/{name}", required=name != "format.npy")
         else:  # written before the columns existed: the Parquet manifest
             copy("manifest.parquet", required=True)
-        log.info("data: metadata of %s copied to %s", store.url, meta_dir)
+        log.info(
+            "data: metadata of %s copied to %s (whole: written before columns could be read by shard; "
+            "python -m data_pipeline.columns and deepmim-upload make it so)",
+            store.url,
+            meta_dir,
+        )
+
+    def table(self) -> SampleTable:
+        """The folder's sample table: its rows read by shard from the store, or from the local copy."""
+        columns = self.meta_dir / "columns" / "meta.json"
+        layout = json.loads(columns.read_text()) if columns.is_file() else {}
+        if not lazy_layout(layout):
+            return read_table(self.meta_dir, source=self)
+        meta = json.loads((self.meta_dir / "dataset.json").read_text())
+        shards = tuple(check_shard_name(s, self.meta_dir / "dataset.json") for s in meta["shards"])
+        starts = np.load(self.meta_dir / "columns" / "shard_rows.npy")
+        if len(starts) != len(shards) + 1 or int(starts[-1]) != int(meta["num_samples"]):
+            raise DataError(f"{self.store.where('columns/shard_rows.npy')} does not match dataset.json; publish again")
+        self.rows = ShardRows(self.store, self.spec, shards, starts, layout, self.tar_bytes)
+        r = self.rows
+        return SampleTable(
+            root=self.meta_dir,
+            shards=shards,
+            shard_id=ShardIdColumn(r),
+            offset=LazyColumn(r, "offset", np.int64),
+            size=LazyColumn(r, "size", np.int64),
+            width=LazyColumn(r, "width", np.int32),
+            height=LazyColumn(r, "height", np.int32),
+            label=LazyColumn(r, "label", np.int64),
+            keys=LazyKeys(r),
+            num_classes=int(meta.get("num_classes", 0)),
+            label_source=str(meta.get("label", "cls")),
+            formats=LazyColumn(r, "format", np.uint8) if r.has_format else None,
+            shard_rows=starts,
+            digest=meta.get("manifest_sha256") or layout.get("manifest_sha256"),
+            source=self,
+            label_values=tuple(int(v) for v in meta["label_values"]) if "label_values" in meta else None,
+        )
+
+    def warm_rows(self, name: str) -> None:
+        """Fetch a shard's rows ahead of need (the read-ahead calls it with its tar)."""
+        if self.rows is not None:
+            self.rows.block(self.tar_index[name])
 
     @property
     def cache(self) -> ShardCache:

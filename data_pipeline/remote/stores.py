@@ -62,6 +62,10 @@ class ObjectStore:
     def get(self, name: str) -> bytes:
         raise NotImplementedError
 
+    def get_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object."""
+        raise NotImplementedError
+
     def download(self, name: str, dest: Path) -> None:
         """The object's bytes into the file ``dest``."""
         raise NotImplementedError
@@ -125,6 +129,13 @@ class S3Store(ObjectStore):
     def get(self, name: str) -> bytes:
         with self._errors(name):
             return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
+
+    def get_range(self, name: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        with self._errors(name):
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key(name), Range=f"bytes={start}-{end - 1}")
+            return r["Body"].read()
 
     def download(self, name: str, dest: Path) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -237,6 +248,20 @@ class HttpStore(ObjectStore):
 
     def get(self, name: str) -> bytes:
         return self._get(name, preload=True).data
+
+    def get_range(self, name: str, start: int, end: int) -> bytes:
+        import urllib3
+
+        if end <= start:
+            return b""
+        try:
+            r = self.pool.request("GET", self.where(name), headers={"Range": f"bytes={start}-{end - 1}"})
+        except urllib3.exceptions.HTTPError as err:
+            raise OSError(f"{self.where(name)}: {type(err).__name__}") from None
+        if r.status == 206:
+            return r.data
+        self._status(name, r.status)
+        return r.data[start:end]  # a server that ignores ranges sends the whole object
 
     def download(self, name: str, dest: Path) -> None:
         import urllib3

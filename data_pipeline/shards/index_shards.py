@@ -452,6 +452,7 @@ def _assemble(out: Path, ordered: list[dict], tars: list, args: argparse.Namespa
         "label": args.label,
         "tar_bytes": {p["shard"]: p["tar_bytes"] for p in used},
         "tar_checksum": {p["shard"]: p["tar_checksum"] for p in used},
+        "label_values": sorted({r["label"] for p in used for r in p["rows"]}),  # (without reading every row)
     }
     if tars and isinstance(tars[0], str):  # in object storage: upload this folder to their prefix to train
         summary["tar_base"] = tars[0].rsplit("/", 1)[0]

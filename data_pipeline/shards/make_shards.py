@@ -331,6 +331,7 @@ def _assemble(out: Path, ordered: list[dict], items: list, classes: dict, args: 
         "layout": args.layout,
         "tar_bytes": {p["shard"]: p["tar_bytes"] for p in ordered if p["num_samples"] > 0},
         "tar_checksum": {p["shard"]: p["tar_checksum"] for p in ordered if p["num_samples"] > 0},
+        "label_values": sorted({r["label"] for p in ordered for r in p["rows"]}),  # (without reading every row)
     }
     summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
     atomic_json(out / "dataset.json", summary)

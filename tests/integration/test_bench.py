@@ -124,3 +124,15 @@ def test_data_remote_benchmark(tmp_path):
     assert set(got) == {(s, m) for s in ("local", "s3-cold", "s3-warm") for m in (0.0, 5.0)}
     assert all(r["images"] == d["images_per_epoch"] > 0 for r in got.values())
     assert got[("s3-cold", 5.0)]["fetched_mb"] > 0 and got[("s3-warm", 5.0)]["fetched_mb"] == 0
+
+
+def test_data_meta_benchmark(tmp_path):
+    """A node's metadata at scale stays near what its ranks read; the measured fetch equals the plan's."""
+    out = tmp_path / "meta.json"
+    cmd = [sys.executable, "-m", "bench.data_meta", "--samples", "2e7", "--measured-shards", "6", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    s, m = d["at_scale"], d["measured"]
+    assert 1.0 <= s["ratio_to_read"] < 2.0 and s["whole_columns_gb"] > 10 * s["node_metadata_gb"]
+    assert m["bytes_fetched"] == m["bytes_predicted_by_plan"] < m["bytes_whole_columns"]
