@@ -335,3 +335,13 @@ def test_reservations_are_alive_while_their_lock_is_held(tmp_path):
     path = cache.ensure("d", 950, lambda tmp: tmp.write_bytes(b"d" * 950), deadline=float("inf"))
     assert path.read_bytes() == b"d" * 950 and not (ns / "a.tar").exists()  # a was evicted for it
     assert not list(ns.glob("*.reserve")) and not list(ns.glob("*.tmp"))
+
+
+def test_the_end_of_run_figure_reads_shards_with_the_runs_own_settings(demo_shards, tmp_path):
+    """The reconstruction figure reads its images through the run's data settings (its cache folder and
+    store), like the loaders: a finished run whose shards are in object storage gets its figure."""
+    url = publish(demo_shards)
+    run = tmp_path / "run"
+    result = train_in_process(config(run, url, 2, "log.reconstructions=true"))
+    assert result == {"step": 2, "complete": True} and (run / "reconstructions.png").stat().st_size > 0
+    assert list((run.parent / "cache" / "meta").iterdir())  # read through the run's cache folder
