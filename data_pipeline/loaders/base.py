@@ -16,8 +16,11 @@ Data pipelines take rank and world size as arguments and never read the environm
 
 from __future__ import annotations
 
+import collections
 import logging
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +29,7 @@ import numpy as np
 from data_pipeline.dataset.locations import RemoteSpec
 from data_pipeline.loaders.identity import data_identity, identity_changes
 from data_pipeline.loaders.source import open_table
+from data_pipeline.order.crops import CROP_VERSION
 from data_pipeline.order.phases import Phase, RankStream
 from data_pipeline.order.select import make_order
 from data_pipeline.remote.retry import ChangedObject
@@ -79,6 +83,9 @@ class LoaderSpec:
     remote: RemoteSpec | None = None  # object storage access and the node's cache (s3:// and https:// shards)
     labels: bool = True  # hand out labels (pretraining reads none: nothing is built or moved for them)
     label_map: tuple[int, ...] | None = None  # stored label -> the label handed out (a dense classifier head)
+    keys: bool = True  # hand out sample keys (the trainer asks only when it records them: log.sample_keys)
+    crop_version: int = CROP_VERSION  # a new run's crop function; a restored state keeps its own
+    threaded: bool = True  # prepare batches in a thread of their own (False: inline, for comparison)
 
 
 class EpochLoader:
@@ -100,8 +107,48 @@ class EpochLoader:
         self.transient: TransientError | None = None
         self._void_taken = 0  # stand-in micro-batches handed out this epoch
         self.rewound = False  # positions set back by restore_snapshot (a transient stop)
+        self.crop_version = spec.crop_version
+        self._producer: Producer | None = None
         if state is not None:
             self._restore(state)
+
+    # ------------------------------------------------------------------ batches
+    def _produce(self, stop: threading.Event) -> Iterator[tuple[np.ndarray, torch.Tensor, object]]:
+        """(rows, images, extra) of every micro-batch from the current position on, across epochs, in
+        order; runs in the producer thread (it must not change the loader's position). A failure is
+        raised from here; the training thread meets it at the batch it belongs to."""
+        raise NotImplementedError
+
+    def _failed(self, err: BaseException, rows: np.ndarray | None) -> None:
+        """A failure of the producer, met by the training thread: raise it (or record its samples)."""
+        raise err
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch's micro-batches. The training thread only takes what the
+        producer thread prepared (reads, crops, decoding's hand-over, the copy out of the pipeline)
+        and moves the position; see bench/host_path.py."""
+        if self._producer is None:
+            self._producer = Producer(self._produce, threaded=self.spec.threaded)
+        for _ in range(self.micro_batches_left()):
+            if self.transient is None:
+                item = self._producer.get()
+                if isinstance(item, Failed):
+                    if isinstance(item.error, TransientError):  # waited out its patience: stand-ins from now on
+                        self.go_void(item.error)
+                    else:
+                        self._failed(item.error, item.rows)
+            if self.transient is not None:
+                yield self.void_batch()
+                continue
+            rows, img, extra = item
+            self._advance(len(rows))
+            self._consumed(extra)
+            labels, keys = self.labels_and_keys(rows, img.device)
+            yield Batch(img=img, label=labels, keys=keys, rows=rows)
+        self._next_epoch()
+
+    def _consumed(self, extra: object) -> None:
+        """What a produced batch carries besides its images, once the training thread takes it."""
 
     def identity(self) -> dict:
         return data_identity(self.table, self.spec.seed, self.spec.order, self.spec.block_window)
@@ -172,12 +219,15 @@ class EpochLoader:
         self.transient, self._void_taken, self.rewound = None, 0, True
 
     def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
         if self.prefetch is not None:
             self.prefetch.close()
         self.table.close()
 
     def _restore(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
+        self.crop_version = int(state.get("crops", 1))  # states from before crop versions: version 1
         phases = [Phase.from_state(p) for p in state["phases"]]
         last = phases[-1]
         saved = state.get("data")
@@ -242,6 +292,7 @@ class EpochLoader:
         import torch
 
         labels = None
+        keys = [self.table.key(i) for i in rows] if self.spec.keys else []
         if self.spec.labels:
             stored = self.table.label[rows]
             if self.spec.label_map is not None:
@@ -249,7 +300,7 @@ class EpochLoader:
             labels = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.int64))
             if device.type == "cuda":
                 labels = labels.pin_memory().to(device, non_blocking=True)
-        return labels, [self.table.key(i) for i in rows]
+        return labels, keys
 
     def at_epoch_boundary(self) -> bool:
         """At an epoch's start, or with nothing of it left to read (a save after its last step)."""
@@ -272,7 +323,70 @@ class EpochLoader:
             "phases": [p.to_state() for p in self.phases],
             "rank": self.spec.rank,
             "micro_batch": self.spec.micro_batch,
+            "crops": self.crop_version,  # the crop function this run started with (order/crops.py)
         }
 
     def samples_consumed(self) -> int:
         return self.phases[-1].consumed
+
+
+@dataclass
+class Failed:
+    """A failure in the producer thread, with the rows of the batches it was preparing."""
+
+    error: BaseException
+    rows: np.ndarray | None = None
+
+
+class Producer:
+    """Runs ``produce(stop)`` in a daemon thread, ``depth`` batches ahead of the training thread; or,
+    ``threaded=False``, in the training thread itself as batches are asked for."""
+
+    def __init__(self, produce: Callable[[threading.Event], Iterator], depth: int = 2, threaded: bool = True):
+        self.stop = threading.Event()
+        self._items = produce(self.stop)
+        self.threaded = threaded
+        self.queue: queue.Queue = queue.Queue(depth)
+        # The last batches handed out, still referenced here: when the training thread drops one, the
+        # memory is freed when this thread drops it, not there (unmapping a DataLoader worker's shared
+        # memory costs ~60 us per sample on the CPU). GPU batches are freed in the caching allocator.
+        self._held: collections.deque = collections.deque(maxlen=depth + 2)
+        if threaded:
+            self.thread = threading.Thread(target=self._run, name="batch-producer", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not isinstance(item, Failed) and getattr(item[1], "is_cuda", True) is False:
+                    self._held.append(item[1])
+                if not self._put(item):
+                    return
+        except BaseException as err:  # handed to the training thread, which raises it in order
+            self._put(Failed(err))
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self):
+        if not self.threaded:
+            try:
+                return next(self._items)
+            except Exception as err:
+                return Failed(err)
+        return self.queue.get()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.threaded:
+            while not self.queue.empty():  # a producer blocked on a full queue sees the stop
+                self.queue.get_nowait()
+            self.thread.join(timeout=5)
+        if not self.threaded or not self.thread.is_alive():
+            self._items.close()  # its pipeline or DataLoader iterator goes with it

@@ -29,8 +29,8 @@ from collections import deque
 import numpy as np
 
 from data_pipeline.loaders import preflight
-from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, NOT_THE_SAMPLES, Batch, EpochLoader, LoaderSpec
-from data_pipeline.order.crops import crop_params
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, NOT_THE_SAMPLES, EpochLoader, Failed, LoaderSpec
+from data_pipeline.order.crops import crop_batch
 from engine.errors import DataError, TransientError
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,14 @@ def parse_rand_augment(policy: str) -> tuple[int, int]:
 
 
 class _Source:
-    """DALI's external source: called once per micro-batch, in order, ahead of consumption."""
+    """DALI's external source: called once per micro-batch, in order, ahead of consumption, in the
+    loader's producer thread. One batch: the JPEG bytes (read by offset) and, from one vectorized call,
+    the crop boxes [N, 2] + [N, 2] and flips [N]: DALI takes each as one array."""
 
     def __init__(self, loader: DaliLoader):
         self.loader = loader
         self.batches = loader.future_batches()
-        self.pending: deque[np.ndarray] = deque()  # rows of batches handed to DALI, not yet yielded
+        self.pending: deque[np.ndarray] = deque()  # rows of batches handed to DALI, not yet produced
 
     def __call__(self):
         epoch, rows = next(self.batches)
@@ -60,7 +62,7 @@ class _Source:
         if self.loader.prefetch is not None:
             self.loader.prefetch.reached()
         s, t = self.loader.spec, self.loader.table
-        jpgs, anchors, shapes, mirrors = [], [], [], []
+        jpgs = []
         for i in rows:
             try:
                 jpgs.append(np.frombuffer(t.read(i), dtype=np.uint8))
@@ -68,13 +70,13 @@ class _Source:
                 raise  # a changed or missing object, or a condition of the moment: not recorded
             except (OSError, DataError) as err:  # a tar that cannot be read
                 self.loader.stop_on_unreadable(rows, err)
-            x, y, w, h, flip = crop_params(
-                s.seed, epoch, int(i), int(t.width[i]), int(t.height[i]), s.crop_scale, s.crop_ratio, s.flip_prob
-            )
-            anchors.append(np.array([x, y], dtype=np.float32))
-            shapes.append(np.array([w, h], dtype=np.float32))
-            mirrors.append(np.array(int(flip), dtype=np.int32))
-        return jpgs, anchors, shapes, mirrors
+        boxes = crop_batch(
+            self.loader.crop_version, s.seed, epoch, rows, t.width[rows], t.height[rows], s.crop_scale, s.crop_ratio,
+            s.flip_prob,
+        )  # fmt: skip
+        anchors = np.ascontiguousarray(boxes[:, 0:2], dtype=np.float32)
+        shapes = np.ascontiguousarray(boxes[:, 2:4], dtype=np.float32)
+        return jpgs, anchors, shapes, boxes[:, 4].astype(np.int32)
 
 
 def build_pipeline(spec: LoaderSpec, source: _Source, checkpoint: bytes | None, seed: int):
@@ -140,39 +142,39 @@ class DaliLoader(EpochLoader):
         self._start_prefetch()
         self._pipe = build_pipeline(spec, self._source, checkpoint, seed % 2**31)
         self._it = DALIGenericIterator([self._pipe], ["img"], auto_reset=False, prepare_first_batch=False)
+        # RandAugment's random state, as of the last batch the training thread took (a checkpoint holds
+        # that one, not the state of the batches prepared ahead of it)
+        self._dali_state = checkpoint
 
-    def __iter__(self):
-        for _ in range(self.micro_batches_left()):
-            if self.transient is None:
-                try:
-                    out = next(self._it)[0]
-                except TransientError as err:  # waited out its patience: stand-ins until every rank stops
-                    self.go_void(err)
-                except DataError:
-                    raise  # a sample that could not be read (recorded by the source), or a changed shard
-                except RuntimeError as err:  # DALI could not decode something in the queue
-                    self._fail(err)
-            if self.transient is not None:
-                yield self.void_batch()
-                continue
+    def _produce(self, stop):
+        while not stop.is_set():
+            try:
+                out = next(self._it)[0]  # runs the source, DALI's feed and the copy out of the pipeline
+            except (DataError, TransientError):
+                raise  # a sample that could not be read (recorded by the source), a changed shard, the moment
+            except RuntimeError as err:  # DALI could not decode something in the queue
+                yield Failed(err, list(self._source.pending))
+                return
             rows = self._source.pending.popleft()
-            self._advance(len(rows))
-            img = out["img"]
-            labels, keys = self.labels_and_keys(rows, img.device)
-            yield Batch(img=img, label=labels, keys=keys, rows=rows)
-        self._next_epoch()
+            yield rows, out["img"], self._it.checkpoints()[0] if self.spec.rand_augment else None
 
-    def _fail(self, err: Exception) -> None:
-        rows = np.concatenate(list(self._source.pending)) if self._source.pending else np.array([], dtype=np.int64)
-        found = preflight.find_undecodable(self.table, rows)
+    def _consumed(self, extra) -> None:
+        if extra is not None:
+            self._dali_state = extra
+
+    def _failed(self, err: BaseException, rows) -> None:
+        if not isinstance(err, RuntimeError) or isinstance(err, DataError) or rows is None:
+            raise err
+        every = np.concatenate(rows) if rows else np.array([], dtype=np.int64)
+        found = preflight.find_undecodable(self.table, every)
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         if not found:  # the host decodes them all: DALI alone cannot; leave out the batch at its head
-            head = self._source.pending[0] if self._source.pending else rows
+            head = rows[0] if rows else every
             found = [(int(i), f"DALI could not decode the batch holding it ({reason})") for i in head]
         self.stop_with(found, "DALI failed on", err)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        if self.spec.rand_augment:
-            state["dali"] = self._it.checkpoints()[0]
+        if self.spec.rand_augment and not self.rewound and self._dali_state is not None:
+            state["dali"] = self._dali_state
         return state

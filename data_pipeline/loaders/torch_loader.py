@@ -20,12 +20,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_pipeline.loaders import preflight
-from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, NOT_THE_SAMPLES, Batch, EpochLoader, LoaderSpec
+from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD, NOT_THE_SAMPLES, EpochLoader, Failed, LoaderSpec
 from data_pipeline.loaders.source import open_table
-from data_pipeline.order.crops import crop_params, pixel_box
-from data_pipeline.order.phases import RankStream
-from data_pipeline.remote.retry import ChangedObject
-from engine.errors import DataError, TransientError
+from data_pipeline.order.crops import crop_batch, pixel_box
+from data_pipeline.order.phases import Phase, RankStream
+from engine.errors import DataError
 
 
 class PlanSamples(Dataset):
@@ -62,12 +61,9 @@ class PlanSamples(Dataset):
             self._randaug = rand_augment_transform(s.rand_augment, hparams)
         return self._randaug
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, row = item
+    def __getitem__(self, item: tuple[int, int, tuple]) -> tuple[torch.Tensor, int]:
+        epoch, row, frac = item  # the crop box and flip, computed for the whole batch by the sampler
         s, t = self.spec, self.table
-        frac = crop_params(
-            s.seed, epoch, row, int(t.width[row]), int(t.height[row]), s.crop_scale, s.crop_ratio, s.flip_prob
-        )
         img = Image.open(io.BytesIO(t.read(row))).convert("RGB")
         left, top, w, h = pixel_box(frac[:4], img.size[0], img.size[1])
         size = [s.img_size, s.img_size]
@@ -86,11 +82,13 @@ class PlanSamples(Dataset):
 
 
 class RowSampler(Sampler):
-    """Yields this epoch's (epoch, row) items from the rank's stream (set before each epoch while the
-    workers stay alive), a micro-batch at a time; tells the read-ahead as each batch is handed out."""
+    """Yields this epoch's (epoch, row, crop) items from the rank's stream (set before each epoch while
+    the workers stay alive), a micro-batch at a time, the batch's crops computed in one call
+    (``crops(epoch, rows)``); tells the read-ahead as each batch is handed out."""
 
-    def __init__(self, micro_batch: int) -> None:
+    def __init__(self, micro_batch: int, crops) -> None:
         self.micro_batch = micro_batch
+        self.crops = crops
         self.stream: RankStream | None = None
         self.on_batch = None  # called as the DataLoader takes each batch
 
@@ -100,19 +98,26 @@ class RowSampler(Sampler):
         for rows in self.stream.batches(self.micro_batch):
             if self.on_batch is not None:
                 self.on_batch()
-            for r in rows:
-                yield (self.stream.epoch, int(r))
+            boxes = self.crops(self.stream.epoch, rows)
+            for r, box in zip(rows, boxes):
+                yield (self.stream.epoch, int(r), tuple(box.tolist()))
 
     def __len__(self) -> int:
         return 0 if self.stream is None else self.stream.length // self.micro_batch * self.micro_batch
 
 
-def _ignore_preemption_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, which saves and stops cleanly."""
+def _init_worker(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, which saves and stops cleanly, and
+    end without the interpreter's teardown once their loop is done: a spawned worker ends through
+    ``sys.exit``, whose teardown aborts on native thread pools still held ("terminate called without
+    an active exception"); what a worker does is finished and handed over by then."""
+    import atexit
+    import os
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    atexit.register(os._exit, 0)
 
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, np.ndarray]:
@@ -128,7 +133,7 @@ class TorchLoader(EpochLoader):
     def __init__(self, spec: LoaderSpec, state: dict | None = None):
         super().__init__(spec, state)
         self.device = torch.device("cuda", spec.device_id) if spec.device_id is not None else torch.device("cpu")
-        self._sampler = RowSampler(spec.micro_batch)
+        self._sampler = RowSampler(spec.micro_batch, self._crops)
         workers = spec.num_threads if spec.num_threads > 1 else 0
         self._loader = DataLoader(
             PlanSamples(spec),
@@ -141,43 +146,50 @@ class TorchLoader(EpochLoader):
             # spawn: never fork a process that may hold CUDA or DALI threads
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=bool(workers),
-            worker_init_fn=_ignore_preemption_signals if workers else None,
+            worker_init_fn=_init_worker if workers else None,
             prefetch_factor=4 if workers else None,
         )
         self._start_prefetch()
         if self.prefetch is not None:
             self._sampler.on_batch = self.prefetch.reached
 
-    def __iter__(self):
-        st = self.stream()
-        self._sampler.stream = st
-        expected = st.batches(self.spec.micro_batch)  # the rows of each batch, to name a failing one
-        it = iter(self._loader)
-        for _ in range(st.length // self.spec.micro_batch):
-            planned = next(expected)
-            if self.transient is None:
+    def close(self) -> None:
+        super().close()
+        workers = getattr(self._loader, "_iterator", None)  # persistent workers outlive each epoch's iterator
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
+
+    def _crops(self, epoch: int, rows: np.ndarray) -> np.ndarray:
+        s, t = self.spec, self.table
+        return crop_batch(
+            self.crop_version, s.seed, epoch, rows, t.width[rows], t.height[rows], s.crop_scale, s.crop_ratio,
+            s.flip_prob,
+        )  # fmt: skip
+
+    def _produce(self, stop):
+        epoch, phases = self.epoch, list(self.phases)
+        micro = self.spec.micro_batch
+        while not stop.is_set():
+            st = self.stream(epoch, phases)
+            self._sampler.stream = st
+            expected = st.batches(micro)  # the rows of each batch, to name a failing one
+            it = iter(self._loader)
+            for _ in range(st.length // micro):
+                planned = next(expected)
                 try:
                     img, rows = next(it)
-                except TransientError as err:  # waited out its patience: stand-ins until every rank stops
-                    self.go_void(_as_raised(err))
-                except ChangedObject as err:
-                    raise _as_raised(err) from None  # a changed or missing shard: stop, naming it
-                except (OSError, ValueError, RuntimeError, DataError) as err:  # a sample not read or decoded
-                    self._fail(planned, err)
-            if self.transient is not None:
-                yield self.void_batch()
-                continue
-            self._advance(len(rows))
-            if self.device.type == "cuda":
-                img = img.to(self.device, non_blocking=True)
-            labels, keys = self.labels_and_keys(rows, img.device)
-            yield Batch(img=img, label=labels, keys=keys, rows=rows)
-        self._next_epoch()
+                except Exception as err:  # a sample not read or decoded, a changed shard, the moment
+                    yield Failed(_as_raised(err), [planned])
+                    return
+                if self.device.type == "cuda":  # from pinned memory, without waiting
+                    img = img.to(self.device, non_blocking=True)
+                yield rows, img, None
+            epoch, phases = epoch + 1, [Phase(self.spec.world_size, 0, self.excluded)]
 
-    def _fail(self, rows: np.ndarray, err: Exception) -> None:
-        if isinstance(err, NOT_THE_SAMPLES):
+    def _failed(self, err: BaseException, rows) -> None:
+        if isinstance(err, NOT_THE_SAMPLES) or not isinstance(err, (OSError, ValueError, RuntimeError, DataError)):
             raise err
-        found = preflight.find_undecodable(self.table, rows)
+        found = preflight.find_undecodable(self.table, rows[0]) if rows else []
         if not found:
             raise err
         self.stop_with(found, "cannot read or decode", None)

@@ -20,7 +20,9 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 
 def load_ds_config(path: str | Path) -> dict:
-    path = Path(path)
+    from engine.config.paths import resolve_repo_path
+
+    path = resolve_repo_path(path)  # the repository's ds_configs/ wherever the command runs from
     if not path.is_file():
         raise ConfigError(f"engine.ds_config={str(path)!r}: file not found")
     try:

@@ -142,6 +142,10 @@ class NonFiniteGuard:
         """The flags the trainer acts on now: those of ``lag`` steps ago."""
         return self.flags_at(self.steps - self.lag)
 
+    def host_buffers(self) -> list[torch.Tensor]:
+        """The host-side ring the flags are copied to (pinned on CUDA): reading it never waits."""
+        return list(self._host)
+
     def reset_consecutive(self) -> None:
         self.consecutive.zero_()
 

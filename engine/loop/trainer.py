@@ -19,7 +19,6 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from engine.loop.rng import rng_state, seed_everything, set_rng_state
 from engine.loop.runlock import RunLock
 from engine.loop.schedule import lr_at
 from engine.loop.signals import StopRequest, StopSignals
+from engine.loop.syncs import SyncSpy, sync_counter
 from engine.loop.task import Task, TaskContext
 from engine.loop.watchdog import Watchdog
 from engine.loop.zero_adapter import adapter_for
@@ -117,8 +117,8 @@ class Trainer:
         self.timer = PhaseTimer(dist.device)
         self.meter = MetricMeter()
         self.watchdog: Watchdog | None = None
-        self.sync_check = cfg.log.sync_debug and dist.device.type == "cuda"
-        self.sync_count, self.sync_examples = 0, []
+        self.sync_check = cfg.log.sync_debug  # count host-device syncs on the steps that do not log
+        self.syncs = sync_counter(dist.device, self.sync_check)
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -268,6 +268,7 @@ class Trainer:
             remote=remote_spec(d),
             labels=aug.labels,
             label_map=aug.label_map,
+            keys=self.cfg.log.sample_keys,  # built per sample: only when they are recorded
         )
 
     # ------------------------------------------------------------------ state
@@ -426,20 +427,6 @@ class Trainer:
         self.timer.stop("optimizer")
         self.meter.add(loss.detach(), out.metrics)
 
-    def _train_step_counting_syncs(self, batch: Any) -> None:
-        """train_step under CUDA's sync debug mode; synchronizing calls are counted, not fatal."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                self.train_step(batch)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-        self.sync_count += len(syncs)
-        if syncs and not self.sync_examples:
-            self.sync_examples = [f"{w.filename}:{w.lineno}" for w in syncs[:5]]
-
     def _set_lr(self) -> float:
         p = self.plan
         lr = lr_at(self.step, p.lr, p.warmup_steps, p.total_steps, self.cfg.schedule.min_lr)
@@ -540,30 +527,38 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         lr = self._set_lr()
         self._snapshot()
+        if isinstance(self.syncs, SyncSpy):
+            self.syncs.host.update(id(t) for t in self.guard.host_buffers())
         while self.step < stop:
-            fetch = time.perf_counter()
-            for batch in self.loader:
-                self.timer.add_host("data_wait", time.perf_counter() - fetch)
-                if batch.void:  # this rank could not read in time: every rank skips from here, then stops
-                    self.guard.void = True
-                micro = self.loader.position  # 1-based index of this micro-batch in the epoch
+            batches = iter(self.loader)
+            while True:
+                micro = self.loader.position + 1  # 1-based index of the micro-batch about to be taken
                 boundary = micro % self.plan.grad_accum == 0
                 logs = boundary and ((self.step + 1) % self.cfg.log.interval == 0 or self.step + 1 == stop)
-                if self.sync_check and not logs:
-                    self._train_step_counting_syncs(batch)
-                else:
-                    self.train_step(batch)
-                self.keys.record(self.step + 1, micro, batch.keys)
+                counted = self.sync_check and not logs  # the whole step, next(loader) included
+                with self.syncs.window(counted):
+                    fetch = time.perf_counter()
+                    batch = next(batches, None)
+                    if batch is not None:
+                        self.timer.add_host("data_wait", time.perf_counter() - fetch)
+                        if batch.void:  # this rank could not read in time: every rank skips, then stops
+                            self.guard.void = True
+                        self.train_step(batch)
+                        self.keys.record(self.step + 1, micro, batch.keys)
+                if batch is None:
+                    break  # the epoch ended
                 if boundary:
-                    self.step += 1
-                    window_steps += 1
-                    self.faults.step_done(self.step)
-                    self.watchdog.beat(self.step)
-                    self.monitor.step(self.step)
+                    with self.syncs.window(counted):
+                        self.step += 1
+                        window_steps += 1
+                        self.faults.step_done(self.step)
+                        self.watchdog.beat(self.step)
+                        self.monitor.step(self.step)
                     if logs:
                         self._log(lr, time.perf_counter() - window_start, window_steps)
                         window_start, window_steps = time.perf_counter(), 0
-                    action = self._react_to_flags()
+                    with self.syncs.window(counted):
+                        action = self._react_to_flags()
                     if action == "preempt":
                         if self.last_save != self.step:
                             self.save()
@@ -578,10 +573,10 @@ class Trainer:
                         self.save()
                     if self.step >= stop:
                         break
-                    lr = self._set_lr()
-                    self._snapshot()
-                fetch = time.perf_counter()
-            else:  # the epoch ended
+                    with self.syncs.window(counted):
+                        lr = self._set_lr()
+                        self._snapshot()
+            if batch is None:  # (not a break at the last step)
                 self._epoch_end()
                 every = self.cfg.checkpoint.keep_every_epochs
                 if every and self.loader.epoch % every == 0 and self.step < stop:
@@ -744,8 +739,8 @@ class Trainer:
             "bad_samples": self.bad_samples,
         }
         if self.sync_check:
-            rec["host_syncs_non_logging_steps"] = self.sync_count
-            rec["host_sync_sites"] = self.sync_examples
+            rec["host_syncs_non_logging_steps"] = self.syncs.count
+            rec["host_sync_sites"] = self.syncs.sites
         self.monitor.record(rec)
         part_txt = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in zip(self.task.metric_names, parts))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
