@@ -407,6 +407,7 @@ def plan_run(
             per_image_bytes=per_image,
             bucket_elems=_bucket_elems(cfg),
             frozen_transient_bytes=transient,
+            async_save=cfg.checkpoint.async_save,
         )
     if num_samples is None:
         missing.append(f"steps per epoch and schedule lengths need the shards (data.shards={cfg.data.shards!r})")

@@ -151,6 +151,9 @@ class CheckpointConfig:
     # a run) | fresh (move a run already in the folder aside, then start over) | <checkpoint dir>
     resume: str = "auto"
     on_signal: bool = True  # SIGTERM/SIGUSR1: finish the step, save, exit 0 (RUN_DIR/PREEMPTED)
+    # copy the state to host memory at the save's step and write it in a background thread while
+    # training goes on (the marker follows once every rank's files are durable); false: write in place
+    async_save: bool = True
 
 
 @dataclass

@@ -224,15 +224,19 @@ def release_shared_memory() -> None:
 
     DeepSpeed's shared-memory all-reduce on CPU creates one ~70 MB buffer per rank and master port
     and never unlinks it, so every finished CPU run leaves RAM-backed files behind. Peers mapped the
-    buffer at start-up, so removing its name at exit is safe.
+    buffer at start-up, so removing its name at exit is safe. Only a buffer this process has mapped
+    is removed: a name alone could be a later job's that was given the same (freed) port.
     """
-    import glob
-
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         return
     suffixes = {os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")}
-    for s in suffixes:
-        for path in glob.glob(f"{SHM_PATTERN}_{addr}_{port}_{s}"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+    mine = {f"{SHM_PATTERN[:-1]}{os.getuid()}_{addr}_{port}_{s}" for s in suffixes}
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = {line.split(None, 5)[-1].strip() for line in f if "deepspeed_allreduce_buffer_" in line}
+    except OSError:
+        return
+    for path in sorted(mine & mapped):
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from engine.errors import CheckpointError, ConfigError
+from engine.loop.checkpoint_writer import CheckpointWriter
 
 EngineFactory = Callable[[nn.Module, torch.optim.Optimizer, dict], tuple[Any, torch.dtype]]
 
@@ -64,6 +66,8 @@ class LocalEngine:
         self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
         self.micro_steps = 0
         self.global_steps = 0
+        # files go through a checkpoint engine as DeepSpeed's do (the trainer installs its writer)
+        self.checkpoint_engine = CheckpointWriter(0, 1, False, torch.device("cpu"))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -89,7 +93,9 @@ class LocalEngine:
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
         path = Path(save_dir) / tag
-        path.mkdir(parents=True, exist_ok=True)
+        info = SimpleNamespace(tag=tag, save_dir=save_dir, save_latest=save_latest)
+        self.checkpoint_engine.create(info)
+        self.checkpoint_engine.makedirs(path, exist_ok=True)
         state = {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -97,7 +103,8 @@ class LocalEngine:
             "micro_steps": self.micro_steps,
             "client_state": client_state,
         }
-        torch.save(state, path / self.FILE)
+        self.checkpoint_engine.save(state, str(path / self.FILE))
+        self.checkpoint_engine.commit(info)
         if save_latest:
             (Path(save_dir) / "latest").write_text(tag)
 
@@ -105,9 +112,7 @@ class LocalEngine:
         path = Path(load_dir) / tag / self.FILE
         if not path.is_file():
             raise CheckpointError(f"{path}: not a local-engine checkpoint")
-        from engine.weights.safe_load import safe_load
-
-        state = safe_load(path)
+        state = self.checkpoint_engine.load(str(path), map_location="cpu")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ from data_pipeline.loaders.identity import check_data_change, data_identity
 from data_pipeline.loaders.source import DatasetView, read_dataset
 from data_pipeline.order.select import resolve_order
 from engine.config import Config, RunPlan, fingerprint, plan_run, resolved, to_dict
-from engine.disk import as_disk_error, free_space, writing
+from engine.disk import writing
 from engine.errors import CheckpointError, DataError, NonFiniteError, RunFolderBusy, TransientError
 from engine.loop import to_universal
+from engine.loop.checkpointing import Checkpointer
 from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
 from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
 from engine.loop.engines import EngineFactory, deepspeed_engine
@@ -104,6 +104,7 @@ class Trainer:
         self.plan: RunPlan | None = None
         self.ds_config: dict = {}
         self.engine: Any = None
+        self.checkpoints: Checkpointer | None = None
         self.dtype = torch.float32
         self.guard: NonFiniteGuard | None = None
         self.compiled, self.compile_error = False, ""
@@ -219,6 +220,7 @@ class Trainer:
         module.to(self.dist.device)
         optimizer = self.task.make_optimizer(self.task.param_groups(), self.plan.lr)
         self.engine, self.dtype = self.engine_factory(module, optimizer, self.ds_config)
+        self.checkpoints = Checkpointer(self.engine, self.dist, self.ckpt_dir, self.cfg.checkpoint, self.faults)
         lag = self.cfg.debug.flag_lag if self.cfg.debug.flag_lag >= 0 else None
         self.guard = NonFiniteGuard(adapter_for(self.engine.optimizer), self.dist.device, self.stop, lag=lag)
         self.task.to_device(self.dist.device, self.dtype)
@@ -312,54 +314,24 @@ class Trainer:
     def _save(self, keep: bool) -> Path:
         self._check_finite_weights()
         self.keys.flush()  # before the marker: a complete checkpoint never lacks its steps' keys
-        tag = ckpt.tag_for(self.step)
-        state = self._client_state()
-        t0 = time.perf_counter()
-        error = None
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
-        except Exception as err:  # disk full, permissions, a file in the way: never half-succeed
-            error = err
-        path = self.ckpt_dir / tag
-        if any_rank(error is not None, self.dist.device):
-            self._discard_partial(path)
-            why = (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if error else "on another rank"
-            raise CheckpointError(
-                f"saving checkpoint {tag} failed ({why}; {free_space(self.ckpt_dir)}); the earlier checkpoints "
-                f"in {self.ckpt_dir} are untouched and the newest complete one is used on resume"
-            ) from error
-        self.faults.before_marker()
-        failed = None
-        if self.dist.is_main:
-            info = {
-                "step": self.step,
-                "epoch": self.loader.epoch,
-                "world_size": self.dist.world_size,
-                "keep": keep,
-                "precision": self.precision,  # what engine.precision=auto resolved to: a resume keeps it
-                "data": self.loader.data_state(),
-            }
+        info = {
+            "step": self.step,
+            "epoch": self.loader.epoch,
+            "world_size": self.dist.world_size,
+            "keep": keep,
+            "precision": self.precision,  # what engine.precision=auto resolved to: a resume keeps it
+            "data": self.loader.data_state(),
             # the config travels in the marker too, so a resume can refuse it before loading anything
-            info.update(config=to_dict(self.cfg), config_fingerprint=fingerprint(self.cfg), **self.task.reference())
-            try:
-                ckpt.mark_complete(path, info)
-                ckpt.write_latest(self.ckpt_dir, tag)
-                ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last)
-            except OSError as err:
-                failed = as_disk_error(err, path / ckpt.MARKER) or CheckpointError(f"{path}: {err}")
-        if any_rank(failed is not None, self.dist.device):  # every rank stops alike
-            self._discard_partial(path)
-            raise failed or CheckpointError(f"writing the marker of {path} failed on rank 0")
-        barrier()
-        log.info("saved checkpoint %s in %.1fs%s", path, time.perf_counter() - t0, " (kept)" if keep else "")
-        return path
+            "config": to_dict(self.cfg),
+            "config_fingerprint": fingerprint(self.cfg),
+            **self.task.reference(),
+        }
+        return self.checkpoints.save(self.step, self._client_state(), info)
 
-    def _discard_partial(self, path: Path) -> None:
-        """A checkpoint whose save failed is removed (rank 0): no partial files stay behind, and the
-        earlier checkpoints are untouched."""
-        if self.dist.is_main:
-            shutil.rmtree(path, ignore_errors=True)
-        barrier()
+    def _wait_for_saves(self) -> None:
+        """The checkpoint write in flight is complete on every rank (an asynchronous save)."""
+        with self.watchdog.held("a checkpoint write") if self.watchdog is not None else contextlib.nullcontext():
+            self.checkpoints.wait()
 
     def resume(self) -> dict | None:
         """Load the checkpoint found at build time; returns this rank's loader state (or None)."""
@@ -491,8 +463,10 @@ class Trainer:
             elif outcome == "transient":
                 result = {"step": self.step, "complete": False, "transient": True}
             else:
-                result = self._finish(stop)
+                result = self._finish(stop)  # (an evaluation or figure overlaps the last write)
+                self._wait_for_saves()
         finally:
+            self.checkpoints.close()
             self.monitor.close()
             self.watchdog.close()
         if self.dist.is_main:
@@ -562,6 +536,7 @@ class Trainer:
                     if action == "preempt":
                         if self.last_save != self.step:
                             self.save()
+                        self._wait_for_saves()
                         self._preempted(saved=True)
                         return "preempted"
                     every = self.cfg.log.figure_interval
@@ -622,6 +597,7 @@ class Trainer:
         self.meter = MetricMeter()
         if self.last_save != self.step:
             self.save()
+        self._wait_for_saves()
         barrier()  # every rank's save is complete before any rank exits (the launcher stops the rest)
         if self.dist.is_main:
             with writing(self.run_dir / "PREEMPTED"):
@@ -667,6 +643,7 @@ class Trainer:
     def _rollback(self, bad: int) -> None:
         """Reload weights and optimizer state of the newest complete checkpoint; the data loader
         keeps its position, so the offending batches are stepped past, not replayed."""
+        self._wait_for_saves()  # the newest checkpoint may still be being written
         path = ckpt.newest_complete(self.ckpt_dir)
         if path is None:
             raise NonFiniteError(

@@ -67,6 +67,9 @@ class MemoryEstimate:
     teacher_gb: float
     total_gb: float
     per_image_mb: float  # activations of one image
+    # host (CPU) memory, not in total_gb: the copy of the state an asynchronous save writes from,
+    # kept from one save to the next (rank 0: the bf16 weights and its fp32 master + Adam share)
+    host_snapshot_gb: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in asdict(self).items()}
@@ -81,6 +84,7 @@ def estimate_memory(
     per_image_bytes: float,
     bucket_elems: float,
     frozen_transient_bytes: float = 0.0,
+    async_save: bool = False,
 ) -> MemoryEstimate:
     """``trainable``/``frozen``: parameter counts; ``per_image_bytes``: activations of one image;
     ``frozen_transient_bytes``: a frozen module's working set per image (one block at a time)."""
@@ -91,6 +95,15 @@ def estimate_memory(
     acts = micro_batch * per_image_bytes
     teacher = 2.0 * frozen + micro_batch * frozen_transient_bytes
     total = weights + grads + optim + buckets + acts + teacher
+    snapshot = (2.0 * trainable + 12.0 * trainable / world_size) if async_save else 0.0
     return MemoryEstimate(
-        weights / GB, grads / GB, optim / GB, buckets / GB, acts / GB, teacher / GB, total / GB, per_image_bytes / 1e6
+        weights / GB,
+        grads / GB,
+        optim / GB,
+        buckets / GB,
+        acts / GB,
+        teacher / GB,
+        total / GB,
+        per_image_bytes / 1e6,
+        host_snapshot_gb=snapshot / GB,
     )

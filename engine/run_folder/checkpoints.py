@@ -69,7 +69,7 @@ def newest_complete(root: str | Path) -> Path | None:
 
 def describe_files(path: Path) -> dict[str, dict]:
     """{relative name: {size, crc32}} of every file in a checkpoint folder but the marker."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(MARKER))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith((MARKER, ".files-rank")))
     with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
         crcs = list(pool.map(crc32_file, files))
     return {str(p.relative_to(path)): {"size": p.stat().st_size, "crc32": c} for p, c in zip(files, crcs)}
@@ -131,8 +131,10 @@ def newest_verified(
     return None
 
 
-def mark_complete(path: Path, info: dict) -> None:
-    files = describe_files(path)
+def mark_complete(path: Path, info: dict, files: dict[str, dict] | None = None) -> None:
+    """Write ``complete.json``: ``info`` and ``files`` ({name: {size, crc32}}, as the ranks recorded
+    them while writing; read back from disk when not given)."""
+    files = describe_files(path) if files is None else files
     tmp = path / (MARKER + ".tmp")
     try:
         with open(tmp, "w") as f:
@@ -219,6 +221,9 @@ def apply_retention(root: str | Path, keep_last: int) -> list[Path]:
             continue
         if partial and step >= newest_step:
             continue  # could be a save in flight by another process; never touch
+        if not partial:  # the marker first: a deletion cut short leaves a partial folder, never a complete one
+            (p / MARKER).unlink(missing_ok=True)
+            _fsync_dir(p)
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed

@@ -280,3 +280,27 @@ def test_shared_memory_of_killed_runs_is_reclaimed_and_live_buffers_kept():
         holder.kill()
         for p in (stale, live, young):
             p.unlink(missing_ok=True)
+
+
+def test_a_rank_releases_only_the_shared_memory_buffer_it_mapped(monkeypatch):
+    """At exit a rank unlinks its own all-reduce buffer; a buffer of the same name that this process
+    never mapped (a later job given the same freed port) is left to its owner."""
+    import mmap
+
+    from engine.loop.dist import release_shared_memory
+
+    port = str(40000 + os.getpid() % 20000)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", port)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    name = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0")
+    name.write_bytes(b"\0" * 4096)
+    try:
+        release_shared_memory()  # not mapped here: someone else's
+        assert name.exists()
+        with open(name, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+            release_shared_memory()
+            assert not name.exists()
+    finally:
+        name.unlink(missing_ok=True)
