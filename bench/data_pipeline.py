@@ -134,6 +134,8 @@ def measure(
         n += b.img.shape[0]
     _ = float(b.img.sum())  # wait for the last batch (GPU outputs are asynchronous)
     seconds = time.perf_counter() - t0
+    it.close()
+    loader.close()
     return {
         "loader": kind,
         "threads": threads,

@@ -53,6 +53,8 @@ def simple_table(d: dict) -> list[str]:
         "end_to_end": "End to end",
         "data_plan": "Epoch plan of one rank",
         "data_remote": "Local shards vs object storage",
+        "host_path": "Loader CPU on the training thread, per sample",
+        "checkpoint": "How long a save holds training",
     }
     lines = [f"**{titles[d['benchmark']]}** ({d['device']}, {d['date'][:10]})", ""]
     if d["benchmark"] == "end_to_end":

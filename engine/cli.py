@@ -310,7 +310,10 @@ def dataset_size(cfg: Config) -> int | None:
 
 def main(stage: str, description: str, make_task: Callable[[], object], argv: list[str] | None = None) -> int:
     from engine.loop.dist import env_rank, env_world_size
+    from engine.observe.goodput import STARTUP, process_start
 
+    STARTUP.mark("launcher and pre-launch check", at=max(STARTUP.origin, process_start() or STARTUP.origin))
+    STARTUP.mark("python and imports")
     args = parse_args(stage, description, argv)
     quiet = env_rank() != 0  # one message per job, not one per rank
     try:
@@ -361,6 +364,7 @@ def _run(cfg: Config, make_task: Callable[[], object], stop) -> int:
         setup_logging,
     )
     from engine.loop.ops import shm_op_built, use_environment_cache
+    from engine.observe.goodput import STARTUP
     from engine.weights.safe_load import load_guard
 
     ops = use_environment_cache()  # the same op build whatever the shell or launcher (engine.loop.ops)
@@ -382,6 +386,7 @@ def _run(cfg: Config, make_task: Callable[[], object], stop) -> int:
     quiet_known_noise()
     dist = setup_distributed()
     setup_logging(dist.rank, cfg.log.level)
+    STARTUP.mark("config and process group")
     if building:
         log.info("DeepSpeed's CPU communication op built in %.0f s", time.perf_counter() - t0)
     try:
@@ -395,13 +400,14 @@ def _train(cfg: Config, dist, make_task: Callable[[], object], stop) -> int:
     import time
 
     from engine.loop.trainer import Trainer
+    from engine.observe.goodput import STARTUP
 
     notes = Path(cfg.run_dir) / "heartbeat"
     started = time.time()
     with contextlib.suppress(OSError):
         (notes / f"stopped_rank{dist.rank}.json").unlink()
     try:
-        result = Trainer(cfg, dist, make_task(), stop=stop).train()
+        result = Trainer(cfg, dist, make_task(), stop=stop, clock=STARTUP).train()
     except StackError as err:
         # One line instead of a traceback per rank; errors every rank sees alike are printed by rank 0.
         if dist.rank == 0 or err.rank_local:

@@ -4,7 +4,7 @@ any folder, relative paths resolving against that folder.
     deepmim-pretrain   [--gpus N | --hostfile FILE ...] -- --preset NAME --run-dir DIR [--set k=v ...]
     deepmim-finetune   the same, for fine-tuning and linear-probing presets
     deepmim-make-shards, deepmim-index-shards, deepmim-verify, deepmim-stats
-    deepmim-export, deepmim-evaluate
+    deepmim-export, deepmim-evaluate, deepmim-goodput
 
 The two training commands are ``launchers/pretrain.sh`` (the checks before launch, the free port,
 the signal handling) run with this environment's Python and ``deepspeed``; the others are the

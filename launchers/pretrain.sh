@@ -39,6 +39,8 @@ on_signal() { pending=$1; sent=" "; [ -n "$child" ] && forward; }  # a new signa
 trap 'on_signal TERM' TERM
 trap 'on_signal USR1' USR1
 trap 'on_signal INT' INT
+# the launch time of this attempt, for the run's goodput account (start-up includes the checks below)
+export DEEPMIM_LAUNCHED_AT="${EPOCHREALTIME:-$(date +%s.%N)}"
 REPO="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"
 DS=${DEEPSPEED:-$REPO/.venv/bin/deepspeed}
 [ -x "$DS" ] || DS=deepspeed
@@ -76,7 +78,11 @@ if [ -z "$module" ]; then
   done
 fi
 
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+gpu_visible() {  # an NVIDIA GPU the driver exposes to this process (read from /dev, not by importing torch: 1.5 s)
+  case "${CUDA_VISIBLE_DEVICES-all}" in ""|-1) return 1 ;; esac
+  [ "${DS_ACCELERATOR:-cuda}" = cuda ] && compgen -G "/dev/nvidia[0-9]*" >/dev/null
+}
+if ! gpu_visible; then
   export DS_ACCELERATOR=cpu
   [ -z "$hostfile" ] && gpus=${gpus:-2}
 fi
@@ -135,8 +141,25 @@ forward() {  # the pending signal, once to every rank that has not had it (ranks
     case "$sent" in *" $pid "*) ;; *) kill -s "$pending" "$pid" 2>/dev/null && sent="$sent$pid " ;; esac
   done
 }
-launch() {  # one start of DeepSpeed's runner; returns its exit code
+node_launcher() {  # one node without a hostfile: DeepSpeed's node launcher directly, as its runner would start
+  # it (the runner's own start, about 2 s of imports, does nothing else for a single node)
+  local info
+  info=$("$PY" -c 'import base64, json, os, sys
+n, v = int(sys.argv[1]), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+ids = [d.strip() for d in v.split(",") if d.strip()] if v and os.environ.get("DS_ACCELERATOR") != "cpu" else []
+ids = ids or [str(i) for i in range(n)]
+print(base64.urlsafe_b64encode(json.dumps({"localhost": [int(i) if i.isdigit() else i for i in ids[:n]]}).encode()).decode())' "$world")
+  setsid "$PY" -u -m deepspeed.launcher.launch --world_info="$info" --master_addr=127.0.0.1 --master_port="$port" \
+    --log_level="${DS_LOG_LEVEL:-warning}" --module "$module" "$@" &
+}
+launch() {  # one start of DeepSpeed's launcher; returns its exit code
   pick_port
+  if [ -z "$hostfile" ] && [ -z "$node_rank" ] && [ "$no_ssh" = 0 ] && [ "${addr:-127.0.0.1}" = 127.0.0.1 ]; then
+    node_launcher "$@"
+    child=$!
+    wait_for_child
+    return $?
+  fi
   # DeepSpeed's launcher at warning level: its per-process INFO lines say nothing a run's own log does not
   args=(--master_port "$port" --log_level "${DS_LOG_LEVEL:-warning}")
   if [ -n "$hostfile" ]; then
@@ -150,6 +173,9 @@ launch() {  # one start of DeepSpeed's runner; returns its exit code
   # setsid: DeepSpeed's runner and launcher get a session of their own (see Preemption above)
   setsid "$DS" "${args[@]}" --module "$module" "$@" &
   child=$!
+  wait_for_child
+}
+wait_for_child() {  # until the launcher exits, passing stop signals on; returns its exit code
   while kill -0 "$child" 2>/dev/null; do
     forward
     sleep 1 &
@@ -178,6 +204,7 @@ while :; do
   sleep "$pause" &
   wait $! 2>/dev/null
   [ -n "$pending" ] && exit 75  # a stop signal while waiting: the saved run stays as it is
+  export DEEPMIM_LAUNCHED_AT="${EPOCHREALTIME:-$(date +%s.%N)}"  # the wait was between attempts
   check "$@"
   rc=$?
 done

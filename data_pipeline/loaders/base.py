@@ -16,10 +16,13 @@ Data pipelines take rank and world size as arguments and never read the environm
 
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -354,6 +357,7 @@ class Producer:
         if threaded:
             self.thread = threading.Thread(target=self._run, name="batch-producer", daemon=True)
             self.thread.start()
+            _LIVE.add(self)
 
     def _run(self) -> None:
         try:
@@ -390,3 +394,16 @@ class Producer:
             self.thread.join(timeout=5)
         if not self.threaded or not self.thread.is_alive():
             self._items.close()  # its pipeline or DataLoader iterator goes with it
+        _LIVE.discard(self)
+
+
+# Producers not closed by their owner are stopped at interpreter exit, before daemon threads are frozen:
+# a thread left inside DALI's pipeline then would abort the process ("terminate called ...").
+_LIVE: weakref.WeakSet[Producer] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_producers() -> None:
+    for producer in list(_LIVE):
+        with contextlib.suppress(Exception):
+            producer.close()

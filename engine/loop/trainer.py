@@ -50,6 +50,7 @@ from engine.loop.task import Task, TaskContext
 from engine.loop.watchdog import Watchdog
 from engine.loop.zero_adapter import adapter_for
 from engine.models.flops import peak_flops
+from engine.observe.goodput import GoodputAccount, StartupClock
 from engine.observe.monitor import KeyAudit, RunMonitor
 from engine.observe.telemetry import MetricMeter, PhaseTimer, peak_memory_gb
 from engine.run_folder import checkpoints as ckpt
@@ -74,6 +75,7 @@ class Trainer:
         engine_factory: EngineFactory = deepspeed_engine,
         faults: NoFaults | None = None,
         stop: StopRequest | None = None,
+        clock: StartupClock | None = None,
     ):
         self.cfg, self.dist, self.task = cfg, dist, task
         self.engine_factory = engine_factory
@@ -82,6 +84,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.view_dir = self.run_dir / "data_view"
         self.lock = RunLock(self.run_dir)
+        # start-up marks from the launch (the entry point's clock) or, in process, from now
+        self.clock = clock if clock is not None else StartupClock(origin=time.time())
+        self.goodput = GoodputAccount(self.run_dir, False, self.clock)  # rank 0's, opened under the lock in _train
         # set by signals (engine.loop.signals), read by the guard and the loop; an entry point that
         # installed its handlers at process start hands its request in, else train() installs them
         self.stop = stop if stop is not None else StopRequest()
@@ -129,12 +134,16 @@ class Trainer:
             self.resume_marker = resume_marker(self.resume_from)
             if "config" in self.resume_marker:  # refuse an incompatible config before building anything
                 check_config(self.resume_marker["config"], self.cfg)
+        self.clock.mark("run folder and checkpoint choice")
         self._build_data()
+        self.clock.mark("data checks and plan")
         self.task.setup(TaskContext(self.cfg, self.plan, self.dist, self.run_dir, self.resume_marker))
         self.plan = self.task.plan  # a task may refine it (a teacher's real width)
         if self.resume_marker is not None:
             self.task.check_resume(self.resume_marker)
+        self.clock.mark("model")
         self._build_engine()
+        self.clock.mark("engine")
         seed_everything(self.cfg.seed + self.dist.rank)
         self.built = True
 
@@ -306,9 +315,12 @@ class Trainer:
         first = self._first_void()
         if first is not None:  # a step since the last flags read was stand-in data somewhere: not this state
             raise VoidSteps(first)
+        t0 = time.perf_counter()
         with self.watchdog.held() if self.watchdog is not None else contextlib.nullcontext():
             path = self._save(keep)
         self.last_save = self.step
+        self.goodput.add("checkpoint", time.perf_counter() - t0)
+        self.goodput.write()
         return path
 
     def _save(self, keep: bool) -> Path:
@@ -330,8 +342,10 @@ class Trainer:
 
     def _wait_for_saves(self) -> None:
         """The checkpoint write in flight is complete on every rank (an asynchronous save)."""
+        t0 = time.perf_counter()
         with self.watchdog.held("a checkpoint write") if self.watchdog is not None else contextlib.nullcontext():
             self.checkpoints.wait()
+        self.goodput.add("checkpoint", time.perf_counter() - t0)
 
     def resume(self) -> dict | None:
         """Load the checkpoint found at build time; returns this rank's loader state (or None)."""
@@ -425,7 +439,9 @@ class Trainer:
             with writing(self.run_dir / "config.json"):
                 (self.run_dir / "config.json").write_text(json.dumps(resolved(self.cfg, self.plan), indent=2))
         self.keys = KeyAudit(self.run_dir, self.dist.rank, self.cfg.log.sample_keys)
+        self.goodput = GoodputAccount(self.run_dir, self.dist.is_main, self.clock)
         loader_state = self.resume()
+        self.clock.mark("checkpoint load")
         stop = self.plan.stop_step
         if self.step >= stop:
             log.info("run already complete: step %d of %d; nothing to do", self.step, stop)
@@ -452,7 +468,12 @@ class Trainer:
             f.heartbeat_s,
         )
         self.engine.train()
+        self.clock.mark("loader")
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.plan.total_steps)
+        startup = self.goodput.loop_started(self.step, self.run_dir / "heartbeat")
+        if self.dist.is_main:
+            log.info("%s", startup)
+        outcome = "error"
         try:
             try:
                 outcome = self._loop(stop)
@@ -469,8 +490,10 @@ class Trainer:
             self.checkpoints.close()
             self.monitor.close()
             self.watchdog.close()
+            self.goodput.write(outcome)
         if self.dist.is_main:
             log.info("summary\n%s", self.monitor.summary(result))
+            log.info("%s (%s)", self.goodput.end_line(), self.goodput.path)
         return result
 
     def _finish(self, stop: int) -> dict:
@@ -478,9 +501,11 @@ class Trainer:
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
             if self.cfg.log.reconstructions:
                 self._save_figure(self.run_dir / "reconstructions.png")
+        t0 = time.perf_counter()
         result = self.task.finish(
             self.engine, {"step": self.step, "epoch": self.loader.epoch, "complete": self.step >= stop}
         )
+        self.goodput.add("evaluation", time.perf_counter() - t0)
         result.pop("epoch", None)  # (the loader's count stops short of a final epoch end)
         if "eval" in result:
             self.monitor.record_eval(
@@ -514,7 +539,9 @@ class Trainer:
                     fetch = time.perf_counter()
                     batch = next(batches, None)
                     if batch is not None:
-                        self.timer.add_host("data_wait", time.perf_counter() - fetch)
+                        waited = time.perf_counter() - fetch
+                        self.timer.add_host("data_wait", waited)
+                        self.goodput.add("data_wait", waited)
                         if batch.void:  # this rank could not read in time: every rank skips, then stops
                             self.guard.void = True
                         self.train_step(batch)
@@ -527,6 +554,7 @@ class Trainer:
                         window_steps += 1
                         self.faults.step_done(self.step)
                         self.watchdog.beat(self.step)
+                        self.goodput.step_done(self.step)
                         self.monitor.step(self.step)
                     if logs:
                         self._log(lr, time.perf_counter() - window_start, window_steps)
@@ -588,6 +616,7 @@ class Trainer:
             raise TransientError(f"stood in empty data since guard step {first}, whose state is no longer kept")
         voided = self.guard.steps - (first - 1)
         self.guard.skipped.sub_(voided)  # stand-ins, not non-finite steps
+        self.goodput.lost_steps(voided)
         self.step, loader_state, rng, task_state = snap
         self.loader.restore_snapshot(loader_state)
         set_rng_state(rng)
@@ -612,8 +641,10 @@ class Trainer:
         return "transient"
 
     def _epoch_end(self) -> None:
+        t0 = time.perf_counter()
         with self.watchdog.held("an evaluation"):
             metrics = self.task.on_epoch_end(self.engine, self.loader.epoch)
+        self.goodput.add("evaluation", time.perf_counter() - t0)
         self.engine.train()
         if metrics:
             self.monitor.record_eval({"step": self.step, "epoch": self.loader.epoch, **metrics})
@@ -673,6 +704,7 @@ class Trainer:
             bad,
             self.rollbacks,
         )
+        self.goodput.lost_steps(self.step - client["train"]["step"])
         self.step = client["train"]["step"]
         self.meter = MetricMeter()  # the skipped steps' NaN losses are not part of any average
 
@@ -680,12 +712,15 @@ class Trainer:
     def _save_figure(self, path: Path) -> None:
         """A figure is a view of the run, never a reason to fail it: a problem is one warning line."""
         held = self.watchdog.held("a figure") if self.watchdog is not None else contextlib.nullcontext()
+        t0 = time.perf_counter()
         try:
             with held, writing(path):
                 written = self.task.figure(self.engine, path)
         except (DataError, TransientError) as err:  # the shards it reads (a full disk still stops the run)
             log.warning("no figure %s: %s", path.name, err.one_line())
             return
+        finally:
+            self.goodput.add("evaluation", time.perf_counter() - t0)
         if written:
             with writing(self.run_dir / "tensorboard"):
                 self.monitor.figure(self.step, path)
@@ -719,6 +754,7 @@ class Trainer:
             rec["host_syncs_non_logging_steps"] = self.syncs.count
             rec["host_sync_sites"] = self.syncs.sites
         self.monitor.record(rec)
+        self.goodput.write()
         part_txt = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in zip(self.task.metric_names, parts))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         teacher = f" teacher {100 * share['teacher']:.0f}%" if "teacher" in share else ""  # runs that have one

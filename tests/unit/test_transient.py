@@ -54,7 +54,11 @@ def spec(shards: str, tmp: Path, micro: int = 4, **remote) -> LoaderSpec:
 
 
 def keys_of(loader) -> list[str]:
-    return [k for b in loader for k in b.keys]
+    """The keys of the loader's epoch; the loader is closed after (its read-ahead stops writing the cache)."""
+    try:
+        return [k for b in loader for k in b.keys]
+    finally:
+        loader.close()
 
 
 # ------------------------------------------------------------------------------ classification
