@@ -125,7 +125,10 @@ def train(args, shards: Path, env: dict, overrides: list[str], tmp: Path) -> lis
     if proc.returncode != 0:
         log.error("training failed:\n%s", proc.stdout[-3000:] + proc.stderr[-3000:])
         return None
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    if rows and (run / "goodput.json").is_file():  # the run's own account (start-up, warm-up, productive...)
+        rows[-1]["goodput"] = json.loads((run / "goodput.json").read_text())["summary"]
+    return rows
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -136,6 +139,7 @@ def summarize(rows: list[dict]) -> dict:
         "mfu": statistics.median(r["mfu"] for r in rows) if rows and rows[0].get("mfu") is not None else None,
         "losses": [r["loss"] for r in rows],
         "final_loss": rows[-1]["loss"] if rows else None,
+        "goodput": rows[-1].get("goodput") if rows else None,
     }
 
 

@@ -15,7 +15,7 @@
 #  3. DALI alone on ImageNet-like JPEGs (500 x 375, ~110 KB, made here from the bundled photos):
 #     mixed decode + random-resized crop + resize + normalize, hardware decoder share 0.65 and 0,
 #     against the PIL fallback -> data_gpu.json
-#  4. the trainer end to end with DALI (ViT-B/16 pixel): data-wait share, img/s, MFU, and the same run
+#  4. the trainer end to end with DALI (ViT-B/16 pixel): data-wait share, img/s, MFU, its goodput account, and the same run
 #     with FP8 encoder linears, loss curves compared step by step over 200 steps -> e2e_dali.json
 set -uo pipefail
 cd "$(dirname "$0")/.."

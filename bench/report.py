@@ -92,6 +92,38 @@ def meta_table(d: dict) -> list[str]:
     return lines
 
 
+def checkpoint_table(d: dict) -> list[str]:
+    """Save blocking per way (median of the repeats), restart start-ups, a killed run's goodput."""
+    import statistics
+
+    lines = [f"**How long a save holds training** ({d['device']}, {d['date'][:10]}; {d['ranks']} ranks)", ""]
+    keys = ["model", "checkpoint_gb", "before_s", "sync_s", "async_s", "async_slowdown_s", "async / before"]
+    lines += [_row(keys), _row(["---"] * len(keys))]
+    for model in dict.fromkeys(r["model"] for r in d["results"]):
+        rows = [r for r in d["results"] if r["model"] == model]
+
+        def med(mode: str, key: str = "blocking_s", rows=rows) -> float:
+            return statistics.median(r[key] for r in rows if r["mode"] == mode)
+
+        cells = [model, rows[0]["checkpoint_gb"], med("before"), med("sync"), med("async")]
+        cells += [med("async", "slowdown_s"), med("async") / med("before")]
+        lines.append(_row([_num(c) if isinstance(c, float) else c for c in cells]))
+    r = d.get("restart")
+    if r:
+        lines.append(
+            f"\nlaunch to first step, {r['model']}: fresh {r['fresh_startup_s']:.1f} s, resume "
+            f"{r['resume_startup_s']:.1f} s (x{r['resume_over_fresh']:.2f}; checkpoint {r['checkpoint_gb']:.2f} GB)"
+        )
+    g = d.get("goodput")
+    if g:
+        s = g["summary"]
+        lines.append(
+            f"\n{g.get('preset', 'quickstart')} killed after its first checkpoint and resumed: goodput "
+            f"{s['goodput']:.1%} of {s['total_s']:.0f} s, {s['steps_redone']} steps redone"
+        )
+    return lines
+
+
 def profile_table(d: dict) -> list[str]:
     head = (
         f"**Kernel time per step** ({d['device']}, {d['date'][:10]}; {d['arch']} {d['target']} {d['config']}, "
@@ -136,6 +168,7 @@ def render(paths: list[str]) -> str:
             "profile_step": profile_table,
             "trainer_metrics": metrics_table,
             "data_meta": meta_table,
+            "checkpoint": checkpoint_table,
         }
         table = tables.get(kind, simple_table)
         out += [*table(d), ""]

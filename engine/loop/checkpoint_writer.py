@@ -145,6 +145,7 @@ class CheckpointWriter:
         self.on_complete: Callable[[Path, dict], None] | None = None  # rank 0: marker, latest, retention
         self.error: BaseException | None = None  # a background write that failed (raised by the trainer)
         self.blocked_s = 0.0  # how long the last save waited for the previous one
+        self.write_s = 0.0  # how long the last background write took (files, record, rank 0's marker)
         self._pending: list[tuple[Path, Any]] = []
         self._jobs: queue.Queue = queue.Queue()
         self._idle = threading.Event()
@@ -224,6 +225,7 @@ class CheckpointWriter:
     def _run(self) -> None:
         while True:
             tag_dir, files, event, on_complete = self._jobs.get()
+            t0 = time.perf_counter()
             try:
                 if event is not None:
                     event.synchronize()  # the host copies have landed
@@ -238,6 +240,7 @@ class CheckpointWriter:
                     (tag_dir / f".failed-rank{self.rank}").write_text(f"{type(err).__name__}: {err}\n")
                 log.warning("rank %d: writing checkpoint %s failed: %s", self.rank, tag_dir.name, err)
             finally:
+                self.write_s = time.perf_counter() - t0
                 self._idle.set()
 
 

@@ -25,13 +25,33 @@ log = logging.getLogger(__name__)
 
 
 def find_resume(mode: str, ckpt_dir: Path, dist: DistInfo) -> Path | None:
-    """The checkpoint folder to resume from, or None to start from scratch."""
+    """The checkpoint folder to resume from, or None to start from scratch (its files verified)."""
+    return choose_resume(mode, ckpt_dir, dist, background=False)[0]
+
+
+def choose_resume(
+    mode: str, ckpt_dir: Path, dist: DistInfo, background: bool = True
+) -> tuple[Path | None, ckpt.Verification | None]:
+    """The checkpoint to resume from and, with ``background``, the verification of its files still
+    running (``Trainer.resume`` collects it before loading, and falls back when it fails); without,
+    the files are verified here and a damaged checkpoint is set aside for the next older one."""
     if mode in ("never", "fresh"):
-        return None
+        return None, None
 
     def gather(obj: object) -> list:
         return all_gather_objects(obj, dist.world_size)
 
+    if mode == "auto" and background:
+        newest = ckpt.newest_complete(ckpt_dir)
+        if newest is not None:
+            try:
+                return newest, ckpt.Verification(newest, dist.rank, dist.world_size)
+            except CheckpointError:
+                pass  # its marker is damaged: the synchronous choice below sets it aside
+    return _choose_now(mode, ckpt_dir, dist, gather), None
+
+
+def _choose_now(mode: str, ckpt_dir: Path, dist: DistInfo, gather) -> Path | None:
     if mode == "auto":
         newest = ckpt.newest_complete(ckpt_dir)
         found = ckpt.newest_verified(ckpt_dir, dist.rank, dist.world_size, gather, barrier)

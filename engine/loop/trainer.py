@@ -40,7 +40,7 @@ from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_pre
 from engine.loop.engines import EngineFactory, deepspeed_engine
 from engine.loop.faults import NoFaults, fault_injector
 from engine.loop.guard import NonFiniteGuard
-from engine.loop.resume import check_config, find_resume, resume_marker
+from engine.loop.resume import check_config, choose_resume, find_resume, resume_marker
 from engine.loop.rng import rng_state, seed_everything, set_rng_state
 from engine.loop.runlock import RunLock
 from engine.loop.schedule import lr_at
@@ -103,6 +103,7 @@ class Trainer:
         # built by build()
         self.built = False
         self.resume_from: Path | None = None
+        self.verification: ckpt.Verification | None = None  # of resume_from's files, still running
         self.resume_marker: dict | None = None
         self.dataset: DatasetView | None = None
         self.bad_samples = 0
@@ -129,7 +130,8 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         self._lock_run_dir()
-        self.resume_from = find_resume(self.cfg.checkpoint.resume, self.ckpt_dir, self.dist)
+        # the newest checkpoint's files are verified in the background while data, model and engine build
+        self.resume_from, self.verification = choose_resume(self.cfg.checkpoint.resume, self.ckpt_dir, self.dist)
         if self.resume_from is not None:
             self.resume_marker = resume_marker(self.resume_from)
             if "config" in self.resume_marker:  # refuse an incompatible config before building anything
@@ -187,14 +189,8 @@ class Trainer:
                 self.view_dir / "bad_samples.json",
             )
         preflight.check_threshold(self.dataset, self.cfg.fault.max_bad_sample_share, self.view_dir)
-        if self.resume_marker is not None:  # other data or seed under a mid-epoch checkpoint: refused here
-            note = check_data_change(
-                self.resume_marker,
-                data_identity(self.dataset.table, self.cfg.seed, self.order, d.block_window),
-                d.on_change,
-            )
-            if note:
-                log.warning("%s", note)
+        if self.resume_marker is not None:
+            self._check_data_change(self.resume_marker)
         classes = self.dataset.num_classes or None
         self.plan = plan_run(self.cfg, self.dist.world_size, self.dataset.num_samples, classes).require_complete()
         p = self.plan
@@ -212,6 +208,14 @@ class Trainer:
             p.dropped_per_epoch,
             p.lr,
         )
+
+    def _check_data_change(self, marker: dict) -> None:
+        """Other data or seed under a mid-epoch checkpoint: refused here (or noted, data.on_change)."""
+        d = self.cfg.data
+        identity = data_identity(self.dataset.table, self.cfg.seed, self.order, d.block_window)
+        note = check_data_change(marker, identity, d.on_change)
+        if note:
+            log.warning("%s", note)
 
     def _build_engine(self) -> None:
         trained_in = (self.resume_marker or {}).get("precision")
@@ -347,8 +351,41 @@ class Trainer:
             self.checkpoints.wait()
         self.goodput.add("checkpoint", time.perf_counter() - t0)
 
+    def _collect_verification(self) -> None:
+        """Before loading: every rank's share of the checkpoint's files verified. A damaged checkpoint
+        is set aside and the newest one that verifies is used, when the run as built can load it (same
+        world size, config and data); otherwise this start ends with exit code 75 and the same command
+        resumes from it."""
+        check, self.verification = self.verification, None
+        problems = check.problems(lambda obj: all_gather_objects(obj, self.dist.world_size))
+        if not problems:
+            return
+        damaged = self.resume_from
+        if self.dist.is_main:
+            ckpt.set_aside(damaged, problems)
+        barrier()
+        found = find_resume("auto", self.ckpt_dir, self.dist)
+        if found is None:
+            raise ckpt.no_checkpoint_verifies(self.ckpt_dir, ckpt.broken_checkpoints(self.ckpt_dir))
+        marker = resume_marker(found)
+        same = ("world_size", "precision")  # what the engine was built for (ZeRO layout, dtype)
+        if any(marker.get(k) != self.resume_marker.get(k) for k in same):
+            raise TransientError(
+                f"checkpoint {damaged.name} is damaged ({'; '.join(problems[:2])}) and was set aside; the next one, "
+                f"{found.name}, was written with other settings than this start was built for: the same command "
+                "resumes from it"
+            )
+        if "config" in marker:
+            check_config(marker["config"], self.cfg)
+        self.task.check_resume(marker)
+        self._check_data_change(marker)
+        log.warning("resuming from %s instead of the newest checkpoint %s, which is damaged", found, damaged.name)
+        self.resume_from, self.resume_marker = found, marker
+
     def resume(self) -> dict | None:
         """Load the checkpoint found at build time; returns this rank's loader state (or None)."""
+        if self.verification is not None:
+            self._collect_verification()
         path = self.resume_from
         if path is None:
             return None

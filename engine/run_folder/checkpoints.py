@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -118,17 +119,53 @@ def newest_verified(
                 write_latest(root, path.name)  # it named a checkpoint that was just set aside
             return path
         if rank == 0:
-            log.warning(
-                "checkpoint %s is damaged (%s); it is renamed broken-%s and the next older one is tried",
-                path,
-                "; ".join(problems[:3]),
-                path.name,
-            )
-            (path / BROKEN_NOTE).write_text("\n".join(problems) + "\n")  # why, for every later start to say
-            os.replace(path, path.with_name(f"broken-{path.name}"))
+            set_aside(path, problems)
         if barrier is not None:
             barrier()
     return None
+
+
+def set_aside(path: Path, problems: list[str]) -> Path:
+    """Rename a damaged checkpoint ``broken-step_*`` with a note of what is wrong (rank 0)."""
+    log.warning(
+        "checkpoint %s is damaged (%s); it is renamed broken-%s and the next older one is tried",
+        path,
+        "; ".join(problems[:3]),
+        path.name,
+    )
+    (path / BROKEN_NOTE).write_text("\n".join(problems) + "\n")  # why, for every later start to say
+    aside = path.with_name(f"broken-{path.name}")
+    os.replace(path, aside)
+    return aside
+
+
+class Verification:
+    """This rank's share of a checkpoint's files checked against its marker in a background thread,
+    while the run builds its data, model and engine (which the check does not touch); it also brings
+    the files into the page cache the engine's load then reads from."""
+
+    def __init__(self, path: Path, rank: int, world_size: int):
+        self.path = path
+        self._mine: list[str] = []
+        self.seconds = 0.0
+        recorded = read_marker(path).get("files") or {}
+        names = sorted(recorded)[rank::world_size]
+        self._thread = threading.Thread(target=self._run, args=(names, recorded), name="checkpoint-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, names: list[str], recorded: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._mine = file_problems(self.path, names, recorded)
+        except OSError as err:
+            self._mine = [f"unreadable ({err})"]
+        self.seconds = time.perf_counter() - t0
+
+    def problems(self, gather: Callable[[object], list] | None = None) -> list[str]:
+        """Every rank's problems (collective when ``gather`` is given); waits for this rank's share."""
+        self._thread.join()
+        parts = gather(self._mine) if gather is not None else [self._mine]
+        return [p for part in parts for p in part]
 
 
 def mark_complete(path: Path, info: dict, files: dict[str, dict] | None = None) -> None:

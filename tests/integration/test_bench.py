@@ -136,3 +136,23 @@ def test_data_meta_benchmark(tmp_path):
     s, m = d["at_scale"], d["measured"]
     assert 1.0 <= s["ratio_to_read"] < 2.0 and s["whole_columns_gb"] > 10 * s["node_metadata_gb"]
     assert m["bytes_fetched"] == m["bytes_predicted_by_plan"] < m["bytes_whole_columns"]
+
+
+def test_checkpoint_benchmark(tmp_path, demo_shards):
+    """The save benchmark's three ways on 2 ranks, the restart's two start-ups and the goodput of a run
+    killed after a checkpoint (the test preset: the code paths, not the numbers)."""
+    out = tmp_path / "ckpt.json"
+    cmd = [sys.executable, "-m", "bench.checkpoint", "--models", "tiny", "--repeats", "1", "--restart", "tiny"]
+    cmd += ["--goodput", "--goodput-preset", "deepmim_test_pixel", "--shards", str(demo_shards), "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert sorted(r["mode"] for r in d["results"]) == ["async", "before", "sync"]
+    assert all(r["blocking_s"] > 0 and r["checkpoint_gb"] > 0 for r in d["results"])
+    assert set(d["ratios"]) == {"tiny sync / before", "tiny async / before"} and d["resume"][0]["verified"]
+    r = d["restart"]
+    assert r["fresh_startup_s"] > 0 and "checkpoint load" in r["resume_parts"]
+    g = d["goodput"]
+    assert g["killed_exit"] == -9 and g["summary"]["attempts"] == 2 and g["summary"]["steps_redone"] >= 1
+    assert [a["outcome"] for a in g["attempts"]] == ["running", "done"]
+    assert 0 < g["summary"]["goodput"] < 1

@@ -67,6 +67,14 @@ def test_sigkill_then_auto_resume_is_bitwise_identical(demo_shards, tmp_path):
     assert set(k1) == {"rank0.tsv", "rank1.tsv"} and k1 == k2
     assert len(k1["rank0.tsv"].splitlines()) == n  # one line per micro-step (accumulation 1)
     assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(killed)][-n:]
+    # the goodput account spans both attempts: the killed one as last written, the steps it ran past
+    # the checkpoint the second resumed from counted as lost progress
+    account = json.loads((killed / "goodput.json").read_text())
+    first, second = account["attempts"]
+    assert first["outcome"] == "running" and second["outcome"] == "done" and second["step_to"] == n
+    assert second["steps_redone"] >= first["step_to"] - second["step_from"] >= 0  # (heartbeats may know more)
+    assert first["launch_known_from"] == second["launch_known_from"] == "deepspeed launcher start"
+    assert account["summary"]["attempts"] == 2 and 0 < account["summary"]["goodput"] < 1
 
 
 def test_kill_during_save_uses_the_previous_checkpoint(demo_shards, tmp_path):

@@ -205,3 +205,48 @@ def test_old_checkpoints_lose_their_marker_before_their_files(tmp_path, monkeypa
     ckpt.apply_retention(root, keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000003"]
     assert (root / "step_00000001" / "f.pt").exists() and not (root / "step_00000001" / ckpt.MARKER).exists()
+
+
+# ------------------------------------------------------------------------------ restarts (issue 27.4)
+
+
+def test_a_resume_verifies_the_checkpoint_while_the_engine_is_built(demo_shards, tmp_path, monkeypatch):
+    """The check of the files waits here until the engine exists: had the start waited for the check
+    before building, it would never get there (the check gives up after 60 s and says so)."""
+    run = tmp_path / "run"
+    assert train_in_process(in_process_config(run, demo_shards, 4, "checkpoint.interval=2"))["complete"]
+    from engine.loop.trainer import Trainer
+
+    built, waited = threading.Event(), []
+    real_problems, real_build = ckpt.file_problems, Trainer._build_engine
+
+    def slow_check(*a):
+        waited.append(built.wait(timeout=60))
+        return real_problems(*a)
+
+    def build_engine(self):
+        real_build(self)
+        built.set()
+
+    monkeypatch.setattr(ckpt, "file_problems", slow_check)
+    monkeypatch.setattr(Trainer, "_build_engine", build_engine)
+    assert train_in_process(in_process_config(run, demo_shards, 6, "checkpoint.interval=2"))["step"] == 6
+    assert waited == [True]
+
+
+def test_a_damaged_newest_checkpoint_the_built_run_cannot_load_ends_the_start_with_75(demo_shards, tmp_path):
+    """Found damaged after the engine was built for it, and the one before was written by another
+    world size: that start ends (exit 75: the same command continues) instead of loading it into an
+    engine built for the other."""
+    from engine.errors import TransientError
+
+    run = tmp_path / "run"
+    assert train_in_process(in_process_config(run, demo_shards, 4, "checkpoint.interval=2"))["complete"]
+    older = run / "checkpoints" / "step_00000002" / ckpt.MARKER
+    older.write_text(json.dumps({**json.loads(older.read_text()), "world_size": 2}))
+    newest = run / "checkpoints" / "step_00000004" / LocalEngine.FILE
+    newest.write_bytes(newest.read_bytes()[:-10])
+    with pytest.raises(TransientError, match="step_00000004 is damaged .* step_00000002, was written with other"):
+        train_in_process(in_process_config(run, demo_shards, 6, "checkpoint.interval=2"))
+    assert (run / "checkpoints" / "broken-step_00000004").is_dir()
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000002"]
