@@ -3,7 +3,6 @@ real-photo shard set, and helpers that run the deepspeed launcher with a clean e
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -80,15 +79,16 @@ def make_shards(src: Path, out: Path, *extra: str) -> None:
 @pytest.fixture(autouse=True)
 def _no_leaked_shared_memory():
     """DeepSpeed's CPU all-reduce leaves ~70 MB buffers in /dev/shm when a run is killed; remove
-    what a test's runs left behind so a long suite does not fill the machine's RAM."""
-    pattern = "/dev/shm/deepspeed_allreduce_buffer_*"
+    what a test's runs left behind so a long suite does not fill the machine's RAM. Only buffers no
+    live process holds: a job running beside the tests (another suite, a user's run) keeps its own."""
     import glob
 
-    before = set(glob.glob(pattern))
+    from engine.loop.dist import SHM_PATTERN, reclaim_stale_shared_memory
+
+    before = set(glob.glob(SHM_PATTERN))
     yield
-    for path in set(glob.glob(pattern)) - before:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    if set(glob.glob(SHM_PATTERN)) - before:
+        reclaim_stale_shared_memory(min_age_s=0.0, only=set(glob.glob(SHM_PATTERN)) - before)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ class RemoteSpec:
     backoff_s: float = 1.0  # backoff base: the n-th wait is uniform in [0, min(cap, base x 2^n)]
     backoff_cap_s: float = 60.0
     ahead: int = 8  # shards fetched ahead of the one being read, per rank
+    local_ranks: int = 1  # ranks on this node sharing the cache (the trainer sets it from its launcher)
 
     @property
     def cache_root(self) -> str:

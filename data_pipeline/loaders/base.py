@@ -11,7 +11,7 @@ A loader yields ``Batch`` objects for one rank. Its contract:
   exactly the remaining samples, even when the world size, the micro-batch, the loader kind or
   the set of excluded samples changed in between.
 
-Data pipelines take rank and world size as arguments and never read the environment.
+Data pipelines take rank, world size and ranks per node as arguments and never read the launcher's environment.
 """
 
 from __future__ import annotations

@@ -201,9 +201,8 @@ class RemoteShards:
         return max(self.tar_bytes.values(), default=0)
 
     def auto_budget(self) -> int:
-        """Room for every local rank's read-ahead twice over (LOCAL_WORLD_SIZE: the launcher's)."""
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        return 2 * local * (self.spec.ahead + 4) * (self.largest() or 1 << 30)
+        """Room for every local rank's read-ahead twice over."""
+        return 2 * max(1, self.spec.local_ranks) * (self.spec.ahead + 4) * (self.largest() or 1 << 30)
 
     def _episode(self, name: str) -> Episode:
         with self._lock:

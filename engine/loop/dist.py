@@ -27,6 +27,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +65,8 @@ def setup_distributed(timeout_minutes: int = 30) -> DistInfo:
         )
     if printed.getvalue().strip():
         log.debug("deepspeed: %s", printed.getvalue().strip())
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, local_world_size=local_world)
 
 
 def env_rank() -> int:
@@ -190,14 +192,15 @@ def barrier() -> None:
 SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*"
 
 
-def reclaim_stale_shared_memory(min_age_s: float = 60.0) -> list[str]:
+def reclaim_stale_shared_memory(min_age_s: float = 60.0, only: set[str] | None = None) -> list[str]:
     """Remove DeepSpeed CPU all-reduce buffers that no live process holds (left by killed runs: a
     SIGKILL skips ``release_shared_memory``). A buffer is in use while any process has it mapped or
-    open; younger ones are left alone (a job starting beside this one may be about to map its own)."""
+    open; younger ones are left alone (a job starting beside this one may be about to map its own).
+    ``only``: consider these paths alone."""
     import glob
     import time
 
-    files = set(glob.glob(SHM_PATTERN))
+    files = set(glob.glob(SHM_PATTERN)) if only is None else set(only)
     if not files:
         return []
     in_use: set[str] = set()

@@ -124,3 +124,11 @@ class LocalEngine:
 
 def local_engine(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> tuple[Any, torch.dtype]:
     return LocalEngine(module, optimizer, ds_config), torch.float32
+
+
+def align_step_counts(engine: Any, global_steps: int, micro_steps: int) -> None:
+    """After a resume: DeepSpeed restores its optimizer-step count but not its micro-step count, which
+    decides its accumulation boundaries; both are set from the run's step and the loader's position
+    (saves happen at boundaries, so the position is a multiple of the accumulation)."""
+    engine.global_steps = global_steps
+    engine.micro_steps = micro_steps

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 from engine.config import Config, compare_for_resume, from_dict
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, TransientError
+from engine.loop import to_universal
 from engine.loop.dist import DistInfo, all_gather_objects, barrier
 from engine.run_folder import checkpoints as ckpt
 from engine.weights.safe_load import safe_load
@@ -128,3 +129,52 @@ def marker_from_states(path: Path) -> dict:
         "data": ranks[0]["loader"].get("data"),
         "forced": True,
     }
+
+
+def settle_verification(
+    check: ckpt.Verification, marker: dict, ckpt_dir: Path, dist: DistInfo
+) -> tuple[Path, dict] | None:
+    """Before loading: every rank's share of the checkpoint's files verified (collective). None when
+    they verify; else the checkpoint is set aside and the newest one that verifies is returned with its
+    marker, when the run as built can load it (same world size and precision). Otherwise this start
+    ends with exit code 75 and the same command resumes from that one."""
+    problems = check.problems(lambda obj: all_gather_objects(obj, dist.world_size))
+    if not problems:
+        return None
+    damaged = check.path
+    if dist.is_main:
+        ckpt.set_aside(damaged, problems)
+    barrier()
+    found = find_resume("auto", ckpt_dir, dist)
+    if found is None:
+        raise ckpt.no_checkpoint_verifies(ckpt_dir, ckpt.broken_checkpoints(ckpt_dir))
+    older = resume_marker(found)
+    if any(older.get(k) != marker.get(k) for k in ("world_size", "precision")):  # what the engine was built for
+        raise TransientError(
+            f"checkpoint {damaged.name} is damaged ({'; '.join(problems[:2])}) and was set aside; the next one, "
+            f"{found.name}, was written with other settings than this start was built for: the same command "
+            "resumes from it"
+        )
+    log.warning("resuming from %s instead of the newest checkpoint %s, which is damaged", found, damaged.name)
+    return found, older
+
+
+def load_resumed(engine, path: Path, marker: dict, ckpt_dir: Path, dist: DistInfo) -> dict:
+    """Load ``path`` into the engine (through DeepSpeed's universal format when it was written by
+    another number of ranks); returns the checkpoint's client state."""
+    load_path = path
+    if marker["world_size"] != dist.world_size:
+        if dist.is_main:
+            log.warning(
+                "elastic resume: %s was written by %d ranks, this run has %d; converting it to a universal checkpoint",
+                path,
+                marker["world_size"],
+                dist.world_size,
+            )
+            to_universal.convert(path, ckpt_dir / "universal")
+        barrier()
+        load_path = ckpt_dir / "universal" / path.name
+    _, client = engine.load_checkpoint(str(load_path.parent), tag=load_path.name, load_lr_scheduler_states=False)
+    if client is None:
+        raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+    return client

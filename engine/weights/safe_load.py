@@ -39,10 +39,11 @@ from engine.errors import UnsafeFileError
 log = logging.getLogger(__name__)
 
 
-# The plain-data classes a file may name, by who writes them. Each only has its attribute dict
-# restored: nothing is called. DeepSpeed's bf16 ZeRO-2 checkpoints hold the first three (what
-# ``load_guard`` allows, for DeepSpeed's own loads); an official MAE/DeepMIM ``checkpoint-N.pth``
-# carries its argparse namespace, allowed only where such files are read (engine.weights.formats).
+# The plain-data classes a DeepSpeed file may name (what ``load_guard`` allows for DeepSpeed's own
+# loads): the two loss scalers and the ZeRO stage enum of its model-states and optimizer files, and the
+# fragment address of its universal-checkpoint files. Each only has its attribute dict restored:
+# nothing is called. An official MAE/DeepMIM ``checkpoint-N.pth`` carries its argparse namespace,
+# allowed only where such files are read (engine.weights.formats).
 DEEPSPEED_CLASSES = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",

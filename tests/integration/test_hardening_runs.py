@@ -3,17 +3,18 @@ folder, no orphans, no silent stall."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from engine.run_folder.checkpoints import MARKER, list_checkpoints
 from tests.conftest import ROOT, cpu_env, deepspeed_cmd, run_deepspeed, run_single, start_job
@@ -199,8 +200,10 @@ def test_watchdog_names_a_stalled_rank_and_exits(demo_shards, tmp_path):
             lines.append(line)
             if "exiting with code 4" in line:
                 break
-        wait_for(lambda: not Path(f"/proc/{rank0[0]}").exists(), timeout=30)
-        time.sleep(2)  # the launcher polls once a second: let it see rank 0's exit code first
+        for line in proc.stdout:  # the launcher has seen rank 0's exit code (it now stops the others) ...
+            lines.append(line)
+            if "Killing subprocess" in line:
+                break
         os.kill(rank1[0], signal.SIGKILL)  # ... then spare DeepSpeed's launcher its 30 s wait for a stopped process
         out = "".join(lines) + proc.communicate(timeout=120)[0]
     finally:
@@ -237,3 +240,90 @@ def test_a_stop_on_one_rank_is_one_line(demo_tree, tmp_path):
     assert proc.returncode == 2, out[-3000:]
     assert len(errors) == 1 and "[rank1]" in errors[0] and table.key(row) in errors[0], errors
     assert "Traceback" not in out and "closed by peer" not in out, out[-3000:]
+
+
+def test_torchscript_with_state_code_is_refused(tmp_path):
+    """A TorchScript class whose state is restored by its own code (a scripted __setstate__, which
+    torch.jit.load would run): refused, and the code does not run (it would print)."""
+    archive = tmp_path / "coded.pt"
+    script = f"""
+import torch
+from typing import Tuple
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+    def forward(self, x):
+        return x * self.w
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, bool]:
+        return (self.w, self.training)
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+        print("TORCHSCRIPT-CODE-RAN")
+        self.w = state[0]
+        self.training = state[1]
+torch.jit.save(torch.jit.script(M()), {str(archive)!r})
+"""
+    (tmp_path / "make.py").write_text(script)  # TorchScript reads the class's source: a file, not -c
+    subprocess.run([sys.executable, str(tmp_path / "make.py")], check=True, capture_output=True)
+    probe = f"""
+from engine.targets.teachers import TeacherError, load_clip_teacher
+try:
+    load_clip_teacher({str(archive)!r})
+except TeacherError as err:
+    print("REFUSED", err)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    assert "REFUSED" in out.stdout and str(archive) in out.stdout and "__setstate__" in out.stdout
+    assert "TORCHSCRIPT-CODE-RAN" not in out.stdout + out.stderr
+
+
+def test_a_killed_jobs_run_lock_is_not_in_the_way(tmp_path):
+    """The lock dies with its holder, however it dies: no stale-lock clean-up needed."""
+    from engine.loop.runlock import RunFolderBusy, RunLock
+
+    code = (
+        f"from engine.loop.runlock import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+        "print('held', flush=True); import time; time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"pid {holder.pid} on "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()
+
+
+def test_pixel_budget_downscales_and_skips_without_exhausting_memory(tmp_path):
+    src = tmp_path / "src" / "only"
+    src.mkdir(parents=True)
+    Image.new("RGB", (2000, 1500), (40, 90, 200)).save(src / "large.png")  # 3 M px: downscaled
+    Image.new("1", (20000, 20000)).save(src / "huge.png")  # 400 M px, tiny file: skipped unread
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(buf, format="JPEG")
+    (src / "small.jpg").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    # VmHWM: this process's own peak resident memory (ru_maxrss would carry pytest's over the exec)
+    code = (
+        f"import re, sys; from data_pipeline.make_shards import main; rc = main([{str(src.parent)!r}, "
+        f"{str(out)!r}, '--workers', '1', '--no-progress', '--max-pixels', '2000000']); "
+        "print('PEAK_KB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+        "sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    peak_gb = int(proc.stdout.split("PEAK_KB")[1].split()[0]) / 2**20
+    assert peak_gb < 1.0  # decoding the 400 M px image would take 1.2 GB alone, converting it far more
+    import pyarrow.parquet as pq
+
+    rows = {r["source"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert rows["only/large.png"]["width"] * rows["only/large.png"]["height"] <= 2_000_000
+    assert "2 M pixels" in rows["only/large.png"]["action"] and rows["only/small.jpg"]["action"] == "copied"
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [s["source"] for s in skipped] == ["only/huge.png"] and "--max-pixels" in skipped[0]["reason"]

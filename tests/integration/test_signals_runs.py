@@ -14,7 +14,6 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -111,12 +110,25 @@ def test_one_ctrl_c_in_a_terminal_saves_and_exits_zero(demo_shards, tmp_path):
     assert "step/s" in out or "s/step" in out  # tqdm's bar, drawn because stderr is a terminal
 
 
+def rank_processes(run: Path) -> list[int]:
+    """The training processes of the run in ``run`` (they carry ``--local_rank``)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes()
+        except OSError:
+            continue
+        if b"--local_rank" in args and str(run).encode() in args:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
 def test_a_signal_while_the_ranks_start_is_a_clean_preemption(demo_shards, tmp_path):
     """SIGTERM a moment after launch, while the ranks import and build: passed on once their handlers
     are in place; they stop before the first step, write PREEMPTED and exit 0 (a scheduler requeues)."""
     run = tmp_path / "run"
     proc = start_job(launcher(run, demo_shards, 300), capture=True)
-    time.sleep(2.0)
+    wait_for(lambda: rank_processes(run), timeout=120)  # the ranks exist and are still importing
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]

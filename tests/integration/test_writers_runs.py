@@ -3,9 +3,14 @@ for make_shards and for index_shards. Each time the folder is exactly what one w
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from data_pipeline.shards import verify
 from tests.conftest import ROOT, cpu_env, make_shards
@@ -48,3 +53,36 @@ def test_two_index_shards_into_one_folder(demo_shards, tmp_path):
         out = tmp_path / f"out{attempt}"
         both([sys.executable, "-m", "data_pipeline.index_shards", str(demo_shards), str(out), "--workers", "2"])
         same_files(ref, out)
+
+
+def test_rerun_after_a_killed_write_gives_identical_shards(demo_tree, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    make_shards(demo_tree, ref, "--shard-size-mb", "0.01")
+    n_shards = len(json.loads((ref / "dataset.json").read_text())["shards"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipeline.make_shards",
+        str(demo_tree),
+        str(killed),
+        "--shard-size-mb",
+        "0.01",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while len(list(killed.glob("*.part.json"))) < 3 and time.monotonic() - t0 < 60:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(killed.glob("*.part.json")))
+    assert 3 <= done < n_shards, "the writer finished before it was killed"
+    (killed / "shard-000000.tar").write_bytes(b"torn")  # a finished shard damaged afterwards is redone too
+    make_shards(demo_tree, killed, "--shard-size-mb", "0.01")
+    for name in sorted(p.name for p in ref.iterdir() if p.suffix in (".tar", ".idx", ".json")):
+        assert (ref / name).read_bytes() == (killed / name).read_bytes(), name
+    assert pq.read_table(ref / "manifest.parquet").equals(pq.read_table(killed / "manifest.parquet"))
+    assert not list(killed.glob("*.tmp"))
+    assert verify.verify(killed) == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 
@@ -13,7 +12,6 @@ from engine.config import Config, ConfigError, apply_overrides, from_dict, plan_
 from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
 from engine.loop.schedule import lr_at
 from engine.presets import get_preset, list_presets
-from tests.conftest import ROOT
 
 
 def test_every_preset_validates_and_round_trips():
@@ -222,11 +220,21 @@ def test_schedule_is_warmup_then_cosine():
     assert lr_at(35, peak, warm, total) == pytest.approx(0.5 * (1 + math.cos(math.pi * 25 / 100)))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.pretrain", *args], cwd=ROOT, capture_output=True, text=True)
+@pytest.fixture
+def run_cli(capsys):
+    """``engine.pretrain``'s command line, in this process: (exit code, stdout, stderr)."""
+    from engine.pretrain import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
 
 
-def test_cli_errors_are_clear():
+def test_cli_errors_are_clear(run_cli):
     proc = run_cli("--preset", "nope")
     assert proc.returncode == 2 and "unknown preset" in proc.stderr
     proc = run_cli("--preset", "deepmim_tiny_pixel", "--set", "mask.ratio=1.0")
@@ -235,7 +243,7 @@ def test_cli_errors_are_clear():
     assert proc.returncode == 2 and "allowed values are ['pixel', 'mixed', 'clip']" in proc.stderr
 
 
-def test_print_config():
+def test_print_config(run_cli):
     proc = run_cli("--preset", "deepmim_tiny_pixel", "--set", "optim.base_lr=3e-4", "--print-config")
     assert proc.returncode == 0
     out = json.loads(proc.stdout)
@@ -248,7 +256,7 @@ def test_print_config():
 
 
 @pytest.mark.parametrize("preset", ["deepmim_vit_b16_clip", "deepmim_vit_l16_pixel", "deepmim_vit_h14_mixed"])
-def test_print_config_for_64_gpus_plans_the_whole_run(tmp_path, preset):
+def test_print_config_for_64_gpus_plans_the_whole_run(tmp_path, preset, run_cli):
     """A shard folder's size is read from dataset.json: the plan is complete, memory included,
     without the teacher files (their shape is assumed and said so)."""
     shards = tmp_path / "imagenet"
@@ -264,7 +272,7 @@ def test_print_config_for_64_gpus_plans_the_whole_run(tmp_path, preset):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "4080" in proc.stderr
 
 
-def test_print_config_without_shards_says_what_is_missing():
+def test_print_config_without_shards_says_what_is_missing(run_cli):
     proc = run_cli("--preset", "deepmim_vit_b16_pixel", "--set", "data.shards=/nonexistent", "--print-config")
     plan = json.loads(proc.stdout)["plan"]
     assert proc.returncode == 0 and plan["steps_per_epoch"] is None and plan["grad_accum"] == 16

@@ -5,10 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ from data_pipeline.loaders.base import LoaderSpec
 from data_pipeline.loaders.factory import make_loader
 from data_pipeline.loaders.source import read_dataset
 from data_pipeline.shards import stats, verify
-from tests.conftest import ROOT, make_shards
+from tests.conftest import make_shards
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:
@@ -121,39 +117,6 @@ def test_worker_count_does_not_change_the_output(demo_tree, tmp_path):
     names = sorted(p.name for p in one.iterdir() if p.suffix in (".tar", ".idx"))
     assert names == sorted(p.name for p in two.iterdir() if p.suffix in (".tar", ".idx")) and len(names) >= 6
     assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
-
-
-def test_rerun_after_a_killed_write_gives_identical_shards(demo_tree, tmp_path):
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    make_shards(demo_tree, ref, "--shard-size-mb", "0.01")
-    n_shards = len(json.loads((ref / "dataset.json").read_text())["shards"])
-    cmd = [
-        sys.executable,
-        "-m",
-        "data_pipeline.make_shards",
-        str(demo_tree),
-        str(killed),
-        "--shard-size-mb",
-        "0.01",
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
-    while len(list(killed.glob("*.part.json"))) < 3 and time.monotonic() - t0 < 60:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(killed.glob("*.part.json")))
-    assert 3 <= done < n_shards, "the writer finished before it was killed"
-    (killed / "shard-000000.tar").write_bytes(b"torn")  # a finished shard damaged afterwards is redone too
-    make_shards(demo_tree, killed, "--shard-size-mb", "0.01")
-    for name in sorted(p.name for p in ref.iterdir() if p.suffix in (".tar", ".idx", ".json")):
-        assert (ref / name).read_bytes() == (killed / name).read_bytes(), name
-    assert pq.read_table(ref / "manifest.parquet").equals(pq.read_table(killed / "manifest.parquet"))
-    assert not list(killed.glob("*.tmp"))
-    assert verify.verify(killed) == []
 
 
 def test_rerun_with_other_arguments_is_refused(demo_tree, tmp_path):
