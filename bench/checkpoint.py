@@ -236,12 +236,19 @@ def launch(run: Path, preset: str, shards: Path, *sets: str, kill_after_checkpoi
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
-    if kill_after_checkpoint:  # once the run has recorded steps past its first checkpoint: the restart redoes them
-        while proc.poll() is None and _recorded_step(run) <= _checkpoint_step(run):
+    if kill_after_checkpoint:  # once the run has trained steps past a checkpoint: the restart redoes them
+        while proc.poll() is None:
             time.sleep(0.2)
-        for pid in [*_descendants(proc.pid), proc.pid]:  # ranks, launcher, script: as a node failure would
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if _reached_step(run) <= _checkpoint_step(run):
+                continue
+            # Frozen, the run cannot finish another checkpoint between the look and the kill (with
+            # a short interval it did, and the restart then had nothing to redo).
+            tree = [*_descendants(proc.pid), proc.pid]  # ranks, launcher, script: as a node failure would
+            _signal(tree, signal.SIGSTOP)
+            if _reached_step(run) > _checkpoint_step(run):
+                _signal(tree, signal.SIGKILL)
+                break
+            _signal(tree, signal.SIGCONT)
     _, err = proc.communicate()
     if not kill_after_checkpoint and proc.returncode != 0:
         raise RuntimeError(f"{preset} run failed ({proc.returncode}): {err[-3000:]}")
@@ -273,11 +280,20 @@ def _checkpoint_step(run: Path) -> int:
     return step_of(found[-1].name) if found else 1 << 30
 
 
-def _recorded_step(run: Path) -> int:
-    try:
-        return int(json.loads((run / "goodput.json").read_text())["attempts"][-1]["step_to"] or 0)
-    except (OSError, ValueError, KeyError, IndexError):
-        return 0
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _reached_step(run: Path) -> int:
+    """The furthest step the ranks report (heartbeats), or the account records."""
+    steps = [0]
+    for f in [run / "goodput.json", *(run / "heartbeat").glob("rank*.json")]:
+        with contextlib.suppress(OSError, ValueError, KeyError, IndexError, TypeError):
+            doc = json.loads(f.read_text())
+            steps.append(int((doc["attempts"][-1]["step_to"] if "attempts" in doc else doc["step"]) or 0))
+    return max(steps)
 
 
 def restart(model: str, shards: Path) -> dict:

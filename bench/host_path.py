@@ -36,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.host_path", description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-class", type=int, default=150, help="images per class (9 classes; default 150)")
     ap.add_argument("--micro", default="64,256", help="micro-batches, comma-separated")
-    ap.add_argument("--loaders", default="dali,torch")
+    ap.add_argument("--loaders", default="dali,torch", help="loaders to measure, comma-separated (dali, torch)")
     ap.add_argument("--batches", type=int, default=4, help="batches measured after the first (default 4)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per case; the median is reported (default 3)")
+    ap.add_argument("--img-size", type=int, default=224, help="crop size in pixels (default 224)")
     ap.add_argument("--json", help="write the results here")
     return ap
 

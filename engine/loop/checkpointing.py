@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.dataset.hashing import crc32_file
+from engine.config import Config, RunPlan, fingerprint, to_dict
 from engine.config.schema import CheckpointConfig
 from engine.disk import as_disk_error, free_space
 from engine.errors import CheckpointError, StackError
 from engine.loop.checkpoint_writer import RECORD, CheckpointWriter, install_writer
 from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
 from engine.loop.faults import NoFaults
+from engine.loop.rng import rng_state
 from engine.run_folder import checkpoints as ckpt
 
 log = logging.getLogger(__name__)
@@ -183,3 +185,38 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def run_state(
+    cfg: Config, dist: DistInfo, plan: RunPlan, loader: Any, task: Any, precision: str, progress: dict, keep: bool
+) -> tuple[dict, dict]:
+    """What a save records besides weights and optimizer state (every rank calls this: the per-rank
+    parts, loader position, RNG and task state, are gathered to all): the client state DeepSpeed stores
+    in the model-states file, and the marker's contents (``progress``: step, skipped updates, rollbacks)."""
+    mine = {"loader": loader.state_dict(), "rng": rng_state(), "task": task.state_dict()}
+    ranks = all_gather_objects(mine, dist.world_size)
+    config = {"config": to_dict(cfg), "config_fingerprint": fingerprint(cfg), **task.reference()}
+    client = {
+        "format_version": ckpt.FORMAT_VERSION,
+        "train": {
+            **progress,
+            "epoch": loader.epoch,
+            "samples_into_epoch": loader.samples_consumed(),
+            "steps_per_epoch": plan.steps_per_epoch,
+            "grad_accum": plan.grad_accum,
+        },
+        **config,
+        "world_size": dist.world_size,
+        "precision": precision,
+        "ranks": ranks,
+    }
+    info = {
+        "step": progress["step"],
+        "epoch": loader.epoch,
+        "world_size": dist.world_size,
+        "keep": keep,
+        "precision": precision,  # what engine.precision=auto resolved to: a resume keeps it
+        "data": loader.data_state(),
+        **config,  # the config travels in the marker too, so a resume can refuse it before loading anything
+    }
+    return client, info

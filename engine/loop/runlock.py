@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from engine.errors import RunFolderBusy
 
-__all__ = ["RunFolderBusy", "RunLock"]
+__all__ = ["RunFolderBusy", "RunLock", "lock_run_folder"]
+
+log = logging.getLogger(__name__)
 
 
 class RunLock:
@@ -59,3 +62,25 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']} on {info['host']}, started {info['started']}"
     except (ValueError, KeyError, OSError):
         return "holder unknown"
+
+
+def lock_run_folder(lock: RunLock, run_dir: Path, dist, resume: str) -> None:
+    """Rank 0 takes the run folder's lock and every rank agrees on the outcome; with ``--resume fresh``
+    a run already in the folder is moved aside, under the lock (no other job is using what moves)."""
+    from engine.loop.dist import any_rank, barrier
+    from engine.run_folder import checkpoints as ckpt
+
+    error = None
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except RunFolderBusy as err:
+            error = err
+    if any_rank(error is not None, dist.device):
+        raise RunFolderBusy(str(error or f"{run_dir.resolve()} is in use by another job"))
+    if resume == "fresh":
+        if dist.is_main and ckpt.holds_run(run_dir):
+            moved = ckpt.move_run_aside(run_dir)
+            log.warning("--resume fresh: the run that was in %s is now in %s", run_dir, moved)
+        barrier()

@@ -26,20 +26,20 @@ import torch
 
 from data_pipeline.loaders.base import EpochLoader
 from data_pipeline.loaders.factory import make_loader
-from engine.config import Config, RunPlan, fingerprint, resolved, to_dict
+from engine.config import Config, RunPlan, resolved
 from engine.disk import writing
-from engine.errors import DataError, NonFiniteError, RunFolderBusy, TransientError
-from engine.loop.checkpointing import Checkpointer
+from engine.errors import DataError, NonFiniteError, TransientError
+from engine.loop.checkpointing import Checkpointer, run_state
 from engine.loop.data_build import RunData, build_data, check_against, loader_spec
-from engine.loop.dist import DistInfo, all_gather_objects, any_rank, barrier
+from engine.loop.dist import DistInfo, any_rank, barrier
 from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
 from engine.loop.engines import EngineFactory, align_step_counts, deepspeed_engine
 from engine.loop.faults import NoFaults, fault_injector
 from engine.loop.guard import NonFiniteGuard
 from engine.loop.recovery import Recovery, VoidSteps
 from engine.loop.resume import check_config, choose_resume, load_resumed, resume_marker, settle_verification
-from engine.loop.rng import rng_state, seed_everything, set_rng_state
-from engine.loop.runlock import RunLock
+from engine.loop.rng import seed_everything, set_rng_state
+from engine.loop.runlock import RunLock, lock_run_folder
 from engine.loop.schedule import lr_at
 from engine.loop.signals import StopRequest, StopSignals
 from engine.loop.syncs import SyncSpy, sync_counter
@@ -104,14 +104,14 @@ class Trainer:
         self.loader: EpochLoader | None = None
         self.keys: KeyAudit | None = None
         self.monitor: RunMonitor | None = None
-        self.steplog = StepLog(dist.device, cfg.data.global_batch, dist.world_size, task.metric_names)
+        self.steplog = StepLog(dist.device, cfg.data.global_batch, dist.world_size)
         self.watchdog: Watchdog | None = None
         self.sync_check = cfg.log.sync_debug  # count host-device syncs on the steps that do not log
         self.syncs = sync_counter(dist.device, self.sync_check)
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
-        self._lock_run_dir()
+        lock_run_folder(self.lock, self.run_dir, self.dist, self.cfg.checkpoint.resume)
         # the newest checkpoint's files are verified in the background while data, model and engine build
         self.resume_from, self.verification = choose_resume(self.cfg.checkpoint.resume, self.ckpt_dir, self.dist)
         if self.resume_from is not None:
@@ -131,23 +131,6 @@ class Trainer:
         self.clock.mark("engine")
         seed_everything(self.cfg.seed + self.dist.rank)
         self.built = True
-
-    def _lock_run_dir(self) -> None:
-        """One job per run folder (engine.loop.runlock): rank 0 holds the lock, every rank agrees."""
-        error = None
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                self.lock.acquire()
-            except RunFolderBusy as err:
-                error = err
-        if any_rank(error is not None, self.dist.device):
-            raise RunFolderBusy(str(error or f"{self.run_dir.resolve()} is in use by another job"))
-        if self.cfg.checkpoint.resume == "fresh":  # under the lock: no other job is using what moves
-            if self.dist.is_main and ckpt.holds_run(self.run_dir):
-                moved = ckpt.move_run_aside(self.run_dir)
-                log.warning("--resume fresh: the run that was in %s is now in %s", self.run_dir, moved)
-            barrier()
 
     def _build_engine(self) -> None:
         trained_in = (self.resume_marker or {}).get("precision")
@@ -186,30 +169,7 @@ class Trainer:
     def _elastic(self) -> bool:
         return self.resume_marker is not None and self.resume_marker["world_size"] != self.dist.world_size
 
-    # ------------------------------------------------------------------ state
-    def _client_state(self) -> dict:
-        """Everything besides weights and optimizer state; per-rank parts gathered to all ranks."""
-        mine = {"loader": self.loader.state_dict(), "rng": rng_state(), "task": self.task.state_dict()}
-        ranks = all_gather_objects(mine, self.dist.world_size)
-        return {
-            "format_version": ckpt.FORMAT_VERSION,
-            "train": {
-                "step": self.step,
-                "epoch": self.loader.epoch,
-                "samples_into_epoch": self.loader.samples_consumed(),
-                "steps_per_epoch": self.plan.steps_per_epoch,
-                "grad_accum": self.plan.grad_accum,
-                "skipped_updates": self.guard.state_dict()["skipped"],
-                "rollbacks": self.recovery.rollbacks,
-            },
-            "config": to_dict(self.cfg),
-            "config_fingerprint": fingerprint(self.cfg),
-            **self.task.reference(),
-            "world_size": self.dist.world_size,
-            "precision": self.precision,
-            "ranks": ranks,
-        }
-
+    # ------------------------------------------------------------------ saves
     def _check_finite_weights(self) -> None:
         norms = torch._foreach_norm([p.detach() for p in self.task.module.parameters()])
         if not bool(torch.isfinite(torch.stack(norms).float()).all()):  # one sync, at save time only
@@ -230,19 +190,10 @@ class Trainer:
     def _save(self, keep: bool) -> Path:
         self._check_finite_weights()
         self.keys.flush()  # before the marker: a complete checkpoint never lacks its steps' keys
-        info = {
-            "step": self.step,
-            "epoch": self.loader.epoch,
-            "world_size": self.dist.world_size,
-            "keep": keep,
-            "precision": self.precision,  # what engine.precision=auto resolved to: a resume keeps it
-            "data": self.loader.data_state(),
-            # the config travels in the marker too, so a resume can refuse it before loading anything
-            "config": to_dict(self.cfg),
-            "config_fingerprint": fingerprint(self.cfg),
-            **self.task.reference(),
-        }
-        return self.checkpoints.save(self.step, self._client_state(), info)
+        progress = {"step": self.step, "skipped_updates": self.guard.state_dict()["skipped"]}
+        progress["rollbacks"] = self.recovery.rollbacks
+        client, info = run_state(self.cfg, self.dist, self.plan, self.loader, self.task, self.precision, progress, keep)
+        return self.checkpoints.save(self.step, client, info)
 
     def _wait_for_saves(self) -> None:
         """The checkpoint write in flight is complete on every rank (an asynchronous save)."""
@@ -558,6 +509,8 @@ class Trainer:
             extra["host_syncs_non_logging_steps"] = self.syncs.count
             extra["host_sync_sites"] = self.syncs.sites
         p = self.plan
-        rec = self.steplog.line(self.step, p.steps_per_epoch, p.stop_step, lr, extra, self.peak, p.flops.per_image)
+        rec = self.steplog.line(
+            self.step, p.steps_per_epoch, p.stop_step, lr, extra, self.peak, p.flops.per_image, self.task.metric_names
+        )
         self.monitor.record(rec)
         self.goodput.write()

@@ -19,10 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class StepLog:
-    def __init__(self, device: torch.device, global_batch: int, world_size: int, metric_names: tuple[str, ...]):
+    def __init__(self, device: torch.device, global_batch: int, world_size: int):
         self.device = device
         self.global_batch, self.world_size = global_batch, world_size
-        self.metric_names = metric_names
         self.meter = MetricMeter()
         self.timer = PhaseTimer(device)
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -43,8 +42,10 @@ class StepLog:
         extra: dict,
         peak: float | None,
         flops_per_image: float,
+        metric_names: tuple[str, ...],
     ) -> dict:
-        """Record and print the line of ``step``; ``extra`` adds the run's counters. Returns the record."""
+        """Record and print the line of ``step``; ``extra`` adds the run's counters, ``metric_names``
+        names the task's loss parts (known once the task is set up). Returns the record."""
         seconds = max(time.perf_counter() - self.window_start, 1e-9)
         steps = self.window_steps
         loss, parts = self.meter.mean_across_ranks()
@@ -56,7 +57,7 @@ class StepLog:
             "epoch": step / steps_per_epoch,
             "lr": lr,
             "loss": loss,
-            **dict(zip(self.metric_names, parts)),
+            **dict(zip(metric_names, parts)),
             "img_per_s": rate,
             "mfu": rate * flops_per_image / self.world_size / peak if peak and flops_per_image else None,
             **{f"time_{k}_s": v / max(steps, 1) for k, v in phases.items()},
@@ -64,7 +65,7 @@ class StepLog:
             "peak_mem_gb": peak_memory_gb(self.device),
             **extra,
         }
-        part_txt = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in zip(self.metric_names, parts))
+        part_txt = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in zip(metric_names, parts))
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         teacher = f" teacher {100 * share['teacher']:.0f}%" if "teacher" in share else ""  # runs that have one
         log.info(

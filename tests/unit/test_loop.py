@@ -213,6 +213,9 @@ def test_a_nan_gradient_skips_one_update_and_the_lag_window_does_not_roll_back_t
     assert train(run, demo_shards, 12, *sets)["step"] == 12
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["rollbacks"] == 1 and rows[-1]["skipped_updates"] == 5
+    # every line carries one loss per decoder tap (named once the task is set up)
+    taps = [k for k in rows[0] if k.startswith("loss_tap")]
+    assert len(taps) >= 2 and all(set(taps) <= r.keys() for r in rows)
     assert all(torch.isfinite(v.float()).all() for v in weights(run).values())
 
 
