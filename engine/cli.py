@@ -126,8 +126,10 @@ def check_paths(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{field}={value!r} ({Path(value).resolve()}): {what}")
 
-    if cfg.task == "pretrain" and cfg.target.kind == "clip" and not cfg.target.teacher:
-        raise ConfigError("target.teacher: a CLIP weights file is required for target.kind=clip")
+    if cfg.task == "pretrain" and cfg.target.kind in ("clip", "features") and not cfg.target.teacher:
+        raise ConfigError(
+            f"target.teacher: a weights file or timm hub folder is required for target.kind={cfg.target.kind}"
+        )
     if cfg.task == "pretrain" and cfg.target.kind == "mixed" and not cfg.target.generator:
         raise ConfigError("target.generator: an MAE checkpoint is required for target.kind=mixed")
     d = cfg.data
@@ -158,8 +160,8 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError("data.decode_device='gpu': no CUDA device is visible here; use auto or cpu")
     need(resolve_repo_path(cfg.engine.ds_config).is_file(), "engine.ds_config", cfg.engine.ds_config, "file not found")
     t = cfg.target
-    if cfg.task == "pretrain" and t.kind == "clip":
-        need(Path(t.teacher).is_file(), "target.teacher", t.teacher, "file not found (CLIP weights are local files)")
+    if cfg.task == "pretrain" and t.kind in ("clip", "features"):
+        need(Path(t.teacher).exists(), "target.teacher", t.teacher, "not found (a weights file or a timm hub folder)")
     if cfg.task == "pretrain" and t.kind == "mixed":
         need(
             Path(t.generator).exists(),
@@ -237,10 +239,10 @@ def check_inputs(cfg: Config, plan) -> None:
         from engine.targets.teachers import inspect_generator
 
         inspect_generator(t.generator, plan.img_size, plan.patch_size)
-    if cfg.task == "pretrain" and t.kind == "clip":
-        from engine.targets.teachers import inspect_clip
+    if cfg.task == "pretrain" and t.kind in ("clip", "features"):
+        from engine.targets.kinds import feature_target
 
-        inspect_clip(t.teacher)
+        feature_target(cfg, plan)  # read and built as the ranks will: refused here, printed once
 
 
 def check_resume_target(cfg: Config) -> None:
@@ -262,14 +264,29 @@ def check_resume_target(cfg: Config) -> None:
         return
     check_config(marker["config"], cfg)
     saved = marker.get("target") or {}
-    if cfg.task == "pretrain" and cfg.target.kind == "clip" and saved.get("kind") == "clip" and saved.get("sha256"):
+    kind = cfg.target.kind
+    if cfg.task == "pretrain" and kind in ("clip", "features") and saved.get("kind") == kind and saved.get("sha256"):
         from data_pipeline.dataset.hashing import sha256_file
+        from engine.targets.timm_teachers import read_teacher_source
 
-        if Path(cfg.target.teacher).is_file() and sha256_file(cfg.target.teacher) != saved["sha256"]:
+        weights = read_teacher_source(cfg.target.teacher, cfg.target.teacher_arch).weights
+        if sha256_file(weights) != saved["sha256"]:
             raise ConfigError(
                 f"target.teacher={cfg.target.teacher!r}: not the teacher {path} was trained with ({saved.get('path')}, "
                 f"sha256 {saved['sha256'][:12]}); resume with that file, or start a new run folder"
             )
+
+
+def teacher_read(cfg: Config):
+    """A feature teacher's shape read from its weights when they are here (the plan then counts its
+    real FLOPs and memory); None: the plan assumes one and says so."""
+    t = cfg.target
+    if cfg.task != "pretrain" or t.kind not in ("clip", "features") or not t.teacher or not Path(t.teacher).exists():
+        return None
+    from engine.config import plan_run
+    from engine.targets.kinds import feature_target
+
+    return feature_target(cfg, plan_run(cfg))[2]
 
 
 def finished(cfg: Config, plan) -> str:
@@ -321,7 +338,8 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
         world = args.world_size or env_world_size()
         samples = args.num_samples or dataset_size(cfg)
         if args.print_config:
-            print(json.dumps(resolved(cfg, plan_run(cfg, world, samples)), indent=2))
+            plan = plan_run(cfg, world, samples, teacher=teacher_read(cfg))
+            print(json.dumps(resolved(cfg, plan), indent=2))
             return EXIT_OK
         check_paths(cfg)
         plan = plan_run(cfg, world, samples)  # a world size or a dataset the recipe cannot run on: refused now

@@ -164,7 +164,16 @@ def _validate_pretrain(cfg: Config) -> None:
     ratio = cfg.mask.ratio
     _check(0.0 < ratio < 1.0, f"mask.ratio={ratio}: must be in the open interval (0, 1)")
     t = cfg.target
-    _one_of("target.kind", t.kind, ("pixel", "mixed", "clip"))
+    _one_of("target.kind", t.kind, ("pixel", "mixed", "clip", "features"))
+    _one_of("target.feature_loss", t.feature_loss, ("cosine", "smooth_l1"))
+    _check(
+        t.kind == "features" or not t.teacher_head,
+        f"target.teacher_head=true is for target.kind=features (kind={t.kind}: clip always projects)",
+    )
+    _check(
+        t.kind in ("clip", "features") or not t.teacher_arch,
+        f"target.teacher_arch={t.teacher_arch!r} names a feature teacher; set target.kind=features (or clip)",
+    )
     for w in t.weights:
         _check(w >= 0, f"target.weights={t.weights}: weights must be >= 0")
     _one_of("target.mix_space", t.mix_space, ("norm", "raw"))

@@ -36,6 +36,9 @@ from engine.models.registry import VariantSpec, get_variant
 # What a CLIP teacher is assumed to be when its file is not read (planning before launch): the
 # released DeepMIM-CLIP teacher, OpenAI's ViT-B/16 visual tower.
 CLIP_B16 = {"width": 768, "layers": 12, "patch": 16, "out_dim": 512}
+# A feature teacher whose weights are not read: DINOv2's ViT-B/14 (timm 1.0 counts its parameters).
+DINOV2_B14 = {"width": 768, "layers": 12, "patch": 14}
+DINOV2_B14_COUNTS = {"prefix": 1, "params": 85_678_848, "block_params": 85_072_896}  # at 196 px
 # An official MAE generator's decoder (mae_pretrain_vit_*_full.pth, mae_visualize_vit_*.pth).
 MAE_DECODER = {"dim": 512, "depth": 8}
 DEFAULT_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size default, when the JSON does not set it
@@ -48,15 +51,19 @@ FROZEN_BLOCK_SHARE = 6 / 16
 class TeacherShape:
     """A frozen teacher's architecture, read from its weights (or assumed when planning)."""
 
-    kind: str  # clip | mixed
+    kind: str  # clip | features | mixed
     width: int
     layers: int
     patch: int
-    out_dim: int  # clip: feature width; mixed: the generator's pixel width
+    out_dim: int  # clip, features: feature width; mixed: the generator's pixel width
     img_size: int  # the size the teacher runs at
     decoder_dim: int = 0  # mixed: the generator's decoder
     decoder_depth: int = 0
     assumed: bool = False
+    # features: counted from the built model (MLP ratios, SwiGLU and registers differ by family)
+    prefix: int = 1  # class and register tokens
+    params: int = 0
+    block_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,11 +161,17 @@ def assumed_teacher(cfg: Config, spec: VariantSpec, img_size: int) -> TeacherSha
     t = cfg.target
     if cfg.task != "pretrain" or t.kind == "pixel":
         return None
+    grid = img_size // spec.patch_size
     if t.kind == "clip":
         c = CLIP_B16
         out = t.feature_dim or c["out_dim"]
-        grid = img_size // spec.patch_size
         return TeacherShape("clip", c["width"], c["layers"], c["patch"], out, grid * c["patch"], assumed=True)
+    if t.kind == "features":
+        c = DINOV2_B14
+        out = t.feature_dim or c["width"]
+        return TeacherShape(
+            "features", c["width"], c["layers"], c["patch"], out, grid * c["patch"], assumed=True, **DINOV2_B14_COUNTS
+        )
     return TeacherShape(
         "mixed",
         spec.dim,
@@ -173,6 +186,8 @@ def assumed_teacher(cfg: Config, spec: VariantSpec, img_size: int) -> TeacherSha
 
 
 def _teacher_flops_and_params(teacher: TeacherShape, mask_ratio: float) -> tuple[float, int]:
+    if teacher.kind == "features":
+        return feature_teacher_macs(teacher), teacher.params
     if teacher.kind == "clip":
         length = (teacher.img_size // teacher.patch) ** 2
         macs = vit_forward_macs(length, teacher.patch, teacher.width, teacher.layers, length + 1, teacher.out_dim)
@@ -193,6 +208,16 @@ def _teacher_flops_and_params(teacher: TeacherShape, mask_ratio: float) -> tuple
         teacher.width, teacher.decoder_dim, teacher.decoder_depth, teacher.out_dim
     )
     return gen.encoder_macs + gen.decoder_macs, params
+
+
+def feature_teacher_macs(t: TeacherShape) -> float:
+    """One forward of a feature teacher on the full image: every block weight once per token, the
+    attention's two [seq, seq] products, the patch embedding and (when used) the head on every token."""
+    length = (t.img_size // t.patch) ** 2
+    seq = length + t.prefix
+    blocks = seq * t.block_params + t.layers * 2 * seq * seq * t.width
+    head = length * t.width * t.out_dim if t.out_dim != t.width else 0
+    return blocks + length * 3 * t.patch * t.patch * t.width + head
 
 
 def _pretrain_shapes(
@@ -217,7 +242,7 @@ def _pretrain_shapes(
     if teacher is not None:
         t_macs, frozen = _teacher_flops_and_params(teacher, cfg.mask.ratio)
         flops = FlopCount(flops.encoder_macs, flops.decoder_macs, t_macs)
-        t_tokens = (teacher.img_size // teacher.patch) ** 2 + 1
+        t_tokens = (teacher.img_size // teacher.patch) ** 2 + teacher.prefix
         transient = block_activation_bytes(t_tokens, teacher.width) * FROZEN_BLOCK_SHARE
     seq = length + 1
     decoders = len(taps) * decoder_params(spec.dim, m.decoder_dim, m.decoder_depth, pred) + seq * m.decoder_dim
@@ -374,13 +399,15 @@ def plan_run(
         _check_mask(cfg, patches)
         taps = resolve_taps(cfg, spec)
         teacher = teacher or assumed_teacher(cfg, spec, img)
-        if cfg.target.kind == "clip":
+        if cfg.target.kind in ("clip", "features"):
             pred = teacher.out_dim
             if teacher.assumed:
-                notes.append(
-                    f"the CLIP teacher is assumed to be OpenAI's ViT-B/16 ({pred}-d features) until its weights "
-                    "are read at start-up"
+                which = (
+                    "the CLIP teacher is assumed to be OpenAI's ViT-B/16"
+                    if cfg.target.kind == "clip"
+                    else ("the feature teacher is assumed to be DINOv2's ViT-B/14")
                 )
+                notes.append(f"{which} ({pred}-d features) until its weights are read")
         else:
             pred = 3 * spec.patch_size**2
             if teacher is not None and teacher.assumed:

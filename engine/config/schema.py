@@ -40,11 +40,17 @@ class MaskConfig:
 
 @dataclass
 class TargetConfig:
-    kind: str = "pixel"  # pixel | mixed | clip
+    kind: str = "pixel"  # pixel | mixed | clip | features
     norm_pix: bool = True  # MAE's per-patch normalized pixel target
     weights: list[float] = field(default_factory=list)  # per tap; empty = 1.0 each
-    # clip: CLIP visual-tower weights (OpenAI layout or timm's); the width is read from them.
+    # clip, features: the teacher's weights, a local file or a timm hub folder (config.json + weights).
+    # clip is DeepMIM-CLIP: a CLIP tower's projected patch tokens; features: any timm ViT's tokens.
     teacher: str = ""
+    # the teacher's timm architecture (vit_base_patch14_dinov2, vit_base_patch16_clip_224.laion2b, ...);
+    # empty = from the hub folder's config.json, or OpenAI's layout (QuickGELU); never guessed
+    teacher_arch: str = ""
+    teacher_head: bool = False  # features: apply the tower's projection head to every token (CLIP towers)
+    feature_loss: str = "cosine"  # clip, features: cosine (2 - 2 cos, DeepMIM) | smooth_l1 (on normalized targets)
     feature_dim: int = 0  # expected teacher width; 0 = whatever the weights say
     # mixed: MAE generator = our run/checkpoint folder (a pixel-target run) or an official MAE .pth
     generator: str = ""

@@ -14,6 +14,7 @@ The loop calls an engine's forward (``engine(*inputs)``), ``backward``, ``step``
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,8 @@ from torch import nn
 
 from engine.errors import CheckpointError, ConfigError
 from engine.loop.checkpoint_writer import CheckpointWriter
+
+log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[nn.Module, torch.optim.Optimizer, dict], tuple[Any, torch.dtype]]
 
@@ -49,6 +52,42 @@ def deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, ds_con
     setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine, model_dtype(ds_config)
+
+
+def fp32_snapshot(module: nn.Module, ds_config: dict) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters as they are before a bf16/fp16 engine converts the module (the file's
+    values for weights loaded from one, the exact initialization for the rest); None in fp32."""
+    if model_dtype(ds_config) == torch.float32:
+        return None
+    return {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def set_fp32_masters(engine: Any, snapshot: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """DeepSpeed builds its fp32 master weights from the already-rounded bf16 module, so a run would
+    start from the bf16 rounding of the weights it was given. Each master is set back to ``snapshot``
+    with DeepSpeed's own setter (each rank writes its partition's fragment). Returns (set, trainable)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    done = 0
+    for name, p in engine.module.named_parameters():
+        if name in snapshot and (hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")):
+            safe_set_full_fp32_param(p, snapshot[name].to(p.device))
+            done += 1
+    return done, len(snapshot)
+
+
+def build_engine(
+    factory: EngineFactory, module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict
+) -> tuple[Any, torch.dtype]:
+    """The engine, its fp32 master weights equal to the module's weights as they were given."""
+    exact = fp32_snapshot(module, ds_config)
+    engine, dtype = factory(module, optimizer, ds_config)
+    if exact is not None and not isinstance(engine, LocalEngine):
+        done, total = set_fp32_masters(engine, exact)
+        log.info("fp32 master weights: %d trainable tensors set as given (not their bf16 rounding)", done)
+        if done < total:
+            log.warning("%d trainable tensors have no fp32 master DeepSpeed exposes: they start rounded", total - done)
+    return engine, dtype
 
 
 class LocalEngine:

@@ -33,7 +33,7 @@ from engine.loop.checkpointing import Checkpointer, run_state
 from engine.loop.data_build import RunData, build_data, check_against, loader_spec
 from engine.loop.dist import DistInfo, any_rank, barrier
 from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
-from engine.loop.engines import EngineFactory, align_step_counts, deepspeed_engine
+from engine.loop.engines import EngineFactory, align_step_counts, build_engine, deepspeed_engine
 from engine.loop.faults import NoFaults, fault_injector
 from engine.loop.guard import NonFiniteGuard
 from engine.loop.recovery import Recovery, VoidSteps
@@ -147,7 +147,7 @@ class Trainer:
         module = self.task.module
         module.to(self.dist.device)
         optimizer = self.task.make_optimizer(self.task.param_groups(), self.plan.lr)
-        self.engine, self.dtype = self.engine_factory(module, optimizer, self.ds_config)
+        self.engine, self.dtype = build_engine(self.engine_factory, module, optimizer, self.ds_config)
         self.checkpoints = Checkpointer(self.engine, self.dist, self.ckpt_dir, self.cfg.checkpoint, self.faults)
         lag = self.cfg.debug.flag_lag if self.cfg.debug.flag_lag >= 0 else None
         self.guard = NonFiniteGuard(adapter_for(self.engine.optimizer), self.dist.device, self.stop, lag=lag)
@@ -315,7 +315,7 @@ class Trainer:
         self.engine.train()
         self.clock.mark("loader")
         log.info("training from step %d to %d (%d total in the schedule)", self.step, stop, self.plan.total_steps)
-        startup = self.goodput.loop_started(self.step, self.run_dir / "heartbeat")
+        startup = self.goodput.loop_started(self.step)
         if self.dist.is_main:
             log.info("%s", startup)
         outcome = "error"

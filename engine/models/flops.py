@@ -98,7 +98,7 @@ def flops_for_model(
     dec = model.decoders
     size = img_size or enc.patch_embed.img_size[0]
     teacher = None
-    if teacher_ref and teacher_ref.get("kind") == "clip":
+    if teacher_ref and teacher_ref.get("kind") in ("clip", "features"):
         teacher = {
             "width": teacher_ref["width"],
             "layers": teacher_ref["layers"],

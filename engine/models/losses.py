@@ -29,4 +29,15 @@ def masked_cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     return ((2.0 - 2.0 * cos) * mask).sum(dim=(1, 2)) / mask.sum().clamp_min(1.0)
 
 
-LOSSES = {"mse": masked_mse, "cosine": masked_cosine}
+def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pred: [T, N, L, C], target: [T or 1, N, L, C] -> [T].
+
+    Smooth-L1 (beta 2) against the target normalized per token (a layer norm without affine, as
+    MaskDistill distils features), averaged over channels and the masked tokens of the batch.
+    """
+    t = F.layer_norm(target.float(), target.shape[-1:], eps=1e-6)
+    per_token = F.smooth_l1_loss(pred.float(), t.expand_as(pred), reduction="none", beta=2.0).mean(dim=-1)
+    return (per_token * mask).sum(dim=(1, 2)) / mask.sum().clamp_min(1.0)
+
+
+LOSSES = {"mse": masked_mse, "cosine": masked_cosine, "smooth_l1": masked_smooth_l1}

@@ -279,7 +279,7 @@ def build_model(cfg: Config, plan: RunPlan) -> DeepMIM:
         decoder_depth=cfg.model.decoder_depth,
         decoder_heads=cfg.model.decoder_heads,
         pred_dim=plan.pred_dim,
-        loss_kind="cosine" if cfg.target.kind == "clip" else "mse",
+        loss_kind=cfg.target.feature_loss if cfg.target.kind in ("clip", "features") else "mse",
         tap_weights=list(cfg.target.weights) or None,
         fused=cfg.model.fused_decoders,
         act_ckpt_encoder=cfg.engine.act_ckpt_encoder,

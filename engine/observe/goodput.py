@@ -128,6 +128,9 @@ class GoodputAccount:
         self.writes = writes
         self.clock = clock
         self.earlier: list[dict] = self._read() if writes else []
+        # A killed attempt's furthest step, from its ranks' last heartbeats: read now, before this
+        # attempt's watchdog writes its own beats over them.
+        self._earlier_reached = self._reached_by_heartbeats(Path(run_dir) / "heartbeat") if self.earlier else 0
         self.attempt: dict[str, Any] = {
             "launched_at": clock.origin,
             "launch_known_from": clock.origin_source,
@@ -159,7 +162,7 @@ class GoodputAccount:
         return [a for a in attempts if isinstance(a, dict) and "seconds" in a]
 
     # ------------------------------------------------------------------ start-up and restarts
-    def loop_started(self, step: int, heartbeat_dir: Path | None = None) -> str:
+    def loop_started(self, step: int) -> str:
         """The first step is about to run from ``step``: closes start-up; returns the start-up line."""
         now = time.time()
         a = self.attempt
@@ -168,20 +171,25 @@ class GoodputAccount:
         a["startup_parts"] = {name: round(s, 3) for name, s in parts}
         a["seconds"]["startup"] = max(0.0, now - self.clock.origin)
         if self.earlier:
-            self._count_redone(step, heartbeat_dir)
+            self._count_redone(step)
         self._loop_t0 = self._last_boundary = time.perf_counter()
         detail = ", ".join(f"{name} {s:.1f}" for name, s in parts if s >= 0.05)
         return f"start-up {a['seconds']['startup']:.1f} s from launch to the first step ({detail})"
 
-    def _count_redone(self, resumed_at: int, heartbeat_dir: Path | None) -> None:
+    def _reached_by_heartbeats(self, heartbeat_dir: Path) -> int:
         prev = self.earlier[-1]
-        reached = prev.get("step_to") or 0
-        if heartbeat_dir is not None and prev.get("outcome") == "running":  # killed: its ranks' last beats
+        reached = 0
+        if prev.get("outcome") == "running":  # killed: its ranks' last beats
             for hb in heartbeat_dir.glob("rank*.json"):
                 with contextlib.suppress(OSError, ValueError, TypeError):
                     beat = json.loads(hb.read_text())
                     if float(beat.get("wall", 0)) >= (prev.get("loop_started_at") or 0):
                         reached = max(reached, int(beat.get("step", 0)))
+        return reached
+
+    def _count_redone(self, resumed_at: int) -> None:
+        prev = self.earlier[-1]
+        reached = max(prev.get("step_to") or 0, self._earlier_reached)
         self.lost_steps(reached - resumed_at, prev)
 
     def lost_steps(self, steps: int, attempt: dict | None = None) -> None:

@@ -61,7 +61,7 @@ def reconstruction_panels(
     masked = unpatchify(patches * (1 - m), p)  # 0 in normalized space = the dataset mean color
     kind = getattr(target, "kind", "pixel")
     extra = None
-    if kind == "clip":
+    if kind in ("clip", "features"):
         feats = target(imgs, masks)[0].float()  # [N, L, C]
         sims = torch.nn.functional.cosine_similarity(preds, feats[None], dim=-1)  # [T, N, L]
     elif kind == "mixed":
@@ -75,14 +75,15 @@ def reconstruction_panels(
             rec = to_pixels(extra[sl], imgs[sl], p, target.generator_norm_pix)
             row.append(_to_uint8(unpatchify(rec * m[sl] + patches[sl] * (1 - m[sl]), p)[0]))
         for t in range(preds.shape[0]):
-            if kind == "clip":
+            if kind in ("clip", "features"):
                 row.append(_heat(sims[t, i].cpu(), 1 - masks.mask[i].cpu(), grid))
                 continue
             rec = to_pixels(preds[t, sl], imgs[sl], p, norm_pix)
             row.append(_to_uint8(unpatchify(rec * m[sl] + patches[sl] * (1 - m[sl]), p)[0]))
         rows.append(row)
     cols = ["input", "masked"] + (["generator"] if extra is not None else [])
-    cols += [f"{'cos ' if kind == 'clip' else ''}block {t}" for t in model.taps]
+    prefix = "cos " if kind in ("clip", "features") else ""
+    cols += [f"{prefix}block {t}" for t in model.taps]
     return cols, rows
 
 

@@ -44,6 +44,27 @@ for _short, (_arch, _mb) in _VIT.items():
         preset(f"deepmim_vit_{_short}_{_kind}")(lambda a=_arch, m=_mb, k=_kind: _paper(a, m, mae=False, kind=k))
     preset(f"mae_vit_{_short}_pixel")(lambda a=_arch, m=_mb: _paper(a, m, mae=True))
 
+# Feature teachers (target.kind=features) read a timm hub folder or a file whose architecture is
+# named; the folders below are where `huggingface-cli download timm/<name> --local-dir <folder>`
+# puts them. The student predicts the teacher's width from its four decoders.
+FEATURE_TEACHERS = {  # preset suffix -> (teacher folder, architecture, projection head)
+    "dinov2": ("weights/vit_base_patch14_dinov2.lvd142m", "", False),
+    "clip_laion": ("weights/vit_base_patch16_clip_224.laion2b", "vit_base_patch16_clip_224.laion2b", True),
+}
+
+
+def _features(arch: str, micro_batch: int, teacher: str, teacher_arch: str, head: bool) -> Config:
+    cfg = _paper(arch, micro_batch, mae=False, kind="features")
+    cfg.target.teacher, cfg.target.teacher_arch, cfg.target.teacher_head = teacher, teacher_arch, head
+    return cfg
+
+
+for _short, (_arch, _mb) in _VIT.items():
+    for _suffix, (_path, _tarch, _head) in FEATURE_TEACHERS.items():
+        preset(f"deepmim_vit_{_short}_{_suffix}")(
+            lambda a=_arch, m=_mb, p=_path, t=_tarch, h=_head: _features(a, m, p, t, h)
+        )
+
 
 def _tiny(mae: bool, kind: str = "pixel") -> Config:
     """ViT-tiny/8 at 64 px on the bundled real photos: trains on 2 CPU ranks in a few minutes."""
@@ -53,6 +74,8 @@ def _tiny(mae: bool, kind: str = "pixel") -> Config:
         cfg.target.generator = "runs/mae_tiny"
     if kind == "clip":  # random weights from `python -m engine.tools.teacher_tools random-clip` (see README)
         cfg.target.teacher = "data/tiny_clip_random.pt"
+    if kind == "features":  # a random timm DINOv2 from `engine.tools.teacher_tools random-timm` (docs/teachers.md)
+        cfg.target.teacher = "data/tiny_dinov2_random"
     cfg.model.arch = "deepmim_vit_tiny_patch8"
     cfg.model.decoder_dim = 128
     cfg.model.decoder_depth = 2
@@ -77,6 +100,7 @@ def _tiny(mae: bool, kind: str = "pixel") -> Config:
 for _kind in ("pixel", "mixed", "clip"):
     preset(f"deepmim_tiny_{_kind}")(lambda k=_kind: _tiny(mae=False, kind=k))
 preset("mae_tiny_pixel")(lambda: _tiny(mae=True))
+preset("deepmim_tiny_dinov2")(lambda: _tiny(mae=False, kind="features"))
 
 
 def _test(mae: bool = False, kind: str = "pixel") -> Config:
@@ -89,7 +113,7 @@ def _test(mae: bool = False, kind: str = "pixel") -> Config:
     if mae:
         cfg.model.taps = [get_variant(cfg.model.arch).depth]
     cfg.target.generator = "runs/mae_test" if kind == "mixed" else ""
-    cfg.target.teacher = "data/test_clip_random.pt" if kind == "clip" else ""
+    cfg.target.teacher = {"clip": "data/test_clip_random.pt", "features": "data/test_dinov2_random"}.get(kind, "")
     cfg.engine.precision = "bf16"  # the tests exercise the GPU recipe's precision on every CPU
     cfg.data.global_batch = 8
     cfg.data.micro_batch = 4
@@ -102,4 +126,7 @@ def _test(mae: bool = False, kind: str = "pixel") -> Config:
 
 for _kind in ("pixel", "mixed", "clip"):
     preset(f"deepmim_test_{_kind}")(lambda k=_kind: _test(kind=k))
+# a DINOv2-layout teacher (random weights: `python -m engine.tools.teacher_tools random-timm
+# data/test_dinov2_random --arch vit_base_patch14_dinov2`)
+preset("deepmim_test_dinov2")(lambda: _test(kind="features"))
 preset("mae_test_pixel")(lambda: _test(mae=True))

@@ -112,18 +112,65 @@ class MixedTarget:
         return self.mix(imgs, self.generate(imgs, masks))
 
 
-class ClipTarget:
-    """DeepMIM-CLIP: per-patch features of a frozen CLIP visual tower on the unmasked crop."""
+class FeatureTarget:
+    """DeepMIM-CLIP and feature distillation: per-patch features of a frozen teacher (a CLIP tower,
+    DINOv2, EVA-02, SigLIP, any timm ViT) on the unmasked crop, shared by every decoder."""
 
-    kind = "clip"
-
-    def __init__(self, teacher: torch.nn.Module):
+    def __init__(self, teacher: torch.nn.Module, kind: str = "features"):
         self.module = teacher
+        self.kind = kind
 
     @torch.no_grad()
     def __call__(self, imgs: torch.Tensor, masks: MaskState) -> torch.Tensor:
         dtype = next(self.module.parameters()).dtype
         return self.module(imgs.to(dtype))[None]  # [1, N, L, C]
+
+
+ClipTarget = FeatureTarget  # the name DeepMIM-CLIP code and tests know
+
+
+def feature_target(cfg: Config, plan: RunPlan):
+    """The clip or features target of ``cfg``: (target, reference for checkpoints, teacher shape)."""
+    from pathlib import Path
+
+    from data_pipeline.dataset.hashing import sha256_file
+    from engine.config import TeacherShape
+    from engine.targets.timm_teachers import load_feature_teacher, read_teacher_source, teacher_stats
+
+    t = cfg.target
+    teacher, what = load_feature_teacher(t.teacher, t.teacher_arch, plan.grid, t.kind == "clip" or t.teacher_head)
+    if t.feature_dim and t.feature_dim != teacher.out_dim:
+        raise TeacherError(
+            f"target.feature_dim={t.feature_dim} but the teacher {t.teacher} produces {teacher.out_dim}-d "
+            "features; the decoders must predict the teacher's width"
+        )
+    st = teacher_stats(teacher)
+    weights = read_teacher_source(t.teacher, t.teacher_arch).weights
+    ref = {
+        "kind": t.kind,
+        "path": str(Path(t.teacher).resolve()),
+        "sha256": sha256_file(weights),
+        "arch": what,
+        "width": st["width"],
+        "layers": st["layers"],
+        "patch": st["patch"],
+        "out_dim": teacher.out_dim,
+        "img_size": teacher.input_size,
+        "mean": list(teacher.mean),
+        "std": list(teacher.std),
+    }
+    shape = TeacherShape(
+        t.kind,
+        st["width"],
+        st["layers"],
+        st["patch"],
+        teacher.out_dim,
+        teacher.input_size,
+        prefix=st["prefix"],
+        params=st["params"],
+        block_params=st["block_params"],
+    )
+    return FeatureTarget(teacher, t.kind), ref, shape
 
 
 def build_target(cfg: Config, plan: RunPlan, generator: str | None = None):
@@ -138,33 +185,15 @@ def build_target(cfg: Config, plan: RunPlan, generator: str | None = None):
 
     from data_pipeline.dataset.hashing import sha256_file
     from engine.config import TeacherShape
-    from engine.targets.teachers import load_clip_teacher, load_generator
+    from engine.targets.teachers import load_generator
 
     t = cfg.target
     p = plan.patch_size
     num_taps = len(plan.taps)
     if t.kind == "pixel":
         return PixelTarget(p, t.norm_pix), {"kind": "pixel"}, None
-    if t.kind == "clip":
-        teacher = load_clip_teacher(t.teacher, grid=plan.grid)
-        if t.feature_dim and t.feature_dim != teacher.out_dim:
-            raise TeacherError(
-                f"target.feature_dim={t.feature_dim} but the CLIP weights {t.teacher} produce {teacher.out_dim}-d "
-                "features; the decoders must predict the teacher's width"
-            )
-        a = teacher.arch
-        size = teacher.grid * a.patch
-        ref = {
-            "kind": "clip",
-            "path": str(Path(t.teacher).resolve()),
-            "sha256": sha256_file(t.teacher),
-            "width": a.width,
-            "layers": a.layers,
-            "patch": a.patch,
-            "out_dim": a.out_dim,
-            "img_size": size,
-        }
-        return ClipTarget(teacher), ref, TeacherShape("clip", a.width, a.layers, a.patch, a.out_dim, size)
+    if t.kind in ("clip", "features"):
+        return feature_target(cfg, plan)
     gen = load_generator(generator or t.generator, plan.img_size)
     if gen.model.patch_size != p:
         raise TeacherError(f"generator {gen.source}: patch size {gen.model.patch_size} differs from the student's {p}")

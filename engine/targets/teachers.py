@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_pipeline.loaders.base import IMAGENET_MEAN, IMAGENET_STD
 from engine.errors import TeacherError, UnsafeFileError, WeightsError
 from engine.models.mim import DeepMIM
 from engine.models.registry import VariantSpec, get_variant, list_variants
 from engine.run_folder.checkpoints import newest_complete
+from engine.targets.feature_teacher import FeatureTeacher
 from engine.weights.formats import check_limits, check_safetensors_header, require_finite
 from engine.weights.safe_load import DEEPSPEED_CLASSES, is_torchscript_archive, read_torchscript_tensors, safe_load
 
@@ -165,18 +165,17 @@ def clip_arch_timm(sd: dict[str, torch.Tensor]) -> ClipArch:
     return arch
 
 
-class ClipTeacher(nn.Module):
-    """CLIP visual tower that maps ImageNet-normalized crops to per-patch features [N, L, C]."""
+class ClipTeacher(FeatureTeacher):
+    """An OpenAI CLIP visual tower (QuickGELU, pre-norm, no patch bias) built from the shapes in its
+    weights: ``ln_post`` + projection on every patch token, [N, L, out_dim]."""
 
     def __init__(self, arch: ClipArch, grid: int | None = None):
-        super().__init__()
         from timm.layers import LayerNorm
         from timm.models.vision_transformer import VisionTransformer
 
-        self.arch = arch
-        self.grid = grid or arch.grid  # the student's patch grid; the teacher's input is resized to it
-        self.vit = VisionTransformer(
-            img_size=self.grid * arch.patch,
+        grid = grid or arch.grid  # the student's patch grid; the teacher's input is resized to it
+        vit = VisionTransformer(
+            img_size=grid * arch.patch,
             patch_size=arch.patch,
             embed_dim=arch.width,
             depth=arch.layers,
@@ -186,15 +185,8 @@ class ClipTeacher(nn.Module):
             act_layer="quick_gelu",
             num_classes=arch.out_dim,
         )
-        # ImageNet -> CLIP normalization as one affine map on the device: x * scale + shift.
-        i_mean, i_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        c_mean, c_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
-        self.register_buffer("scale", (i_std / c_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((i_mean - c_mean) / c_std).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def out_dim(self) -> int:
-        return self.arch.out_dim
+        super().__init__(vit, CLIP_MEAN, CLIP_STD, grid * arch.patch, use_head=True, num_prefix=1)
+        self.arch, self.grid = arch, grid
 
     def load_timm_state(self, sd: dict[str, torch.Tensor]) -> None:
         from timm.layers import resample_abs_pos_embed
@@ -206,70 +198,14 @@ class ClipTeacher(nn.Module):
         a = self.arch
         strict_load(self.vit, sd, f"CLIP weights (read as width {a.width}, {a.layers} layers, patch {a.patch})")
 
-    def renormalize(self, imgs: torch.Tensor) -> torch.Tensor:
-        """ImageNet-normalized -> CLIP-normalized, on the device: [N, 3, H, W] -> same."""
-        return torch.addcmul(self.shift.to(imgs.dtype), imgs, self.scale.to(imgs.dtype))
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs: [N, 3, H, W] ImageNet-normalized (the student's crop, unmasked) -> [N, L, C]."""
-        x = self.renormalize(imgs.to(self.scale.dtype))
-        size = self.grid * self.arch.patch
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-        tokens = self.vit.forward_features(x)  # [N, 1+L, width], ln_post applied
-        return self.vit.head(tokens[:, 1:])  # projection on every patch token; cls excluded
+def load_clip_teacher(path: str | Path, grid: int | None = None, arch: str = "") -> FeatureTeacher:
+    """A frozen CLIP teacher (projected patch tokens) from a file or timm hub folder: the OpenAI layout
+    as it is, a timm layout with its architecture named (``arch`` or config.json). ``grid``: the
+    student's patches per side (default: the tower's own grid)."""
+    from engine.targets.timm_teachers import load_feature_teacher
 
-
-def inspect_clip(path: str | Path) -> ClipArch | None:
-    """Before launch: the CLIP file is read as the run will read it (a TorchScript archive too, without
-    running its code; its weights finite) and its shapes are a CLIP tower of a sane size."""
-    p = Path(path)
-    sd = _load_file(p)
-    if isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    shapes = {k: tuple(v) if isinstance(v, tuple) else tuple(v.shape) for k, v in sd.items()}
-    if any(k.startswith("visual.") for k in shapes):
-        need = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj")
-        missing = [k for k in need if k not in shapes]
-        if missing:
-            raise TeacherError(f"OpenAI CLIP weights {p} lack {missing}")
-        tokens = shapes["visual.positional_embedding"][0]
-        prefix = "visual.transformer.resblocks."
-        as_timm = {
-            "patch_embed.proj.weight": _Shape(shapes["visual.conv1.weight"]),
-            "pos_embed": _Shape((1, tokens, shapes["visual.conv1.weight"][0])),
-            "head.weight": _Shape(shapes["visual.proj"][::-1]),
-        }
-        as_timm.update({"blocks." + k[len(prefix) :]: None for k in shapes if k.startswith(prefix)})
-        return clip_arch_timm(as_timm)
-    if "patch_embed.proj.weight" in shapes:
-        return clip_arch_timm({k: _Shape(v) for k, v in shapes.items()})
-    raise TeacherError(f"{p}: not CLIP weights in the OpenAI layout (visual.* keys) or timm's layout")
-
-
-class _Shape:
-    """Stands in for a tensor where only ``.shape`` is read."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(shape)
-
-
-def load_clip_teacher(path: str | Path, grid: int | None = None) -> ClipTeacher:
-    """Build a frozen CLIP teacher from a local weights file in the OpenAI or timm layout."""
-    sd = _load_file(path)
-    if isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if any(k.startswith("visual.") for k in sd):
-        sd, arch = openai_to_timm(sd)
-    elif "patch_embed.proj.weight" in sd:
-        arch = clip_arch_timm(sd)
-    else:
-        raise TeacherError(
-            f"{path}: not CLIP weights in the OpenAI layout (visual.* keys) or timm's layout (patch_embed.*, blocks.*)"
-        )
-    teacher = ClipTeacher(arch, grid)
-    teacher.load_timm_state(sd)
-    return freeze(teacher)
+    return load_feature_teacher(path, arch, grid, use_head=True)[0]
 
 
 def strict_load(model: nn.Module, sd: dict, what: str) -> None:

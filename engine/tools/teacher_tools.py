@@ -6,13 +6,19 @@ teacher exercises the whole DeepMIM-CLIP path; it is not a useful teacher.
 
     python -m engine.tools.teacher_tools random-clip OUT.pt [--width 64] [--layers 2] [--patch 8]
         [--grid 8] [--out-dim 32] [--layout openai|timm] [--seed 0]
+    python -m engine.tools.teacher_tools random-timm OUT_DIR --arch vit_base_patch14_dinov2
+        [--width 32] [--layers 2] [--heads 2] [--patch 4] [--img-size 32] [--seed 0]
+
+``random-timm`` writes a timm hub folder (config.json with the architecture, its model_args and
+pretrained_cfg, and model.safetensors) for any timm ViT, shrunk to the given width and depth.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported inside the functions: --help answers at once
     import torch
@@ -71,6 +77,41 @@ def random_timm_clip(arch: ClipArch, seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
+def write_timm_teacher(
+    out: str | Path,
+    arch: str,
+    seed: int = 0,
+    num_classes: int = 0,
+    config: bool = True,
+    **model_args: Any,
+) -> Path:
+    """A timm ViT with random weights as a hub folder (``config``) or a bare ``.safetensors`` file
+    (``out`` then names it). ``model_args`` shrink it (embed_dim, depth, num_heads, patch_size,
+    img_size); the folder's config.json records them, as timm's own push_to_hub does."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
+    with torch.no_grad():  # timm zero-initializes some tensors (biases, layer scales): make every one count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    out = Path(out)
+    if not config:
+        save_file(sd, str(out))
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"))
+    pcfg = {k: v for k, v in model.pretrained_cfg.items() if isinstance(v, (str, int, float, list, tuple, type(None)))}
+    conf = {"architecture": arch, "num_classes": num_classes, "model_args": model_args, "pretrained_cfg": pcfg}
+    (out / "config.json").write_text(json.dumps(conf, indent=1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m engine.tools.teacher_tools",
@@ -92,7 +133,31 @@ def main(argv: list[str] | None = None) -> int:
         help="key layout: openai (clip.load(...).state_dict()) or timm (default openai)",
     )
     rc.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
+    rt = sub.add_parser(
+        "random-timm",
+        help="a random timm ViT as a hub folder",
+        description="A timm ViT (DINOv2, EVA-02, SigLIP, a CLIP tower, ...) with random weights, as a hub folder.",
+    )
+    rt.add_argument("out", help="the folder to write (config.json, model.safetensors)")
+    rt.add_argument("--arch", required=True, help="timm architecture, e.g. vit_base_patch14_dinov2")
+    rt.add_argument("--width", type=int, default=32, help="embedding width (default 32)")
+    rt.add_argument("--layers", type=int, default=2, help="blocks (default 2)")
+    rt.add_argument("--heads", type=int, default=2, help="attention heads (default 2)")
+    rt.add_argument("--patch", type=int, default=4, help="patch size in pixels (default 4)")
+    rt.add_argument("--img-size", type=int, default=32, help="the size its position embedding is for (default 32)")
+    rt.add_argument("--num-classes", type=int, default=0, help="head width; 0 = no head (default 0)")
+    rt.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
     args = ap.parse_args(argv)
+    if args.cmd == "random-timm":
+        dims = {"embed_dim": args.width, "depth": args.layers, "num_heads": args.heads}
+        dims |= {"patch_size": args.patch, "img_size": args.img_size}
+        try:
+            write_timm_teacher(args.out, args.arch, args.seed, args.num_classes, **dims)
+        except Exception as err:  # timm refuses an unknown name or a shape the family cannot take
+            print(f"random-timm: {args.arch}: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote a random {args.arch} (width {args.width}, {args.layers} blocks) to {args.out}")
+        return 0
     import torch
 
     from engine.targets.teachers import ClipArch

@@ -188,3 +188,27 @@ def test_linear_probe_trains_only_the_head_and_exports_a_folded_head(pretrained,
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(timm_model(x), ours(x), atol=1e-4)
+
+
+def test_bf16_finetune_starts_from_the_exact_weights_it_was_given(pretrained, demo_shards, val_shards, tmp_path):
+    """2 ranks, ZeRO-2, bf16, one step at learning rate 1e-30 (0 is refused; an update that small is
+    below half an fp32 ulp of every weight, so it changes none): the fp32 master weights DeepSpeed saves for
+    the encoder equal the file's float32 tensors bit for bit (DeepSpeed alone builds them from the
+    bf16-rounded module: off by up to one bf16 ulp)."""
+    from engine.weights.sources import consolidated_state, encoder_weights
+
+    export = pretrained.parent / "export"
+    given = encoder_weights(export).state
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in given.values())  # rounding would show
+    run = tmp_path / "ft"
+    opts = ("--set", "engine.precision=bf16", "--set", "optim.lr=1e-30", "--set", "schedule.min_lr=0")
+    opts += ("--set", "checkpoint.interval=1")
+    run_finetune(2, *finetune_args(run, demo_shards, val_shards, export, 1, "finetune_test", *opts))
+    saved = consolidated_state(list_checkpoints(run / "checkpoints")[-1])  # zero_to_fp32 of the partitions
+    masters = {
+        k.split(".", 1)[1] if k.split(".", 1)[0] in ("module", "model", "vit") else k: v for k, v in saved.items()
+    }
+    shared = sorted(set(given) & set(masters))
+    assert len(shared) >= len(given) - 2  # the encoder's tensors (norm.* is replaced by fc_norm.*)
+    different = [k for k in shared if not torch.equal(given[k], masters[k])]
+    assert not different, different[:5]

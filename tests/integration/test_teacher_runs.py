@@ -178,3 +178,44 @@ def test_wrong_architecture_for_the_weights(demo_shards, tmp_path):
     )
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "TeacherError" in text and "mlp.fc1.weight" in text
+
+
+@pytest.fixture(scope="module")
+def dinov2_folder(tmp_path_factory) -> Path:
+    """A DINOv2-with-registers teacher in timm's hub layout (random weights, test size)."""
+    from engine.tools.teacher_tools import write_timm_teacher
+
+    dims = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16}
+    return write_timm_teacher(tmp_path_factory.mktemp("dino") / "dinov2", "vit_base_patch14_reg4_dinov2", 5, **dims)
+
+
+def test_a_dinov2_teacher_run_killed_and_resumed_is_bitwise_identical(demo_shards, dinov2_folder, tmp_path):
+    """A feature-teacher run on 2 ranks: 8 straight steps vs SIGKILL after the step-4 checkpoint and an
+    automatic resume: the same weights, optimizer state and losses, bit for bit; the decoders predict
+    the teacher's width and the checkpoint records the teacher."""
+    from engine.run_folder.checkpoints import MARKER
+    from tests.conftest import deepspeed_cmd, start_job
+    from tests.helpers import final_state, kill_group, wait_for
+
+    def argv(run: Path, *extra: str) -> list[str]:
+        sets = [f"data.shards={demo_shards}", f"target.teacher={dinov2_folder}", "schedule.max_steps=8"]
+        sets += ["checkpoint.interval=4"]  # (figures on: similarity maps of the teacher's features)
+        flags = [a for s in sets for a in ("--set", s)]
+        return ["--preset", "deepmim_test_dinov2", "--run-dir", str(run), *flags, *extra]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_deepspeed(2, *argv(straight))
+    proc = start_job(deepspeed_cmd(2, *argv(killed, "--set", "debug.step_sleep_s=0.25")))
+    wait_for(lambda: (killed / "checkpoints" / "step_00000004" / MARKER).is_file())
+    kill_group(proc)
+    assert not (killed / "checkpoints" / "step_00000008" / MARKER).is_file(), "finished before it was killed"
+    out = run_deepspeed(2, *argv(killed))
+    assert "resumed from" in out.stdout + out.stderr
+    m1, o1 = final_state(straight)
+    m2, o2 = final_state(killed)
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert len(o1) == len(o2) and all(torch.equal(a, b) for a, b in zip(o1, o2))
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(killed)][-8:]
+    assert m1["decoders.pred.weight"].shape[-1] == 32  # the teacher's width
+    marker = json.loads((list_checkpoints(killed / "checkpoints")[-1] / MARKER).read_text())
+    assert marker["target"]["kind"] == "features" and "vit_base_patch14_reg4_dinov2" in marker["target"]["arch"]

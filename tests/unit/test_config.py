@@ -240,7 +240,7 @@ def test_cli_errors_are_clear(run_cli):
     proc = run_cli("--preset", "deepmim_tiny_pixel", "--set", "mask.ratio=1.0")
     assert proc.returncode == 2 and "mask.ratio" in proc.stderr
     proc = run_cli("--preset", "deepmim_tiny_pixel", "--set", "target.kind=pixels", "--print-config")
-    assert proc.returncode == 2 and "allowed values are ['pixel', 'mixed', 'clip']" in proc.stderr
+    assert proc.returncode == 2 and "allowed values are ['pixel', 'mixed', 'clip', 'features']" in proc.stderr
 
 
 def test_print_config(run_cli):

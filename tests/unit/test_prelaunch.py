@@ -127,7 +127,19 @@ def test_a_torchscript_teacher_that_is_not_clip_is_refused(demo_shards, tmp_path
     scripted.save(str(tmp_path / "scripted.pt"))
     sets = [f"data.shards={demo_shards}", f"target.teacher={tmp_path / 'scripted.pt'}"]
     code, err = check(capsys, "pretrain", "deepmim_test_clip", tmp_path / "run", *sets)
-    assert code == 2 and "scripted.pt" in one_line(err) and "not CLIP weights" in err, err
+    assert code == 2 and "scripted.pt" in one_line(err) and "not ViT weights" in err, err
+
+
+def test_an_unnamed_timm_clip_file_is_refused_before_launch_in_one_line(demo_shards, tmp_path, capsys):
+    """GELU or QuickGELU cannot be read from the weights: the check names both choices, once."""
+    from engine.tools.teacher_tools import write_timm_teacher
+
+    dims = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16}
+    f = write_timm_teacher(tmp_path / "c.safetensors", "vit_base_patch16_clip_224", 0, 16, config=False, **dims)
+    for kind in ("clip", "features"):
+        sets = [f"data.shards={demo_shards}", f"target.kind={kind}", f"target.teacher={f}"]
+        code, err = check(capsys, "pretrain", "deepmim_test_clip", tmp_path / "run", *sets)
+        assert code == 2 and "GELU or QuickGELU" in one_line(err) and "clip_quickgelu" in err, err
 
 
 def test_non_finite_weights_are_refused_naming_the_file_and_the_tensor(demo_shards, demo_val_shards, tmp_path, capsys):

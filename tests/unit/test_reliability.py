@@ -92,7 +92,8 @@ def test_validation_classes_numbered_otherwise_are_mapped_by_name(demo_tree, dem
 
 
 def test_a_clip_file_declaring_an_impossible_width_is_refused_before_allocating(tmp_path):
-    from engine.targets.teachers import inspect_clip, load_clip_teacher
+    from engine.targets.teachers import load_clip_teacher
+    from engine.targets.timm_teachers import load_feature_teacher
 
     huge = torch.zeros(1).expand(1_048_576, 3, 16, 16)  # a tiny file whose tensor claims 13 TB of model
     sd = {
@@ -107,7 +108,7 @@ def test_a_clip_file_declaring_an_impossible_width_is_refused_before_allocating(
     torch.save(sd, tmp_path / "clip.pt")
     assert (tmp_path / "clip.pt").stat().st_size < 100_000
     with pytest.raises(TeacherError, match="width 1048576, outside any known ViT"):
-        inspect_clip(tmp_path / "clip.pt")
+        load_feature_teacher(tmp_path / "clip.pt", "", grid=14, use_head=False)
     with pytest.raises(TeacherError, match="width 1048576, outside any known ViT"):
         load_clip_teacher(tmp_path / "clip.pt")
 

@@ -74,17 +74,32 @@ def imagenet_batch(n: int = 3, size: int = 16) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ CLIP
 
 
+def timm_clip_folder(folder, sd: dict) -> str:
+    """A timm hub folder for the tiny OpenAI-shaped tower: config.json names the QuickGELU family."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    sd = {**sd, "head.bias": torch.zeros(ARCH.out_dim)}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    args = {"embed_dim": ARCH.width, "depth": ARCH.layers, "num_heads": ARCH.heads, "patch_size": ARCH.patch}
+    conf = {"architecture": "vit_base_patch16_clip_quickgelu_224", "num_classes": ARCH.out_dim, "model_args": args}
+    (folder / "config.json").write_text(json.dumps(conf))
+    return str(folder)
+
+
 def test_clip_openai_and_timm_layouts_load_to_identical_outputs(tmp_path):
     torch.save(random_openai_clip(ARCH, seed=1), tmp_path / "openai.pt")
-    torch.save(random_timm_clip(ARCH, seed=1), tmp_path / "timm.pt")
     a = load_clip_teacher(tmp_path / "openai.pt")
-    b = load_clip_teacher(tmp_path / "timm.pt")
-    assert a.arch == b.arch == ARCH  # width, depth, patch, grid and output width read from the weights
+    b = load_clip_teacher(timm_clip_folder(tmp_path / "timm", random_timm_clip(ARCH, seed=1)))
+    assert a.arch == ARCH  # width, depth, patch, grid and output width read from the weights
+    assert b.input_size == a.input_size and b.out_dim == a.out_dim
     x = imagenet_batch()
     with torch.no_grad():
         fa, fb = a(x), b(x)
     assert fa.shape == (3, 16, 24)
-    assert torch.equal(fa, fb)
+    assert torch.allclose(fa, fb, atol=1e-6)
 
 
 def test_clip_teacher_matches_openai_reference_forward(tmp_path):
@@ -118,23 +133,28 @@ def test_clip_teacher_is_frozen(tmp_path):
 def test_clip_missing_or_unexpected_key_raises(tmp_path, layout):
     sd = random_openai_clip(ARCH) if layout == "openai" else random_timm_clip(ARCH)
     name = "visual.transformer.resblocks.1.mlp.c_fc.bias" if layout == "openai" else "blocks.1.mlp.fc1.bias"
+
+    def source(d: dict, name: str) -> str:
+        if layout == "timm":
+            return timm_clip_folder(tmp_path / name, d)
+        torch.save(d, tmp_path / f"{name}.pt")
+        return str(tmp_path / f"{name}.pt")
+
     missing = dict(sd)
     del missing[name]
-    torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(TeacherError, match="missing"):
-        load_clip_teacher(tmp_path / "missing.pt")
+        load_clip_teacher(source(missing, "missing"))
     extra = dict(sd)
     extra["visual.some_adapter.weight" if layout == "openai" else "some_adapter.weight"] = torch.zeros(3)
-    torch.save(extra, tmp_path / "extra.pt")
     with pytest.raises(TeacherError, match="unexpected"):
-        load_clip_teacher(tmp_path / "extra.pt")
+        load_clip_teacher(source(extra, "extra"))
 
 
 def test_clip_bad_path_and_wrong_file(tmp_path):
-    with pytest.raises(TeacherError, match="not found"):
+    with pytest.raises(TeacherError, match="no such file or folder"):
         load_clip_teacher(tmp_path / "nope.pt")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(TeacherError, match="not CLIP weights"):
+    with pytest.raises(TeacherError, match="not ViT weights"):
         load_clip_teacher(tmp_path / "other.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TeacherError, match="cannot read"):
