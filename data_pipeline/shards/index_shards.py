@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,6 +47,8 @@ from data_pipeline.dataset.locations import is_remote
 from data_pipeline.dataset.members import image_format
 from data_pipeline.dataset.table import check_shard_name
 from data_pipeline.dataset.wds_index import Component, IndexedSample, write_index
+from data_pipeline.shards.report import log_skipped, reason_kind, refuse_empty
+from data_pipeline.shards.splits import info_file, info_split, select
 from engine.errors import DataError, StackError
 
 log = logging.getLogger("index_shards")
@@ -168,7 +171,7 @@ class TarJob:
     path: str
     name: str
     out: str
-    label: str  # cls | json:FIELD | none
+    label: str  # auto | cls | json:FIELD | none
 
 
 def _label(fd: int, sample: dict, mode: str) -> tuple[object, str | None]:
@@ -197,6 +200,33 @@ def _label(fd: int, sample: dict, mode: str) -> tuple[object, str | None]:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         return None, f".json field {field!r} is not an integer or a string ({value!r})"
     return value, None
+
+
+def _auto_mode(fd: int, sample: dict) -> str:
+    """--label auto: an integer .cls member, else a ``label`` field of the .json member, else none."""
+    if "cls" in sample:
+        return "cls"
+    if "json" in sample and not sample["json"][1]:
+        comp = sample["json"][0]
+        try:
+            doc = json.loads(os.pread(fd, comp.size, comp.offset))
+        except ValueError:
+            return "none"
+        if isinstance(doc, dict) and isinstance(doc.get("label"), (int, str)) and not isinstance(doc["label"], bool):
+            return "json:label"
+    return "none"
+
+
+def label_mode(parts: list[dict], requested: str) -> str:
+    """The one label source of the whole set: the request, or what --label auto found in every tar
+    (tars that disagree are refused: their labels would mean different things)."""
+    if requested != "auto":
+        return requested
+    found = Counter(p["label_mode"] for p in parts if p.get("label_mode", "auto") != "auto")
+    if len(found) > 1:
+        said = ", ".join(f"{n} tar(s) {m}" for m, n in found.most_common())
+        raise IndexingError(f"--label auto found different labels in the tars ({said}); choose one with --label")
+    return next(iter(found), "none")
 
 
 def index_tar(job: TarJob) -> dict:
@@ -233,6 +263,7 @@ def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
     origin = job.path  # the tar's path or URL, as the part record and skipped.json name it
     stat = tar.stat()
     rows, skipped, index = [], [], []
+    mode = job.label
     fd = os.open(tar, os.O_RDONLY)
     try:
         for sample in group_samples(tar):
@@ -259,7 +290,9 @@ def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
                         reason = f"unreadable {fmt} header ({type(err).__name__})"
             label = None
             if reason is None:
-                label, reason = _label(fd, sample, job.label)
+                if mode == "auto":  # the tar's first sample with an image decides for the whole tar
+                    mode = _auto_mode(fd, sample)
+                label, reason = _label(fd, sample, mode)
             if reason is not None:
                 skipped.append({"source": f"{origin}:{key}", "reason": reason})
                 continue
@@ -294,6 +327,7 @@ def _index_tar(job: TarJob, tar: Path, etag: str = "") -> dict:
         "tar_checksum": file_checksum(tar),  # every fetch from object storage is held to it
         **({"tar_etag": etag} if is_remote(origin) else {"tar_mtime_ns": stat.st_mtime_ns}),
         "label": job.label,
+        "label_mode": mode,  # what --label auto found in this tar (auto: no sample had an image)
         "num_samples": len(rows),
         "rows": rows,
         "skipped": skipped,
@@ -390,7 +424,7 @@ def write_manifest(out: Path, parts: list[dict]) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out).resolve()
-    tars = expand_sources(args.sources)
+    tars, expected = split_sources(args.sources, args.split)
     inside = [t for t in tars if isinstance(t, Path) and t.parent == out]
     if inside:
         raise IndexingError(f"{out} holds the tars themselves ({inside[0].name}); give OUT a folder of its own")
@@ -398,6 +432,8 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     classes = json.loads(Path(args.classes).read_text()) if args.classes else None
     plan = {"version": PLAN_VERSION, "tars": [str(t) for t in tars], "label": args.label, "classes": classes}
+    if args.split:
+        plan["split"] = args.split
     plan_path = out / "index_plan.json"
     with locked(out / LOCKS / "assemble.lock"):
         if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
@@ -429,16 +465,43 @@ def run(args: argparse.Namespace) -> dict:
                 raise IndexingError(f"{out}: {job.name} stays claimed by another indexer; run again")
     ordered = [parts[j.name] for j in jobs]
     with locked(out / LOCKS / "assemble.lock"):  # the folder's own files, one writer at a time
-        return _assemble(out, ordered, tars, args, classes)
+        summary = _assemble(out, ordered, tars, args, classes)
+    if expected is not None and expected != summary["num_samples"] + summary["num_skipped"]:
+        log.warning(
+            "the info file counts %d samples in these tars; %d were found (%d indexed, %d skipped)",
+            expected,
+            summary["num_samples"] + summary["num_skipped"],
+            summary["num_samples"],
+            summary["num_skipped"],
+        )
+    return summary
+
+
+def split_sources(sources: list[str], split: str) -> tuple[list, int | None]:
+    """The tars to index: a folder with timm's info file gives its split's tars (and their count);
+    otherwise the tars of the sources, of one split (several in the sources: --split must choose)."""
+    if len(sources) == 1 and not is_remote(sources[0]) and Path(sources[0]).is_dir():
+        info = info_file(Path(sources[0]))
+        if info is not None:
+            tars, count = info_split(Path(sources[0]), info, split)
+            return [t.resolve() for t in tars], count
+    return select(expand_sources(sources), split, "tars"), None
 
 
 def _assemble(out: Path, ordered: list[dict], tars: list, args: argparse.Namespace, classes) -> dict:
     for name in ("manifest.parquet", "columns", "classes.json", "skipped.json", "dataset.json"):
         remove_stale(out, name)  # what a killed indexer left (the assembly lock is ours)
-    mapping = resolve_labels(ordered, args.label, classes)
-    total = write_manifest(out, ordered)
     skipped = [s for p in ordered for s in p["skipped"]]
     used = [p for p in ordered if p["num_samples"]]
+    if not used:
+        (out / "index_plan.json").unlink(missing_ok=True)  # nothing was made: other flags may be tried here
+        refuse_empty(f"{len(ordered)} tar(s)", skipped, _empty_hint(skipped, args.label))
+    mode = label_mode(ordered, args.label)
+    if args.label == "auto":  # a tar that had no labelled sample cannot have decided otherwise
+        for p in ordered:
+            p["label_mode"] = mode
+    mapping = resolve_labels(ordered, mode, classes)
+    total = write_manifest(out, ordered)
     atomic_json(out / "skipped.json", skipped)
     if mapping:
         atomic_json(out / "classes.json", mapping)
@@ -449,7 +512,8 @@ def _assemble(out: Path, ordered: list[dict], tars: list, args: argparse.Namespa
         "shards": [p["shard"] for p in used],
         "tars": {p["shard"]: p["tar"] for p in used},
         "layout": "indexed",
-        "label": args.label,
+        "label": mode,
+        "label_requested": args.label,
         "tar_bytes": {p["shard"]: p["tar_bytes"] for p in used},
         "tar_checksum": {p["shard"]: p["tar_checksum"] for p in used},
         "label_values": sorted({r["label"] for p in used for r in p["rows"]}),  # (without reading every row)
@@ -458,7 +522,16 @@ def _assemble(out: Path, ordered: list[dict], tars: list, args: argparse.Namespa
         summary["tar_base"] = tars[0].rsplit("/", 1)[0]
     summary["manifest_sha256"] = write_columns(out, summary["shards"])["manifest_sha256"]
     atomic_json(out / "dataset.json", summary)
-    log.info("%d samples in %d tars indexed into %s (%d skipped)", total, len(used), out, len(skipped))
+    said = {"cls": "the .cls members", "none": "none (unlabeled, label -1)"}.get(mode, f"the .json field {mode[5:]!r}")
+    log.info(
+        "%d samples in %d tars indexed into %s (%d skipped); labels: %s%s",
+        total,
+        len(used),
+        out,
+        len(skipped),
+        said,
+        " (--label auto)" if args.label == "auto" else "",
+    )
     if "tar_base" in summary:
         log.info(
             "the tars stay in %s: publish the index beside them (deepmim-upload %s %s), then train with data.shards=%s",
@@ -467,11 +540,17 @@ def _assemble(out: Path, ordered: list[dict], tars: list, args: argparse.Namespa
             summary["tar_base"],
             summary["tar_base"],
         )
-    for s in skipped[:20]:
-        log.warning("skipped %s: %s", s["source"], s["reason"])
-    if len(skipped) > 20:
-        log.warning("... and %d more; all are listed in skipped.json", len(skipped) - 20)
+    log_skipped(log, skipped, out / "skipped.json")
     return summary
+
+
+def _empty_hint(skipped: list[dict], label: str) -> str:
+    kinds = {reason_kind(str(s.get("reason", ""))) for s in skipped}
+    if label != "none" and any(k.startswith(("no .cls", "no .json", ".json has no field")) for k in kinds):
+        return "the samples have no labels of that kind: --label none indexes them unlabeled (self-supervised)"
+    if any(k.startswith("no image member") for k in kinds):
+        return "no sample holds a jpg/png/webp member: these tars are not image shards"
+    return "see skipped.json for every sample's reason"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -489,11 +568,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--label",
-        default="cls",
-        help="where labels come from: cls (an integer .cls member, default), "
+        default="auto",
+        help="where labels come from: auto (default: .cls if the tars have it, else a 'label' field of the "
+        ".json member, else none; the summary says which), cls (an integer .cls member), "
         "json:FIELD (a field of the .json member, e.g. json:label), or none (label -1)",
     )
     ap.add_argument("--classes", help="classes.json to reuse (e.g. the training set's) for consistent labels")
+    ap.add_argument(
+        "--split",
+        default="",
+        help="the split to index (train, validation, ...) when the sources hold several: from timm's "
+        "_info.json in a folder, else from the tar names (imagenet1k-train-0000.tar); never merged",
+    )
     ap.add_argument(
         "--workers",
         type=int,
@@ -504,8 +590,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(args.sources) < 2:
         ap.error("give at least one SRC and the OUT folder")
     *args.sources, args.out = args.sources
-    if args.label not in ("cls", "none") and not (args.label.startswith("json:") and len(args.label) > 5):
-        ap.error(f"--label {args.label!r}: cls, json:FIELD or none")
+    if args.label not in ("auto", "cls", "none") and not (args.label.startswith("json:") and len(args.label) > 5):
+        ap.error(f"--label {args.label!r}: auto, cls, json:FIELD or none")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     return args

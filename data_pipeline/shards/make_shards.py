@@ -1,7 +1,7 @@
 """Shard writer: an image tree -> WebDataset tar shards + DALI index files + a Parquet manifest.
 
     python -m data_pipeline.make_shards SRC OUT [--shard-size-mb 256] [--seed 0] [--workers 8]
-        [--layout classes|val|flat] [--labels FILE] [--classes classes.json]
+        [--layout classes|val|flat|parquet] [--labels FILE] [--classes classes.json]
         [--quality 95] [--max-short-side 0] [--max-pixels 64000000]
 
 Writes ``OUT/shard-000000.tar`` ... (members ``<key>.jpg`` and ``<key>.cls``), one
@@ -44,7 +44,9 @@ from data_pipeline.dataset.hashing import HashingWriter, checksum, file_checksum
 from data_pipeline.dataset.locations import is_remote
 from data_pipeline.dataset.wds_index import Component, IndexedSample, IndexError_, read_index, write_index
 from data_pipeline.shards.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
-from data_pipeline.shards.sources import LAYOUTS, SourceItem, sample_key, scan
+from data_pipeline.shards.parquet_source import RowReader, scan_parquet
+from data_pipeline.shards.report import log_skipped, refuse_empty
+from data_pipeline.shards.sources import LAYOUTS, SourceError, SourceItem, sample_key, scan
 from engine.errors import DataError, StackError
 
 log = logging.getLogger("make_shards")
@@ -62,13 +64,14 @@ def shard_name(i: int) -> str:
     return f"shard-{i:06d}"
 
 
-def plan_shards(items: list[SourceItem], seed: int, shard_bytes: int) -> list[list[SourceItem]]:
-    """Shuffle deterministically under the seed, then cut into shards of about ``shard_bytes``.
+def plan_shards(items: list[SourceItem], seed: int | None, shard_bytes: int) -> list[list[SourceItem]]:
+    """Shuffle deterministically under the seed (None: keep the order), then cut into shards of about
+    ``shard_bytes``.
 
     ``items`` must come sorted (``sources.scan`` sorts), so the plan depends only on the file
     set, the seed and the shard size.
     """
-    order = np.random.default_rng(seed).permutation(len(items))
+    order = np.arange(len(items)) if seed is None else np.random.default_rng(seed).permutation(len(items))
     shards: list[list[SourceItem]] = [[]]
     size = 0
     for i in order:
@@ -104,6 +107,7 @@ class ShardJob:
     max_short_side: int
     max_pixels: int
     class_names: tuple[str, ...]
+    parquet: bool = False  # items are rows of Parquet files (parquet_source), not files
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -144,9 +148,10 @@ def _write_shard(job: ShardJob, out: Path, name: str) -> dict:
         with open(tar_tmp, "wb") as raw:
             hashed = HashingWriter(raw)  # the checksum of the bytes written here, without reading them back
             with tarfile.open(fileobj=hashed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                rows_of = RowReader(job.src, [rel for rel, _, _ in job.items]) if job.parquet else None
                 for rel, label, key in job.items:
                     try:
-                        data = (Path(job.src) / rel).read_bytes()
+                        data = rows_of.read(rel) if rows_of else (Path(job.src) / rel).read_bytes()
                         img = prepare_image(data, job.quality, job.max_short_side, job.max_pixels)
                     except BadImage as err:
                         skipped.append({"source": rel, "reason": str(err)})
@@ -267,8 +272,14 @@ def write_manifest(out: Path, parts: list[dict]) -> int:
 def run(args: argparse.Namespace) -> dict:
     src, out = Path(args.src), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    items, classes = scan(src, args.layout, args.labels, args.classes)
-    shards = plan_shards(items, args.seed, int(args.shard_size_mb * 2**20))
+    if args.layout == "parquet":
+        if not src.is_dir():
+            raise SourceError(f"source {src} is not a directory")
+        items, classes = scan_parquet(src, args.split, args.classes)
+    else:
+        items, classes = scan(src, args.layout, args.labels, args.classes)
+    # Parquet rows stay in file order (a shard then reads one or two files' row groups, not every file)
+    shards = plan_shards(items, None if args.layout == "parquet" else args.seed, int(args.shard_size_mb * 2**20))
     plan = _plan_record(args, shards)
     plan_path = out / "plan.json"
     with locked(out / LOCKS / "assemble.lock"):
@@ -294,7 +305,17 @@ def run(args: argparse.Namespace) -> dict:
         else:
             job_items = tuple((it.rel, it.label, keys[it.rel]) for it in shard)
             todo.append(
-                ShardJob(i, str(src), str(out), job_items, args.quality, args.max_short_side, args.max_pixels, names)
+                ShardJob(
+                    i,
+                    str(src),
+                    str(out),
+                    job_items,
+                    args.quality,
+                    args.max_short_side,
+                    args.max_pixels,
+                    names,
+                    args.layout == "parquet",
+                )
             )
     if parts:
         log.info("%d of %d shards already finished and verified; writing %d", len(parts), len(shards), len(todo))
@@ -315,8 +336,13 @@ def run(args: argparse.Namespace) -> dict:
 def _assemble(out: Path, ordered: list[dict], items: list, classes: dict, args: argparse.Namespace) -> dict:
     for name in ("manifest.parquet", "columns", "classes.json", "skipped.json", "dataset.json"):
         remove_stale(out, name)  # what a killed writer left (the assembly lock is ours)
-    total = write_manifest(out, ordered)
     skipped = [s for p in ordered for s in p["skipped"]]
+    if not any(p["num_samples"] for p in ordered):
+        for p in ordered:  # nothing was made: another layout may be tried in this folder
+            (out / f"{p['shard']}.part.json").unlink(missing_ok=True)
+        (out / "plan.json").unlink(missing_ok=True)
+        refuse_empty(f"{args.src} ({len(items)} files)", skipped, _empty_hint(skipped, args.layout))
+    total = write_manifest(out, ordered)
     reencoded = sum(1 for p in ordered for r in p["rows"] if r["action"] != "copied")
     atomic_json(out / "classes.json", classes)
     atomic_json(out / "skipped.json", skipped)
@@ -378,6 +404,16 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="img", desc="sharding", disable=not enabled, smoothing=0.1, file=sys.stderr)
 
 
+def _empty_hint(skipped: list[dict], layout: str) -> str:
+    """The likely cause of a source with no image, from the files it holds."""
+    exts = {str(s.get("source", "")).rsplit(".", 1)[-1].lower() for s in skipped}
+    if "parquet" in exts:
+        return "a Hugging Face Parquet dataset: use --layout parquet"
+    if "tar" in exts:
+        return "WebDataset tars: index them in place with deepmim-index-shards (python -m data_pipeline.index_shards)"
+    return f"no image files in this layout (--layout {layout}); see --help for the layouts"
+
+
 def _print_summary(summary: dict, skipped: list[dict]) -> None:
     log.info(
         "%d samples in %d shards (%d files scanned, %d re-encoded, %d skipped)",
@@ -387,10 +423,7 @@ def _print_summary(summary: dict, skipped: list[dict]) -> None:
         summary["num_reencoded"],
         summary["num_skipped"],
     )
-    for s in skipped[:50]:
-        log.warning("skipped %s: %s", s["source"], s["reason"])
-    if len(skipped) > 50:
-        log.warning("... and %d more; all are listed in skipped.json", len(skipped) - 50)
+    log_skipped(log, skipped, "skipped.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -421,9 +454,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=LAYOUTS,
         default="classes",
         help="classes: SRC/<class>/<file> (ImageNet "
-        "train/); val: a flat folder + --labels; flat: no labels (label -1). Default classes",
+        "train/); val: a flat folder + --labels; flat: no labels (label -1); parquet: a Hugging Face Parquet "
+        "image dataset (image struct<bytes, path>, label). Default classes",
     )
     ap.add_argument("--labels", help="label file for --layout val")
+    ap.add_argument(
+        "--split",
+        default="",
+        help="--layout parquet: the split to write (train, validation, ...) when SRC holds several "
+        "(train-00000-of-00004.parquet beside validation-...); never merged",
+    )
     ap.add_argument("--classes", help="classes.json to reuse (e.g. the train shards') for consistent labels")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     ap.add_argument(

@@ -7,6 +7,8 @@
   ``LOC_val_solution.csv`` form, whose second field starts with the class, also works). Pass the
   train shards' ``classes.json`` so the labels agree with training.
 * ``flat``: a label-less folder (every label is -1), searched recursively.
+* ``parquet``: a Hugging Face Parquet image dataset (``data/train-0000K-of-0000N.parquet``: an
+  ``image`` struct<bytes, path> column and a ``label`` column), ``parquet_source``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from engine.errors import DataError
 
-LAYOUTS = ("classes", "val", "flat")
+LAYOUTS = ("classes", "val", "flat", "parquet")
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -113,6 +115,8 @@ def scan(root: str | Path, layout: str, label_file: str | None = None, classes_j
         if not label_file:
             raise SourceError("layout 'val' needs --labels FILE")
         items, classes = scan_val(root, Path(label_file), classes)
+    elif layout == "parquet":  # rows of Parquet files: data_pipeline.shards.parquet_source
+        raise SourceError("layout 'parquet' is read by parquet_source.scan_parquet, not scan")
     else:
         items, classes = scan_flat(root)
     if not items:

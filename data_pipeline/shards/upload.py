@@ -55,6 +55,8 @@ def upload(folder: str | Path, url: str, workers: int = 8, endpoint: str = "") -
         meta = json.loads((root / "dataset.json").read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{root}: not a finished shard folder ({err})") from None
+    if not meta.get("num_samples") or not meta.get("shards"):
+        raise DataError(f"{root}: the shard folder holds no sample; nothing to upload (see its skipped.json)")
     shards = [check_shard_name(s, root / "dataset.json") for s in meta["shards"]]
     base = meta.pop("tar_base", None)  # indexed in place in object storage: the tars are there already
     if base is not None and base.rstrip("/") != url:

@@ -103,6 +103,8 @@ def verify(out: str | Path, decode: bool = False, workers: int = 1) -> list[str]
         by_shard[r["shard"]].append(r)
     meta = json.loads((out / "dataset.json").read_text())
     problems = []
+    if not rows:
+        problems.append(f"{out}: no sample at all (a folder that trains nothing); see its skipped.json")
     if meta["num_samples"] != len(rows):
         problems.append(f"dataset.json says {meta['num_samples']} samples, the manifest has {len(rows)}")
     names = sorted(set(meta["shards"]) | set(by_shard))

@@ -3,6 +3,10 @@ encoder block, on labeled shard sets.
 
     python -m engine.tools.evaluate (--run RUN_DIR [--step N] | --export OUT_DIR | --random ARCH)
         --train-shards DIR --val-shards DIR [--img-size S] [--json OUT]
+    python -m engine.tools.evaluate --classifier (FINETUNE_RUN | EXPORT_DIR) --val-shards DIR [--json OUT]
+
+``--classifier``: a fine-tuned (or linear-probed) model's top-1 / top-5 on validation shards, as
+the fine-tuning run itself evaluates (its crop, its labels by class name), like MAE's ``--eval``.
 
 Features of block b: the mean over patch tokens of the block's output after a parameter-free
 LayerNorm (the raw residual stream, as the decoder taps read it), from a center crop of each
@@ -149,6 +153,90 @@ def evaluate(enc: MaskedViTEncoder, img_size: int, train_shards: str, val_shards
     return rows
 
 
+def classifier_of(source: str, step: int | None = None):
+    """(timm model in eval mode, its label names, image size, eval crop) from a fine-tuning run or
+    checkpoint folder, or from an export of one."""
+    from engine.config import from_dict, plan_run
+    from engine.errors import WeightsError
+    from engine.run_folder import checkpoints as ckpt
+    from engine.tools.export import _classifier, load_exported
+    from engine.weights.sources import consolidated_state, find_checkpoint, resolve
+
+    kind, path = resolve(source, step)
+    if kind == "export":
+        meta = json.loads((path / "export.json").read_text())
+        if meta.get("kind") != "classifier":
+            raise WeightsError(
+                f"{path}: an export of a pretrained encoder, not of a classifier; evaluate it with --export"
+            )
+        cfg = from_dict(meta["config"])
+        model, names = load_exported(path), meta.get("label_names")
+    else:
+        found = path if kind == "checkpoint" else find_checkpoint(path, step)
+        marker = ckpt.read_marker(found)
+        cfg = from_dict(marker["config"])
+        if cfg.task == "pretrain":
+            raise WeightsError(f"{found}: a pretraining checkpoint, not a classifier; evaluate it with --run")
+        import timm
+
+        weights, name, kwargs = _classifier(cfg, plan_run(cfg), marker, consolidated_state(found))
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        model.load_state_dict(weights, strict=True)
+        model.eval()
+        names = marker["classifier"].get("label_names")
+    return model, names, plan_run(cfg).img_size, cfg.finetune.eval_crop
+
+
+def label_map_for(names: list[str] | None, val_shards: str) -> tuple[int, ...] | None:
+    """Stored validation label -> the classifier's output, by class name (None: the same numbers)."""
+    from data_pipeline.dataset.table import read_table
+    from engine.errors import DataError
+
+    classes_file = Path(val_shards) / "classes.json"
+    classes = json.loads(classes_file.read_text()) if classes_file.is_file() else {}
+    if not names or not classes:
+        return None
+    out_of = {n: i for i, n in enumerate(names)}
+    top = max(max(classes.values()), int(read_table(val_shards).label.max()))
+    lookup = [-1] * (top + 1)
+    for name, stored in classes.items():
+        if name not in out_of:
+            raise DataError(f"{val_shards}: class {name!r} is not one of the classifier's {len(names)} classes")
+        lookup[stored] = out_of[name]
+    return tuple(lookup)
+
+
+def evaluate_classifier(source: str, val_shards: str, step: int | None = None, batch: int = 64) -> dict:
+    """Top-1 / top-5 over every validation sample once, with the fine-tuning run's own eval transform."""
+    import torch
+
+    from data_pipeline.loaders.eval_loader import EvalLoader, EvalSpec
+
+    model, names, size, crop = classifier_of(source, step)
+    spec = EvalSpec(val_shards, 0, 1, batch, size, crop, 2, "cpu", None, (), label_map_for(names, val_shards))
+    hits1 = hits5 = n = 0
+    with torch.no_grad():
+        for b in EvalLoader("torch", spec):
+            logits = model(b.img.float())
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == b.label.to(top.device)[:, None]
+            hits1, hits5, n = hits1 + int(hit[:, 0].sum()), hits5 + int(hit.any(1).sum()), n + len(b.label)
+    return {"top1": 100 * hits1 / max(n, 1), "top5": 100 * hits5 / max(n, 1), "val_samples": n, "img_size": size}
+
+
+def check_labeled(shards: str, what: str) -> None:
+    """A one-line refusal for a folder that is not finished shards, or whose samples have no label."""
+    from engine.errors import DataError
+
+    meta_path = Path(shards) / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{what}={shards!r} ({Path(shards).resolve()}): not a finished shard folder") from None
+    if meta.get("label_values") == [-1] or not meta.get("num_samples"):
+        raise DataError(f"{what}={shards!r}: unlabeled or empty shards; evaluation needs labeled ones")
+
+
 def render(rows: list[dict], title: str = "") -> str:
     lines = [title] if title else []
     lines += ["| block | linear probe | k-NN |", "|---|---|---|"]
@@ -166,17 +254,49 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--run", help="a pretraining run folder: its newest checkpoint (or --step)")
     src.add_argument("--export", help="a folder written by python -m engine.tools.export")
     src.add_argument("--random", metavar="ARCH", help="a randomly initialized encoder of this variant (a baseline)")
-    ap.add_argument("--step", type=int, help="with --run: this step's checkpoint instead of the newest")
+    src.add_argument(
+        "--classifier",
+        metavar="SRC",
+        help="a fine-tuning or linear-probing run (or checkpoint, or its export): top-1/top-5 on --val-shards",
+    )
+    ap.add_argument("--step", type=int, help="with --run or --classifier: this step's checkpoint, not the newest")
     ap.add_argument("--img-size", type=int, default=0, help="with --random: the input size (0 = the variant's)")
-    ap.add_argument("--train-shards", required=True, help="labeled shards the probes are fitted on")
+    ap.add_argument("--train-shards", help="labeled shards the probes are fitted on (not with --classifier)")
     ap.add_argument("--val-shards", required=True, help="held-out labeled shards the accuracies are measured on")
     ap.add_argument("--knn-k", type=int, default=20, help="neighbours voting in the k-NN classifier (default 20)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    if not args.classifier and not args.train_shards:
+        ap.error("--train-shards is required with --run, --export and --random")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from engine.errors import StackError
+
+    try:
+        return _main(args)
+    except StackError as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return err.exit_code
+    except (OSError, ValueError) as err:  # a path or file the user gave
+        print(f"evaluate: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     from engine.config import plan_run
     from engine.weights.safe_load import load_guard
 
+    check_labeled(args.val_shards, "--val-shards")
+    if args.classifier:
+        with load_guard():
+            res = evaluate_classifier(args.classifier, args.val_shards, args.step)
+        print(
+            f"{args.classifier}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+            f"on {res['val_samples']} images of {args.val_shards} ({res['img_size']} px)"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
+    check_labeled(args.train_shards, "--train-shards")
     warning = overlap_warning(args.train_shards, args.val_shards)
     if warning:
         log.warning("%s", warning)

@@ -118,6 +118,8 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, fm
         "crop_mode": "center",
     }
     save_config_for_hf(model, str(out_dir / "config.json"), model_args=kwargs, data_config=data)
+    names = (marker.get("classifier") or {}).get("label_names") if kind == "classifier" else None
+    describe_export(out_dir / "config.json", cfg, marker["step"], kind, names)
     files = [WEIGHTS, "config.json"]
     if fmt == "mae":
         torch.save({"model": weights}, out_dir / MAE_FILE)
@@ -135,6 +137,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, fm
         "task": cfg.task,
         "config": to_dict(cfg),
         "tensors": len(weights),
+        **({"label_names": names} if names else {}),
         "dropped_keys": sorted(dropped),
         "dropped_note": note,
         "sha256": {f: sha256_file(out_dir / f) for f in files},
@@ -152,6 +155,22 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, fm
         out_dir,
     )
     return meta
+
+
+# timm fills pretrained_cfg from the default tag of the architecture it builds: provenance of another
+# model (its tag, license, hub id, paper). Those keys go; ours say what this file is.
+FOREIGN_KEYS = ("tag", "license", "hf_hub_id", "url", "origin_url", "paper_ids", "paper_name", "notes", "file")
+
+
+def describe_export(path: Path, cfg, step: int, kind: str, label_names: list[str] | None) -> None:
+    conf = json.loads(path.read_text())
+    pcfg = {k: v for k, v in conf.get("pretrained_cfg", {}).items() if k not in FOREIGN_KEYS}
+    what = "pretrained encoder" if kind == "encoder" else f"{cfg.task} classifier"
+    pcfg["description"] = f"DeepMIM {what} ({cfg.model.arch}, preset {cfg.preset or 'none'}), step {step}"
+    if label_names:
+        pcfg["label_names"] = list(label_names)
+    conf["pretrained_cfg"] = pcfg
+    path.write_text(json.dumps(conf, indent=2))
 
 
 def _classifier(cfg, plan, marker: dict, state: dict) -> tuple[dict, str, dict]:

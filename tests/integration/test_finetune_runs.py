@@ -188,6 +188,21 @@ def test_linear_probe_trains_only_the_head_and_exports_a_folded_head(pretrained,
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(timm_model(x), ours(x), atol=1e-4)
+    # the export says what it is: our model, its classes, none of timm's defaults for another model
+    conf = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
+    assert "tag" not in conf and "license" not in conf and "DeepMIM linprobe classifier" in conf["description"]
+    assert conf["label_names"] == json.loads((tmp_path / "export" / "export.json").read_text())["label_names"]
+    # the fine-tuned model evaluated on its own, from the run and from the export: the same numbers
+    from engine.tools.evaluate import main as evaluate_main
+
+    results = []
+    for src in (run, tmp_path / "export"):
+        out_json = tmp_path / f"eval_{len(results)}.json"
+        assert evaluate_main(["--classifier", str(src), "--val-shards", str(val_shards), "--json", str(out_json)]) == 0
+        results.append(json.loads(out_json.read_text()))
+    assert results[0] == results[1] and results[0]["val_samples"] == 36
+    final = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()][-1]
+    assert abs(results[0]["top1"] - final["top1"]) <= 100 / 36 + 1e-9  # bf16 engine vs fp32 weights: one image
 
 
 def test_bf16_finetune_starts_from_the_exact_weights_it_was_given(pretrained, demo_shards, val_shards, tmp_path):

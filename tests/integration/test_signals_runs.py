@@ -104,6 +104,7 @@ def test_one_ctrl_c_in_a_terminal_saves_and_exits_zero(demo_shards, tmp_path):
     term.ctrl_c()
     code, out = term.wait()
     assert code == 0, out[-3000:]
+    assert (run / "PREEMPTED").is_file(), out[-4000:]
     stopped = int((run / "PREEMPTED").read_text())
     assert stopped >= 4 and (run / "checkpoints" / f"step_{stopped:08d}" / MARKER).is_file()
     assert "received SIGINT" in out and "second SIGINT" not in out and "Traceback" not in out
@@ -156,6 +157,7 @@ def test_a_process_group_sigterm_during_a_long_save_lets_it_finish(demo_shards, 
     os.killpg(proc.pid, signal.SIGTERM)  # the script's whole process group, as a service manager does
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
+    assert (run / "PREEMPTED").is_file(), out[-4000:]
     stopped = int((run / "PREEMPTED").read_text())
     assert (run / "checkpoints" / f"step_{stopped:08d}" / MARKER).is_file(), out[-3000:]
     assert "checkpoint saved; exiting 0" in out

@@ -69,3 +69,22 @@ def test_evaluator_warns_when_validation_is_not_held_out(demo_tree, demo_shards,
     assert overlap_warning(str(demo_shards), str(tmp_path / "mixed")) == (
         f"{n} of {n} validation images are also in the training shards (same bytes)"
     )
+
+
+def test_evaluate_errors_are_one_line_and_exit_2(demo_shards, demo_val_shards, tmp_path, capsys):
+    """A missing folder, unlabeled shards, a folder that is not a classifier: one line each, exit 2."""
+    from data_pipeline.shards.index_shards import main as index_main
+    from engine.tools.evaluate import main
+
+    cases = [
+        (["--run", str(tmp_path / "nope"), "--train-shards", str(demo_shards)], "nope"),
+        (["--random", "deepmim_vit_test_patch4", "--train-shards", str(tmp_path / "none")], "not a finished shard"),
+        (["--classifier", str(tmp_path / "nope")], "nope"),
+    ]
+    unlabeled = tmp_path / "unlabeled"
+    assert index_main([str(demo_shards), str(unlabeled), "--label", "none", "--workers", "1"]) == 0
+    cases.append((["--random", "deepmim_vit_test_patch4", "--train-shards", str(unlabeled)], "unlabeled"))
+    for args, expect in cases:
+        assert main([*args, "--val-shards", str(demo_val_shards)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("evaluate: ") and expect in err, err

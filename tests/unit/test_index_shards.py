@@ -104,3 +104,61 @@ def test_bad_sources_are_one_line_errors(tmp_path, capsys):
     assert index_main([str(tmp_path / "nothing-{0..3}.tar"), str(tmp_path / "out")]) == 2
     (tmp_path / "a.tar").write_bytes(b"")
     assert index_main([str(tmp_path / "a.tar"), str(tmp_path)]) == 2  # OUT must not be the tars' own folder
+
+
+def unlabeled_tars(src: Path, demo_tree: Path, count: int = 12) -> Path:
+    """jpg + txt samples, no label anywhere (a self-supervised collection)."""
+    from tests.helpers import write_tar
+
+    src.mkdir()
+    members = []
+    for i in range(count):
+        data, _ = photo_bytes(demo_tree, i)
+        members += [(f"{i:06d}.jpg", data), (f"{i:06d}.txt", b"a caption")]
+    write_tar(src / "00000.tar", members)
+    return src
+
+
+def test_label_auto_finds_each_kind_and_says_which(writer_shards, img2dataset_shards, demo_tree, tmp_path, caplog):
+    """The default --label auto: .cls when the tars have it, else the .json 'label' field, else none;
+    the summary line names the source and dataset.json records it."""
+    caplog.set_level(logging.INFO)
+    cases = [
+        (writer_shards, "cls", "labels: the .cls members (--label auto)"),
+        (img2dataset_shards, "json:label", "labels: the .json field 'label' (--label auto)"),
+        (unlabeled_tars(tmp_path / "u", demo_tree), "none", "labels: none (unlabeled, label -1) (--label auto)"),
+    ]
+    for i, (src, mode, said) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert index_main([str(src), str(out), "--workers", "1"]) == 0
+        meta = json.loads((out / "dataset.json").read_text())
+        assert meta["label"] == mode and meta["label_requested"] == "auto" and said in caplog.text
+    assert set(read_dataset(tmp_path / "out2").table.label) == {-1}
+
+
+def test_unlabeled_tars_with_a_label_asked_for_fail_in_one_line_naming_the_flag(demo_tree, tmp_path, caplog):
+    """Nothing usable is never a success: exit 2, one error line with the commonest reason and the flag
+    that fixes it; the skips are one summary line, not one warning per sample; a rerun with the fix works
+    in the same OUT."""
+    src, out = unlabeled_tars(tmp_path / "u", demo_tree), tmp_path / "out"
+    assert index_main([str(src), str(out), "--label", "cls", "--workers", "1"]) == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "no usable sample (12 skipped: no .cls member (12))" in errors[0].getMessage()
+    assert "--label none" in errors[0].getMessage() and not (out / "dataset.json").exists()
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 0
+    assert index_main([str(src), str(out), "--label", "none", "--workers", "1"]) == 0
+
+
+def test_skips_are_counted_with_the_three_commonest_reasons(img2dataset_shards, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    assert index_main([str(img2dataset_shards), str(tmp_path / "o"), "--label", "json:label", "--workers", "1"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("2 sample(s) skipped, listed in") and "no image member (1)" in warnings[0]
+
+
+def test_tars_labelled_in_different_ways_are_refused_under_auto(writer_shards, demo_tree, tmp_path, caplog):
+    src = unlabeled_tars(tmp_path / "u", demo_tree)
+    mixed = [str(writer_shards / "train-00000.tar"), str(src / "00000.tar")]
+    assert index_main([*mixed, str(tmp_path / "o"), "--workers", "1"]) == 2
+    assert "--label auto found different labels in the tars (1 tar(s) cls, 1 tar(s) none)" in caplog.text
