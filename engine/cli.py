@@ -255,6 +255,8 @@ def check_resume_target(cfg: Config) -> None:
     mode = cfg.checkpoint.resume
     if mode in ("never", "fresh"):
         return
+    if mode != "auto":
+        refuse_universal(Path(mode))
     path = Path(mode) if mode != "auto" else ckpt.newest_complete(Path(cfg.run_dir) / "checkpoints")
     try:
         marker = ckpt.read_marker(path) if path is not None else None
@@ -277,6 +279,19 @@ def check_resume_target(cfg: Config) -> None:
             )
 
 
+def check_init_shape(cfg: Config, plan) -> None:
+    """``init.pretrained`` of another model is refused by --print-config as by the launch."""
+    if cfg.task == "pretrain" or not cfg.init.pretrained or not Path(cfg.init.pretrained).exists():
+        return
+    from engine.models.classifier import check_encoder_fits
+    from engine.weights.sources import inspect_source
+
+    info = inspect_source(cfg.init.pretrained)
+    if info.shape is None:
+        raise ConfigError(f"init.pretrained={cfg.init.pretrained!r}: {info.describe()}, not a ViT encoder")
+    check_encoder_fits(info.shape, plan, f"init.pretrained={cfg.init.pretrained!r}")
+
+
 def teacher_read(cfg: Config):
     """A feature teacher's shape read from its weights when they are here (the plan then counts its
     real FLOPs and memory); None: the plan assumes one and says so."""
@@ -287,6 +302,23 @@ def teacher_read(cfg: Config):
     from engine.targets.kinds import feature_target
 
     return feature_target(cfg, plan_run(cfg))[2]
+
+
+def refuse_universal(path: Path) -> None:
+    """A folder written by DeepSpeed's ds_to_universal holds the weights and optimizer state without the
+    run's own state (data order, schedule, guard, RNGs) or its marker: resuming from it would not be
+    exact. The checkpoint it was made from resumes, on any number of ranks (the run converts to the
+    universal format itself when the world size changed)."""
+    from engine.run_folder import checkpoints as ckpt
+
+    if (path / ckpt.MARKER).is_file() or not (path / "zero").is_dir():
+        return
+    source = path.name if ckpt.step_of(path.name) is not None else "step_N"
+    raise ConfigError(
+        f"--resume {path}: a DeepSpeed universal checkpoint (ds_to_universal output), which lacks the run's data "
+        f"order and state; resume from the checkpoint it was converted from (--resume RUN/checkpoints/{source}), "
+        "on any number of ranks: the run converts it itself"
+    )
 
 
 def finished(cfg: Config, plan) -> str:
@@ -338,8 +370,15 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
         world = args.world_size or env_world_size()
         samples = args.num_samples or dataset_size(cfg)
         if args.print_config:
+            from engine.config.pricing import ineffective, price
+
             plan = plan_run(cfg, world, samples, teacher=teacher_read(cfg))
-            print(json.dumps(resolved(cfg, plan), indent=2))
+            check_init_shape(cfg, plan)
+            doc = {**resolved(cfg, plan), "price": price(cfg, plan)}
+            moot = ineffective(cfg, args.overrides)
+            if moot:
+                doc["warnings"] = moot
+            print(json.dumps(doc, indent=2))
             return EXIT_OK
         check_paths(cfg)
         plan = plan_run(cfg, world, samples)  # a world size or a dataset the recipe cannot run on: refused now
@@ -351,6 +390,10 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
             print(f"{what}: {err}", file=sys.stderr)
         return err.exit_code
     if args.check:
+        from engine.config.pricing import ineffective
+
+        for line in ineffective(cfg, args.overrides):
+            print(f"warning: {line}", file=sys.stderr)
         done = finished(cfg, plan)
         if done:
             print(done)  # launchers/pretrain.sh then launches nothing

@@ -66,6 +66,21 @@ def set_field(cfg: Config, path: str, raw: str) -> None:
             obj = getattr(obj, name)
 
 
+def list_items(raw: str) -> list[Any]:
+    """A list from the command line, written any of the ways users write one: ``a,b``, ``[a,b]``,
+    ``[1, 2]`` or JSON (``["a", "b"]``); items are stripped, empty ones dropped."""
+    text = raw.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            items = json.loads(text)
+            if isinstance(items, list):
+                return items
+        except json.JSONDecodeError:
+            pass  # [a,b] without quotes: the brackets are only the user's way of saying "a list"
+        text = text[1:-1]
+    return [s.strip().strip("'\"") for s in text.split(",") if s.strip()]
+
+
 def parse_value(raw: str, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     try:
@@ -84,12 +99,7 @@ def parse_value(raw: str, tp: Any, path: str) -> Any:
             return raw
         if origin is list:
             (item_tp,) = typing.get_args(tp)
-            text = raw.strip()
-            if text.startswith("["):
-                items = json.loads(text)
-            else:
-                items = [s for s in text.split(",") if s.strip()]
-            return [parse_value(str(v), item_tp, path) for v in items]
+            return [parse_value(str(v), item_tp, path) for v in list_items(raw)]
         if origin in (typing.Union, types.UnionType):
             raise ValueError("union fields are not settable from the command line")
     except (ValueError, json.JSONDecodeError) as err:

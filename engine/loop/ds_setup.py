@@ -64,6 +64,19 @@ def resolve_precision(setting: str, device_type: str, trained_in: str | None, cp
     )
 
 
+def precision_reason(setting: str, device_type: str, trained_in: str | None, cpu_bf16: bool) -> str:
+    """Why the run trains in the precision ``resolve_precision`` chose, for the first lines of its log."""
+    if setting in PRECISIONS:
+        return f"engine.precision={setting}"
+    if trained_in in PRECISIONS:
+        return f"engine.precision=auto: the checkpoint it resumes was trained in {trained_in}"
+    if device_type == "cuda":
+        return "engine.precision=auto: a CUDA device"
+    if cpu_bf16:
+        return "engine.precision=auto: this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)"
+    return "engine.precision=auto: this CPU has no native bf16 arithmetic"
+
+
 def resolve_ds_config(cfg: Config, plan: RunPlan, precision: str = "bf16") -> dict:
     """The DeepSpeed dict for this run: the JSON plus batch sizes, cross-checked, in ``precision``
     (the resolved ``engine.precision``: bf16 or fp32)."""

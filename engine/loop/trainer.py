@@ -32,7 +32,7 @@ from engine.errors import DataError, NonFiniteError, TransientError
 from engine.loop.checkpointing import Checkpointer, run_state
 from engine.loop.data_build import RunData, build_data, check_against, loader_spec
 from engine.loop.dist import DistInfo, any_rank, barrier
-from engine.loop.ds_setup import native_cpu_bf16, resolve_ds_config, resolve_precision
+from engine.loop.ds_setup import native_cpu_bf16, precision_reason, resolve_ds_config, resolve_precision
 from engine.loop.engines import EngineFactory, align_step_counts, build_engine, deepspeed_engine
 from engine.loop.faults import NoFaults, fault_injector
 from engine.loop.guard import NonFiniteGuard
@@ -137,8 +137,11 @@ class Trainer:
         self.precision, why = resolve_precision(
             self.cfg.engine.precision, self.dist.device.type, trained_in, native_cpu_bf16()
         )
-        if why and self.dist.is_main:
-            log.warning("%s", why)
+        if self.dist.is_main:
+            reason = precision_reason(self.cfg.engine.precision, self.dist.device.type, trained_in, native_cpu_bf16())
+            log.info("precision %s (%s)", self.precision, reason)
+            if why:
+                log.warning("%s", why)
         self.ds_config = resolve_ds_config(self.cfg, self.plan, self.precision)
         if self.cfg.optim.name != "adamw":  # ZeRO-2 partitions any torch optimizer; DeepSpeed asks to be told
             self.ds_config["zero_allow_untested_optimizer"] = True

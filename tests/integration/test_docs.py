@@ -1,4 +1,7 @@
-"""Every snippet of README.md and docs/ marked ``<!-- test: cpu -->`` runs as written.
+"""Every snippet of README.md and docs/ marked ``<!-- test: cpu -->`` runs as written; one marked
+``<!-- test: flags -->`` (it needs GPUs, a cluster or a bucket) has every command's flags checked
+against the command's own ``--help``, its presets against the registry and its ``--set`` keys
+against the config tree.
 
 The snippets run in order, in a scratch folder laid out as a checkout after ``make quickstart``:
 the code is linked in, ``data/demo_shards`` and ``data/demo_val_shards`` hold the test's demo
@@ -22,15 +25,16 @@ from tests.conftest import ROOT, cpu_env
 pytestmark = pytest.mark.launcher
 
 MARK = "<!-- test: cpu -->"
+FLAGS_MARK = "<!-- test: flags -->"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def snippets() -> list[tuple[str, str, str]]:
+def snippets(mark: str = MARK) -> list[tuple[str, str, str]]:
     """(where, language, code) of every marked fenced block, in document order."""
     out = []
     for doc in DOCS:
         text = doc.read_text()
-        for m in re.finditer(r"^" + re.escape(MARK) + r"\n```(bash|python)\n(.*?)^```", text, re.M | re.S):
+        for m in re.finditer(r"^" + re.escape(mark) + r"\n```(bash|python)\n(.*?)^```", text, re.M | re.S):
             line = text[: m.start()].count("\n") + 1
             out.append((f"{doc.relative_to(ROOT)}:{line}", m.group(1), m.group(2)))
     return out
@@ -110,3 +114,82 @@ def test_marked_snippets_run_as_written(workspace):
                 f"{where} ({lang}) exited {proc.returncode}:\n{code}\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
             )
     assert not failures, "\n\n".join(failures)
+
+
+ENTRY = {  # the installed commands (pyproject.toml) and the module each runs
+    "deepmim-pretrain": "engine.commands",
+    "deepmim-finetune": "engine.commands",
+    "deepmim-make-shards": "data_pipeline.make_shards",
+    "deepmim-index-shards": "data_pipeline.index_shards",
+    "deepmim-upload": "data_pipeline.upload",
+    "deepmim-verify": "data_pipeline.verify",
+    "deepmim-stats": "data_pipeline.stats",
+    "deepmim-export": "engine.tools.export",
+    "deepmim-evaluate": "engine.tools.evaluate",
+    "deepmim-goodput": "engine.tools.goodput",
+}
+
+
+def _help(argv: list[str]) -> str:
+    proc = subprocess.run([*argv, "--help"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{argv} --help: {proc.stderr[-500:]}"
+    return proc.stdout
+
+
+def _check_command(cmd: str, helps: dict) -> list[str]:
+    """Problems of one command line: unknown flags, presets or config keys."""
+    from engine.config import apply_overrides
+    from engine.presets import get_preset, list_presets
+
+    words = cmd.split()
+    if not words:
+        return []
+    if words[0] == "launchers/pretrain.sh":
+        words[0] = "deepmim-pretrain"  # the installed command is this script
+    if words[0] in ENTRY:
+        tool, rest = words[0], words[1:]
+        argv = [str(Path(sys.executable).parent / tool)]
+    elif words[:2] == ["python", "-m"] and len(words) > 2:
+        tool, rest = words[2], words[3:]
+        argv = [sys.executable, "-m", tool]
+    else:
+        return []  # not one of ours (aws, export, ...)
+    inner: list[str] = []
+    if "--" in rest:  # the launcher's own flags, then the training module's
+        at = rest.index("--")
+        rest, inner = rest[:at], rest[at + 1 :]
+    problems = []
+    for flags, help_argv in ((rest, argv), (inner, [sys.executable, "-m", "engine.pretrain"])):
+        if not flags:
+            continue
+        key = " ".join(help_argv)
+        helps.setdefault(key, _help(help_argv))
+        for w in flags:
+            flag = w.split("=", 1)[0]
+            if flag.startswith("--") and flag not in helps[key]:
+                problems.append(f"{tool}: {flag} is not in {key} --help")
+        presets = [flags[i + 1] for i, w in enumerate(flags[:-1]) if w == "--preset"]
+        sets = [flags[i + 1] for i, w in enumerate(flags[:-1]) if w == "--set"]
+        for name in presets:
+            if name not in list_presets():
+                problems.append(f"{tool}: no preset {name!r}")
+                continue
+            try:
+                apply_overrides(get_preset(name), [s.strip("'\"") for s in sets])
+            except Exception as err:  # a key the config does not have, or a value of the wrong type
+                problems.append(f"{tool}: {err}")
+    return problems
+
+
+def test_snippets_that_need_a_cluster_name_only_real_flags_presets_and_keys():
+    found = snippets(FLAGS_MARK)
+    assert found, "no snippet is marked for the flag check"
+    helps: dict = {}
+    problems = [
+        f"{where}: {p}"
+        for where, lang, code in found
+        if lang == "bash"
+        for c in commands(code)
+        for p in _check_command(c, helps)
+    ]
+    assert not problems, "\n".join(problems)

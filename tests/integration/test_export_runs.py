@@ -76,6 +76,10 @@ def test_timm_reads_the_export_with_its_own_loader_and_data_config(trained_run, 
 
 
 @pytest.mark.launcher
+def demo_shards_of(run) -> str:
+    return json.loads((run / "config.json").read_text())["config"]["data"]["shards"]
+
+
 def test_deepspeeds_own_tools_read_our_checkpoints_as_documented(trained_run, tmp_path):
     """checkpoints/latest names the newest complete checkpoint; zero_to_fp32.py and ds_to_universal run
     without extra flags and give the export's tensors."""
@@ -103,7 +107,7 @@ def test_deepspeeds_own_tools_read_our_checkpoints_as_documented(trained_run, tm
             "--input_folder",
             str(ckpts / "step_00000006"),
             "--output_folder",
-            str(tmp_path / "universal"),
+            str(tmp_path / "universal" / "step_00000006"),
         ],
         cwd=tmp_path,
         env=cpu_env(),
@@ -111,8 +115,20 @@ def test_deepspeeds_own_tools_read_our_checkpoints_as_documented(trained_run, tm
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    universal = tmp_path / "universal" / "step_00000006"
     for k, v in weights.items():
-        assert torch.equal(torch.load(tmp_path / "universal" / "zero" / f"encoder.{k}" / "fp32.pt")["param"], v)
+        assert torch.equal(torch.load(universal / "zero" / f"encoder.{k}" / "fp32.pt")["param"], v)
+    # --resume onto that folder is refused before launch, naming the checkpoint that resumes
+    check = ["--preset", "deepmim_test_pixel", "--run-dir", str(run), "--set", f"data.shards={demo_shards_of(run)}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.pretrain", *check, "--resume", str(universal), "--check"],
+        cwd=tmp_path,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "universal checkpoint" in proc.stderr and "--resume RUN/checkpoints/step_00000006" in proc.stderr
 
 
 @pytest.mark.launcher

@@ -56,6 +56,15 @@ def test_overrides_are_typed():
     )
     assert cfg.optim.base_lr == 2e-4 and cfg.model.taps == [3, 4, 6] and cfg.model.fused_decoders is False
     assert cfg.data.crop_scale == [0.3, 1.0] and cfg.data.loader == "torch"
+    # a list with or without brackets, quoted or not: the docs' DeepSpeed override among them
+    for taps in ("3,4,6", "[3,4,6]", "[3, 4, 6]", "[ 3 , 4 , 6 ]"):
+        assert apply_overrides(Config(), [f"model.taps={taps}"]).model.taps == [3, 4, 6]
+    ds = "engine.ds_overrides=[gradient_clipping=1.0,zero_optimization.compute_grad_norm=true]"
+    want = ["gradient_clipping=1.0", "zero_optimization.compute_grad_norm=true"]
+    assert apply_overrides(Config(), [ds]).engine.ds_overrides == want
+    assert apply_overrides(Config(), ['engine.ds_overrides=["gradient_clipping=1.0"]']).engine.ds_overrides == want[:1]
+    with pytest.raises(ConfigError, match=r"model.taps: cannot parse"):
+        apply_overrides(Config(), ["model.taps=[3,four]"])
     with pytest.raises(ConfigError, match=r"optim has no field 'lrr'"):
         apply_overrides(Config(), ["optim.lrr=1"])
     with pytest.raises(ConfigError, match=r"schedule.epochs: cannot parse"):
@@ -185,6 +194,13 @@ def test_precision_auto_follows_the_hardware_and_a_resumed_checkpoint():
     assert precision == "fp32" and "no native bf16" in why
     # a resume keeps what the run trained in, whatever the new machine has
     assert resolve_precision("auto", "cpu", "bf16", cpu_bf16=False) == ("bf16", "")
+    # the first lines of every run's log say which and why
+    from engine.loop.ds_setup import precision_reason
+
+    assert "was trained in bf16" in precision_reason("auto", "cpu", "bf16", False)
+    assert "native bf16" in precision_reason("auto", "cpu", None, True)
+    assert "no native bf16" in precision_reason("auto", "cpu", None, False)
+    assert precision_reason("fp32", "cuda", None, True) == "engine.precision=fp32"
     assert resolve_precision("auto", "cuda", "fp32", cpu_bf16=False) == ("fp32", "")
     # an explicit setting wins, and a change on resume is said
     assert resolve_precision("bf16", "cpu", None, cpu_bf16=False) == ("bf16", "")
@@ -277,3 +293,30 @@ def test_print_config_without_shards_says_what_is_missing(run_cli):
     plan = json.loads(proc.stdout)["plan"]
     assert proc.returncode == 0 and plan["steps_per_epoch"] is None and plan["grad_accum"] == 16
     assert any("data.shards='/nonexistent'" in m for m in plan["missing"])
+
+
+def test_print_config_prices_the_run(run_cli):
+    """Checkpoint size and count from the plan's parameters; time and GPU-hours from the committed GPU
+    measurement of the same model and target, named; none for a model never measured."""
+    import json as _json
+
+    from engine.config.pricing import measured_rate
+
+    args = ("--print-config", "--world-size", "32", "--num-samples", "1281167")
+    doc = _json.loads(run_cli("--preset", "deepmim_vit_b16_clip", *args).stdout)
+    price, plan = doc["price"], doc["plan"]
+    assert price["checkpoint_gb"] == pytest.approx(1.95, abs=0.05)  # measured on CPU: 1.95 GB for ViT-B
+    assert price["checkpoints_saved"] == -(-plan["stop_step"] // 1000) and price["checkpoints_kept"] == 3
+    rate = measured_rate("deepmim_vit_base_patch16", "clip")
+    assert rate is not None and rate["device"] in price["measured"] and rate["file"] in price["measured"]
+    hours = plan["stop_step"] * 4096 / (rate["img_per_s"] * 32) / 3600
+    assert price["hours"] == pytest.approx(hours, abs=0.1) and price["gpu_hours"] == pytest.approx(32 * hours, abs=1)
+    doc = _json.loads(run_cli("--preset", "deepmim_vit_h14_pixel", *args).stdout)
+    assert doc["price"]["time"].startswith("no measurement for deepmim_vit_huge_patch14")
+    doc = _json.loads(
+        run_cli("--preset", "deepmim_tiny_pixel", "--set", "data.max_micro_batch=8", "--print-config").stdout
+    )
+    assert doc["warnings"] == [
+        "data.max_micro_batch has no effect: data.micro_batch=16 is fixed (the preset's); max_micro_batch only bounds "
+        "the automatic choice: set data.micro_batch=0 as well, or set data.micro_batch itself"
+    ]

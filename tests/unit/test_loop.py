@@ -225,6 +225,7 @@ def test_micro_batch_change_on_resume_reads_every_sample_once_per_epoch(demo_sha
     caplog.set_level(logging.INFO)
     run = tmp_path / "run"
     train(run, demo_shards, 4, "checkpoint.interval=4")
+    assert "precision bf16 (engine.precision=bf16)" in caplog.text  # said in the first lines of the log
     train(run, demo_shards, 18, "checkpoint.interval=4", "data.micro_batch=2")
     assert "resuming with a changed setting: data.micro_batch: 4 -> 2" in caplog.text
     per_step: dict[int, list[str]] = {}

@@ -157,3 +157,22 @@ def test_non_finite_weights_are_refused_naming_the_file_and_the_tensor(demo_shar
     sets.append(f"init.pretrained={tmp_path / 'encoder.safetensors'}")
     code, err = check(capsys, "finetune", "finetune_test", tmp_path / "run", *sets)
     assert code == 2 and "encoder.safetensors: tensor 'blocks.1.attn.qkv.weight' holds 1 non-finite" in one_line(err)
+
+
+def test_a_universal_checkpoint_given_to_resume_is_refused_naming_the_one_that_resumes(demo_shards, tmp_path, capsys):
+    """ds_to_universal's output (a zero/ folder of per-parameter states, no marker) lacks the run's own state."""
+    universal = tmp_path / "universal" / "step_00000004"
+    (universal / "zero" / "encoder.cls_token").mkdir(parents=True)
+    sets = [f"data.shards={demo_shards}", f"checkpoint.resume={universal}"]
+    code, err = check(capsys, "pretrain", "deepmim_test_pixel", tmp_path / "run", *sets)
+    assert code == 2 and "a DeepSpeed universal checkpoint" in one_line(err)
+    assert "--resume RUN/checkpoints/step_00000004" in err
+
+
+def test_settings_the_preset_makes_moot_are_said_before_launch(demo_shards, tmp_path, capsys):
+    sets = [f"data.shards={demo_shards}", "data.max_micro_batch=2", "target.generator=runs/x"]
+    code, err = check(capsys, "pretrain", "deepmim_test_pixel", tmp_path / "run", *sets)
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and "data.max_micro_batch has no effect: data.micro_batch=4 is fixed" in warnings[0]
+    assert "target.generator has no effect: target.kind=pixel" in warnings[1]
