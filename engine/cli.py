@@ -226,14 +226,16 @@ def check_inputs(cfg: Config, plan) -> None:
         d = cfg.data
         train, val = open_table(d.shards, remote_spec(d)), read_table(d.val_shards)
         classifier_labels(train, val, cfg.finetune.num_classes, d.shards, d.val_shards)  # refuses what cannot score
-    if cfg.task != "pretrain" and cfg.init.pretrained:
-        from engine.models.classifier import check_encoder_fits
-        from engine.weights.sources import check_finite_source, inspect_source
+        if not is_remote(d.shards):  # validation that is (partly) the training set, said once before launch
+            from data_pipeline.dataset.table import overlap_warning
 
-        info = inspect_source(cfg.init.pretrained)
-        if info.shape is None:
-            raise ConfigError(f"init.pretrained={cfg.init.pretrained!r}: {info.describe()}, not a ViT encoder")
-        check_encoder_fits(info.shape, plan, f"init.pretrained={cfg.init.pretrained!r}")
+            warning = overlap_warning(d.shards, d.val_shards)
+            if warning:
+                print(f"warning: {warning}; the accuracies would measure memorization", file=sys.stderr)
+    if cfg.task != "pretrain" and cfg.init.pretrained:
+        from engine.weights.sources import check_finite_source
+
+        check_init_shape(cfg, plan)
         check_finite_source(cfg.init.pretrained)
     if cfg.task == "pretrain" and t.kind == "mixed":
         from engine.targets.teachers import inspect_generator

@@ -254,3 +254,21 @@ def _from_parquet(manifest: Path, meta: dict, common: dict) -> SampleTable:
         shard_rows=shard_rows,
         **common,
     )
+
+
+def overlap_warning(train_shards: str, val_shards: str) -> str | None:
+    """A warning when the validation set is (partly) the training set: same folder or same JPEG bytes."""
+    import pyarrow.parquet as pq
+
+    a, b = Path(train_shards).resolve(), Path(val_shards).resolve()
+    if a == b:
+        return (
+            f"the validation shards are the training shards ({a}): the accuracies measure memorization, "
+            "not generalization; use a held-out split (make_shards of another folder)"
+        )
+    ca = set(pq.read_table(a / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist())
+    cb = pq.read_table(b / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist()
+    shared = sum(1 for c in cb if c in ca)
+    if shared:
+        return f"{shared} of {len(cb)} validation images are also in the training shards (same bytes)"
+    return None

@@ -122,24 +122,6 @@ def knn(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, k: i
     return float((votes.argmax(1).numpy() == yva).mean())
 
 
-def overlap_warning(train_shards: str, val_shards: str) -> str | None:
-    """A warning when the validation set is (partly) the training set: same folder or same JPEG bytes."""
-    import pyarrow.parquet as pq
-
-    a, b = Path(train_shards).resolve(), Path(val_shards).resolve()
-    if a == b:
-        return (
-            f"the validation shards are the training shards ({a}): the accuracies measure memorization, "
-            "not generalization; use a held-out split (make_shards of another folder)"
-        )
-    ca = set(pq.read_table(a / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist())
-    cb = pq.read_table(b / "manifest.parquet", columns=["checksum"]).column("checksum").to_pylist()
-    shared = sum(1 for c in cb if c in ca)
-    if shared:
-        return f"{shared} of {len(cb)} validation images are also in the training shards (same bytes)"
-    return None
-
-
 def evaluate(enc: MaskedViTEncoder, img_size: int, train_shards: str, val_shards: str, k: int = 20) -> list[dict]:
     ftr, ytr = block_features(enc, train_shards, img_size)
     fva, yva = block_features(enc, val_shards, img_size)
@@ -296,6 +278,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
+    from data_pipeline.dataset.table import overlap_warning
+
     check_labeled(args.train_shards, "--train-shards")
     warning = overlap_warning(args.train_shards, args.val_shards)
     if warning:

@@ -56,7 +56,7 @@ def test_probe_and_knn_on_separable_features():
 
 
 def test_evaluator_warns_when_validation_is_not_held_out(demo_tree, demo_shards, demo_val_shards, tmp_path):
-    from engine.tools.evaluate import overlap_warning
+    from data_pipeline.dataset.table import overlap_warning
     from tests.conftest import make_shards
 
     assert "are the training shards" in overlap_warning(str(demo_shards), str(demo_shards))

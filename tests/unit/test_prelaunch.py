@@ -176,3 +176,9 @@ def test_settings_the_preset_makes_moot_are_said_before_launch(demo_shards, tmp_
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2 and "data.max_micro_batch has no effect: data.micro_batch=4 is fixed" in warnings[0]
     assert "target.generator has no effect: target.kind=pixel" in warnings[1]
+
+
+def test_fine_tuning_against_its_own_training_images_is_warned_before_launch(demo_shards, tmp_path, capsys):
+    sets = [f"data.shards={demo_shards}", f"data.val_shards={demo_shards}", "init.pretrained=", "data.loader=torch"]
+    code, err = check(capsys, "finetune", "finetune_test", tmp_path / "run", *sets)
+    assert code == 0 and "warning: the validation shards are the training shards" in err
