@@ -98,12 +98,23 @@ def test_one_ctrl_c_in_a_terminal_saves_and_exits_zero(demo_shards, tmp_path):
     not from DeepSpeed's launcher), save and exit 0. The progress bar shows on a terminal."""
     run = tmp_path / "run"
     term = Terminal(
-        launcher(run, demo_shards, 300, "debug.step_sleep_s=0.3", "checkpoint.interval=1000", "log.interval=2")
+        # 300 steps need a schedule that long (the test preset's is 18 steps: the run could end on its
+        # own before the signal was passed on)
+        launcher(
+            run,
+            demo_shards,
+            300,
+            "debug.step_sleep_s=0.3",
+            "checkpoint.interval=1000",
+            "log.interval=2",
+            "schedule.epochs=50",
+        )
     )
     wait_for(lambda: logged_steps(run) >= 2)
     term.ctrl_c()
     code, out = term.wait()
     assert code == 0, out[-3000:]
+    assert (run / "PREEMPTED").is_file(), out[-4000:]
     assert (run / "PREEMPTED").is_file(), out[-4000:]
     stopped = int((run / "PREEMPTED").read_text())
     assert stopped >= 4 and (run / "checkpoints" / f"step_{stopped:08d}" / MARKER).is_file()
