@@ -55,6 +55,9 @@ class Terminal:
         master, slave = pty.openpty()
 
         def become_terminal_session() -> None:
+            # a terminal's foreground job has Ctrl-C's default disposition; a suite started from a
+            # background job (`make test &`) hands its children SIGINT ignored, which bash cannot trap
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.setsid()
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
