@@ -83,7 +83,7 @@ from engine.models.flops import flops_for_model, peak_flops
 from engine.models.mim import DeepMIM, random_masking
 from engine.models.param_groups import weight_decay_groups
 from engine.models.registry import get_variant
-from engine.targets.kinds import ClipTarget, PixelTarget
+from engine.targets.kinds import FeatureTarget, PixelTarget
 from engine.targets.teachers import ClipArch, ClipTeacher, freeze
 
 log = logging.getLogger("bench.model_step")
@@ -176,7 +176,7 @@ def build_step(arch: str, target_kind: str, config: str, batch: int, engine: str
     torch.manual_seed(0)
     if target_kind == "clip":
         teacher = freeze(ClipTeacher(CLIP_TINY if "test" in arch else CLIP_B16, grid=grid)).to(device, dtype)
-        target, pred_dim = ClipTarget(teacher), teacher.out_dim
+        target, pred_dim = FeatureTarget(teacher, "clip"), teacher.out_dim
         a = teacher.arch
         teacher_ref = dict(kind="clip", width=a.width, layers=a.layers, patch=a.patch, out_dim=a.out_dim)
         teacher_ref["img_size"] = grid * a.patch

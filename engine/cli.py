@@ -372,7 +372,8 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
         world = args.world_size or env_world_size()
         samples = args.num_samples or dataset_size(cfg)
         if args.print_config:
-            from engine.config.pricing import ineffective, price
+            from engine.config.checks import ineffective
+            from engine.config.pricing import price
 
             plan = plan_run(cfg, world, samples, teacher=teacher_read(cfg))
             check_init_shape(cfg, plan)
@@ -392,7 +393,7 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
             print(f"{what}: {err}", file=sys.stderr)
         return err.exit_code
     if args.check:
-        from engine.config.pricing import ineffective
+        from engine.config.checks import ineffective
 
         for line in ineffective(cfg, args.overrides):
             print(f"warning: {line}", file=sys.stderr)

@@ -219,3 +219,36 @@ def _validate_finetune(cfg: Config) -> None:
         )
     if cfg.task == "linprobe":
         _check(f.freeze_encoder, "finetune.freeze_encoder: must be true for task=linprobe")
+
+
+def ineffective(cfg: Config, overrides: list[str]) -> list[str]:
+    """``--set`` values that the rest of the config makes moot (usually a value the preset fixes), one
+    sentence each: said before launch instead of being silently ignored."""
+    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    t, d = cfg.target, cfg.data
+    rules = [
+        (
+            "data.max_micro_batch",
+            d.micro_batch > 0,
+            f"data.micro_batch={d.micro_batch} is fixed (the preset's); max_micro_batch only bounds the automatic "
+            "choice: set data.micro_batch=0 as well, or set data.micro_batch itself",
+        ),
+        ("optim.base_lr", cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} is set and overrides it"),
+        ("target.generator", t.kind != "mixed", f"target.kind={t.kind}: only a mixed target reads a generator"),
+        ("target.mix_alphas", t.kind != "mixed", f"target.kind={t.kind}: only a mixed target mixes"),
+        (
+            "target.teacher",
+            t.kind not in ("clip", "features"),
+            f"target.kind={t.kind}: only clip and features targets read a teacher",
+        ),
+        ("target.norm_pix", t.kind in ("clip", "features"), f"target.kind={t.kind}: the targets are features"),
+        ("init.pretrained", cfg.task == "pretrain", "pretraining starts from random weights (it is for fine-tuning)"),
+    ]
+    out = [f"{key} has no effect: {why}" for key, moot, why in rules if key in given and moot]
+    if cfg.task == "pretrain":
+        out += [
+            f"{k} has no effect: a pretraining run has no classifier"
+            for k in sorted(given)
+            if k.startswith("finetune.")
+        ]
+    return out

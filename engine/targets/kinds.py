@@ -126,31 +126,27 @@ class FeatureTarget:
         return self.module(imgs.to(dtype))[None]  # [1, N, L, C]
 
 
-ClipTarget = FeatureTarget  # the name DeepMIM-CLIP code and tests know
-
-
 def feature_target(cfg: Config, plan: RunPlan):
     """The clip or features target of ``cfg``: (target, reference for checkpoints, teacher shape)."""
     from pathlib import Path
 
     from data_pipeline.dataset.hashing import sha256_file
     from engine.config import TeacherShape
-    from engine.targets.timm_teachers import load_feature_teacher, read_teacher_source, teacher_stats
+    from engine.targets.timm_teachers import load_feature_teacher, teacher_stats
 
     t = cfg.target
-    teacher, what = load_feature_teacher(t.teacher, t.teacher_arch, plan.grid, t.kind == "clip" or t.teacher_head)
+    teacher, src = load_feature_teacher(t.teacher, t.teacher_arch, plan.grid, t.kind == "clip" or t.teacher_head)
     if t.feature_dim and t.feature_dim != teacher.out_dim:
         raise TeacherError(
             f"target.feature_dim={t.feature_dim} but the teacher {t.teacher} produces {teacher.out_dim}-d "
             "features; the decoders must predict the teacher's width"
         )
     st = teacher_stats(teacher)
-    weights = read_teacher_source(t.teacher, t.teacher_arch).weights
     ref = {
         "kind": t.kind,
         "path": str(Path(t.teacher).resolve()),
-        "sha256": sha256_file(weights),
-        "arch": what,
+        "sha256": sha256_file(src.weights),
+        "arch": src.describe(),
         "width": st["width"],
         "layers": st["layers"],
         "patch": st["patch"],

@@ -197,8 +197,10 @@ def build_timm_teacher(
     return freeze(FeatureTeacher(net, mean, std, size, use_head=use_head, num_prefix=prefix))
 
 
-def load_feature_teacher(path: str | Path, arch: str, grid: int | None, use_head: bool) -> tuple[FeatureTeacher, str]:
-    """A frozen feature teacher from a file or hub folder, and a description for logs."""
+def load_feature_teacher(
+    path: str | Path, arch: str, grid: int | None, use_head: bool
+) -> tuple[FeatureTeacher, TeacherSource]:
+    """A frozen feature teacher from a file or hub folder, and where it came from (weights, architecture)."""
     from engine.targets.teachers import ClipTeacher, _load_file, freeze, openai_to_timm
 
     src = read_teacher_source(path, arch)
@@ -210,8 +212,8 @@ def load_feature_teacher(path: str | Path, arch: str, grid: int | None, use_head
         if not use_head:
             teacher.use_head = False
         teacher.load_timm_state(timm_sd)
-        return freeze(teacher), src.describe()
-    return build_timm_teacher(src, sd, grid, use_head), src.describe()
+        return freeze(teacher), src
+    return build_timm_teacher(src, sd, grid, use_head), src
 
 
 def teacher_stats(teacher: FeatureTeacher) -> dict:

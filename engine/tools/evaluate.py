@@ -171,11 +171,11 @@ def classifier_of(source: str, step: int | None = None):
 
 def label_map_for(names: list[str] | None, val_shards: str) -> tuple[int, ...] | None:
     """Stored validation label -> the classifier's output, by class name (None: the same numbers)."""
+    from data_pipeline.dataset.labels import read_classes
     from data_pipeline.dataset.table import read_table
     from engine.errors import DataError
 
-    classes_file = Path(val_shards) / "classes.json"
-    classes = json.loads(classes_file.read_text()) if classes_file.is_file() else {}
+    classes = read_classes(val_shards)
     if not names or not classes:
         return None
     out_of = {n: i for i, n in enumerate(names)}

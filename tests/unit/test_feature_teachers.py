@@ -58,8 +58,8 @@ def timm_reference(folder, arch: str, x_imagenet: torch.Tensor, head: bool) -> t
 def test_targets_are_the_tokens_timm_computes(tmp_path, family):
     arch, head = FAMILIES[family]
     folder = write_timm_teacher(tmp_path / family, arch, seed=3, num_classes=head, **TINY)
-    teacher, what = load_feature_teacher(folder, "", grid=8, use_head=bool(head))
-    assert arch in what
+    teacher, src = load_feature_teacher(folder, "", grid=8, use_head=bool(head))
+    assert src.arch == arch and arch in src.describe()
     x = imagenet_batch()
     with torch.no_grad():
         ours = teacher(x)
