@@ -359,6 +359,15 @@ def dataset_size(cfg: Config) -> int | None:
         return None
 
 
+# How long a rank other than 0 that found a config error before the process group exists waits
+# before exiting: rank 0 does the same checks and prints within milliseconds.
+QUIET_EXIT_DELAY_S = 5.0
+
+# How long a rank that found the same error as rank 0 waits for rank 0 to have printed it. Only an
+# error path pays it, and only in full when rank 0 never gets there (a run folder not shared by nodes).
+PRINTER_WAIT_S = 15.0
+
+
 def main(stage: str, description: str, make_task: Callable[[], object], argv: list[str] | None = None) -> int:
     from engine.loop.dist import env_rank, env_world_size
     from engine.observe.goodput import STARTUP, process_start
@@ -391,6 +400,12 @@ def main(stage: str, description: str, make_task: Callable[[], object], argv: li
         if not quiet:
             what = "storage unavailable" if isinstance(err, TransientError) else "config error"
             print(f"{what}: {err}", file=sys.stderr)
+        else:
+            # Every rank found it, rank 0 prints it; the launcher kills all ranks once one exits, so the
+            # others leave a little later (or are ended by rank 0's exit) rather than cut its line off.
+            import time
+
+            time.sleep(QUIET_EXIT_DELAY_S)
         return err.exit_code
     if args.check:
         from engine.config.checks import ineffective
@@ -482,6 +497,10 @@ def _train(cfg: Config, dist, make_task: Callable[[], object], stop) -> int:
             with contextlib.suppress(OSError):
                 notes.mkdir(parents=True, exist_ok=True)
                 (notes / f"stopped_rank{dist.rank}.json").write_text(json.dumps({"code": err.exit_code}))
+            if dist.rank != 0 and not err.rank_local:
+                # The launcher kills every rank as soon as one exits: leaving before rank 0 has printed
+                # the line would lose it (measured: a fresh-clone run ended with exit 2 and no message).
+                wait_for_notes(notes, started, ranks={0}, wait_s=PRINTER_WAIT_S)
         return err.exit_code
     except Exception as err:
         if dist.world_size == 1 or not peer_gone(err):
@@ -504,25 +523,39 @@ def peer_gone(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(p.lower() in text for p in PEER_GONE)
 
 
+def stop_notes(notes: Path, started: float) -> dict[int, int]:
+    """The exit codes (rank -> code) of the ranks that left this run on purpose: the notes written
+    since ``started`` (older ones belong to an earlier attempt in the same folder)."""
+    found: dict[int, int] = {}
+    for note in notes.glob("stopped_rank*.json") if notes.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if note.stat().st_mtime >= started:
+                found[int(note.stem.removeprefix("stopped_rank"))] = int(json.loads(note.read_text())["code"])
+    return found
+
+
+def wait_for_notes(notes: Path, started: float, ranks: set[int] | None, wait_s: float) -> dict[int, int]:
+    """Wait at most ``wait_s`` for a stop note from one of ``ranks`` (any rank when None); returns
+    the notes found, which may be none."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {r: c for r, c in stop_notes(notes, started).items() if ranks is None or r in ranks}
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
 def _after_peer_stopped(notes: Path, started: float, rank: int, err: BaseException) -> int:
     """A collective failed because another rank left. When it left on purpose, it said why in one line
     and left a note: this rank ends quietly with its exit code. Otherwise (killed, out of memory) this
     rank says what it saw, in one line."""
-    import time
-
-    deadline = time.monotonic() + 2.0
-    while True:
-        found = []
-        for note in notes.glob("stopped_rank*.json") if notes.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
-                if note.stat().st_mtime >= started:
-                    found.append(int(json.loads(note.read_text())["code"]))
-        if found or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    found = wait_for_notes(notes, started, ranks=None, wait_s=2.0)
     if found:
-        log.debug("rank %d: another rank stopped (exit code %d); so does this one", rank, found[0])
-        return found[0]
+        code = next(iter(found.values()))
+        log.debug("rank %d: another rank stopped (exit code %d); so does this one", rank, code)
+        return code
     first = str(err).strip().splitlines()[0][:200]
     log.error(
         "rank %d: another rank ended without a word (communication with it failed: %s); see its output above, or "

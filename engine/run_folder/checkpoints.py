@@ -112,7 +112,12 @@ def newest_verified(
     barrier: Callable[[], None] | None = None,
 ) -> Path | None:
     """The newest complete checkpoint whose files verify; broken ones are renamed out of the way."""
-    for path in reversed(list_checkpoints(root)):
+    candidates = list(reversed(list_checkpoints(root)))
+    if barrier is not None:
+        # Every rank lists before rank 0 renames anything: a rank listing after a rename would see no
+        # candidate, skip the barriers below and leave rank 0 waiting in one.
+        barrier()
+    for path in candidates:
         problems = verify(path, rank, world_size, gather)
         if not problems:
             if rank == 0 and (root / "latest").is_file() and (root / "latest").read_text().strip() != path.name:

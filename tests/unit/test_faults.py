@@ -153,3 +153,94 @@ def test_every_stop_signal_asks_for_a_clean_stop(sig):
     finally:
         stops.restore()
     assert signal.getsignal(sig) is before
+
+
+class _Dist:
+    def __init__(self, rank: int, world_size: int = 2):
+        self.rank, self.world_size = rank, world_size
+
+
+def _failing_trainer(monkeypatch, err: Exception) -> None:
+    import engine.loop.trainer as trainer
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def train(self):
+            raise err
+
+    monkeypatch.setattr(trainer, "Trainer", Failing)
+
+
+def test_a_rank_sharing_rank0s_error_leaves_only_after_rank0_said_it(monkeypatch, tmp_path):
+    """The launcher kills every rank once one exits: rank 1, which found the same damaged checkpoint
+    as rank 0, must not exit before rank 0's note (written after its one line) is there."""
+    import threading
+
+    from engine import cli
+    from engine.errors import CheckpointError
+
+    _failing_trainer(monkeypatch, CheckpointError("damaged"))
+    cfg = Config()
+    cfg.run_dir = str(tmp_path)
+    note0 = tmp_path / "heartbeat" / "stopped_rank0.json"
+
+    def rank0_prints_late():
+        time.sleep(0.5)
+        note0.parent.mkdir(parents=True, exist_ok=True)
+        note0.write_text(json.dumps({"code": 2}))
+
+    slow = threading.Thread(target=rank0_prints_late)
+    slow.start()
+    code = cli._train(cfg, _Dist(1), lambda: None, stop=None)
+    seen_at_exit = note0.exists()
+    slow.join()
+    assert code == 2 and seen_at_exit
+    assert cli.stop_notes(tmp_path / "heartbeat", 0.0) == {0: 2, 1: 2}
+
+
+def test_a_rank_that_prints_its_own_error_does_not_wait(monkeypatch, tmp_path):
+    """Rank 0, and a rank whose error is its own, print the line themselves and leave at once."""
+    from engine import cli
+    from engine.errors import CheckpointError
+
+    waits = []
+    monkeypatch.setattr(cli, "wait_for_notes", lambda *a, **k: waits.append(a) or {})
+    cfg = Config()
+    cfg.run_dir = str(tmp_path)
+    _failing_trainer(monkeypatch, CheckpointError("damaged"))
+    assert cli._train(cfg, _Dist(0), lambda: None, stop=None) == 2
+    _failing_trainer(monkeypatch, CheckpointError("mine", rank_local=True))
+    assert cli._train(cfg, _Dist(1), lambda: None, stop=None) == 2
+    assert waits == []
+    _failing_trainer(monkeypatch, CheckpointError("shared"))
+    assert cli._train(cfg, _Dist(1), lambda: None, stop=None) == 2
+    assert len(waits) == 1
+
+
+def test_stop_notes_of_an_earlier_attempt_are_not_read(tmp_path):
+    from engine import cli
+
+    old = tmp_path / "stopped_rank0.json"
+    old.write_text(json.dumps({"code": 2}))
+    os.utime(old, (100.0, 100.0))
+    (tmp_path / "stopped_rank3.json").write_text(json.dumps({"code": 75}))
+    assert cli.stop_notes(tmp_path, started=1000.0) == {3: 75}
+    assert cli.wait_for_notes(tmp_path, 1000.0, ranks={0}, wait_s=0.1) == {}
+
+
+def test_a_config_error_every_rank_finds_is_printed_by_rank0_and_others_leave_later(monkeypatch, capsys):
+    """Before the process group exists, ranks other than 0 stay silent and delay their exit, so the
+    launcher (which kills every rank once one exits) cannot cut off rank 0's line."""
+    from engine import cli
+    from engine.pretrain import main
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--preset", "deepmim_test_pixel", "--set", "data.nosuch=1"]) == 2
+    assert capsys.readouterr().err.startswith("config error:") and slept == []
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--preset", "deepmim_test_pixel", "--set", "data.nosuch=1"]) == 2
+    assert capsys.readouterr().err == "" and slept == [cli.QUIET_EXIT_DELAY_S]

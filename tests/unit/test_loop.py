@@ -190,6 +190,36 @@ def test_every_checkpoint_damaged_refuses_every_start_until_told(demo_shards, tm
     assert train(run, demo_shards, 6) == {"step": 6, "complete": True}  # auto now finds step 6
 
 
+def test_ranks_agree_on_the_checkpoints_even_when_one_lists_late(tmp_path):
+    """Two ranks (threads here) choose among damaged checkpoints; rank 1 starts listing late. Rank 0 may
+    not rename one before rank 1 has listed it, or rank 1 would skip the barriers rank 0 waits in."""
+    import threading
+    import time
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / ckpt.MARKER).write_text("{not json")
+    meet = threading.Barrier(2, timeout=10)
+    found, errors = {}, []
+
+    def rank(r: int) -> None:
+        if r == 1:
+            time.sleep(0.5)  # rank 0 is well into the choice by now
+        try:
+            found[r] = ckpt.newest_verified(root, r, 2, None, meet.wait)
+        except threading.BrokenBarrierError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and found == {0: None, 1: None}
+    assert sorted(p.name for p in root.iterdir()) == ["broken-step_00000002", "broken-step_00000004"]
+
+
 def test_incompatible_config_is_refused_before_anything_is_built(demo_shards, tmp_path):
     run = tmp_path / "run"
     train(run, demo_shards, 2)
