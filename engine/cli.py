@@ -497,10 +497,12 @@ def _train(cfg: Config, dist, make_task: Callable[[], object], stop) -> int:
             with contextlib.suppress(OSError):
                 notes.mkdir(parents=True, exist_ok=True)
                 (notes / f"stopped_rank{dist.rank}.json").write_text(json.dumps({"code": err.exit_code}))
-            if dist.rank != 0 and not err.rank_local:
-                # The launcher kills every rank as soon as one exits: leaving before rank 0 has printed
-                # the line would lose it (measured: a fresh-clone run ended with exit 2 and no message).
-                wait_for_notes(notes, started, ranks={0}, wait_s=PRINTER_WAIT_S)
+            # The launcher kills every rank as soon as one exits: leaving before rank 0 has printed the
+            # line would lose it (seen in CI: exit 2 and no message). Rank 0 silent all along (stuck
+            # elsewhere): this rank says it.
+            shared = dist.rank != 0 and not err.rank_local
+            if shared and not wait_for_notes(notes, started, ranks={0}, wait_s=PRINTER_WAIT_S):
+                log.error("%s", err.one_line())
         return err.exit_code
     except Exception as err:
         if dist.world_size == 1 or not peer_gone(err):

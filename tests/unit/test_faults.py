@@ -244,3 +244,20 @@ def test_a_config_error_every_rank_finds_is_printed_by_rank0_and_others_leave_la
     monkeypatch.setenv("RANK", "1")
     assert main(["--preset", "deepmim_test_pixel", "--set", "data.nosuch=1"]) == 2
     assert capsys.readouterr().err == "" and slept == [cli.QUIET_EXIT_DELAY_S]
+
+
+def test_a_shared_error_rank0_never_reports_is_printed_by_the_rank_that_found_it(monkeypatch, tmp_path, caplog):
+    """Rank 0 leaves no note in time (stuck elsewhere): the line is not lost, rank 1 prints it."""
+    import logging
+
+    from engine import cli
+    from engine.errors import CheckpointError
+
+    monkeypatch.setattr(cli, "PRINTER_WAIT_S", 0.2)
+    _failing_trainer(monkeypatch, CheckpointError("no checkpoint verifies"))
+    cfg = Config()
+    cfg.run_dir = str(tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="engine"):
+        assert cli._train(cfg, _Dist(1), lambda: None, stop=None) == 2
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "no checkpoint verifies" in errors[0].getMessage()
