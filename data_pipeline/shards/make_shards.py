@@ -292,6 +292,14 @@ def run(args: argparse.Namespace) -> dict:
                     "write to a new folder or delete the old shards"
                 )
         else:
+            # Shards without a plan (plan.json deleted by hand): their records would pass the checks of
+            # finished_part and be kept, mixing another plan's shards into this one.
+            orphans = sorted(p.name for p in (*out.glob("shard-*.part.json"), *out.glob("shard-*.tar")))
+            if orphans:
+                raise ShardError(
+                    f"{out} holds shards ({orphans[0]} and {len(orphans) - 1} more files) but no plan.json "
+                    "saying how they were made; write to a new folder or delete the old shards"
+                )
             remove_stale(out, "plan.json")
             atomic_json(plan_path, plan)
     keys = unique_keys(items)

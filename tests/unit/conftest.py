@@ -16,6 +16,12 @@ class StartsAProgram(AssertionError):
     pass
 
 
+def pytest_sessionstart(session):
+    # Importing torch.cuda looks a library up with ctypes (``ldconfig -p``): part of an import, not a
+    # program a test starts. Done once here, so whichever test imports it first is not refused for it.
+    import torch.cuda  # noqa: F401
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     original = subprocess.Popen.__init__

@@ -125,6 +125,9 @@ def test_rerun_with_other_arguments_is_refused(demo_tree, tmp_path):
     out = tmp_path / "out"
     make_shards(demo_tree, out, "--seed", "1")
     assert main([str(demo_tree), str(out), "--seed", "2", "--no-progress"]) == 2  # a user error: exit 2
+    (out / "plan.json").unlink()  # by hand: the shards left can no longer say which plan they belong to
+    assert main([str(demo_tree), str(out), "--seed", "2", "--no-progress"]) == 2
+    assert not (out / "plan.json").exists()
 
 
 def test_verify_catches_tampering_and_a_missing_index(demo_shards, tmp_path):
