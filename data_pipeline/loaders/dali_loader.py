@@ -23,7 +23,9 @@ error names them.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 from collections import deque
 
 import numpy as np
@@ -124,6 +126,28 @@ def build_pipeline(spec: LoaderSpec, source: _Source, checkpoint: bytes | None, 
     return pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
 
 
+# DALI's conditionals (RandAugment) go through autograph, which writes each converted function to
+# /tmp/__autograph_generated_file*.py and imports it under that name.
+AUTOGRAPH_PREFIX = "__autograph_generated_file"
+
+
+def drop_autograph_sources() -> int:
+    """Delete the autograph files this process wrote, once their modules are imported; returns how
+    many. Autograph deletes them only from an exit handler, which a killed or preempted rank never runs:
+    the fine-tune integration tests alone left 98 in /tmp before this. The loaded code stays; only the
+    source lines of tracebacks through those functions go."""
+    removed = 0
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) if name.startswith(AUTOGRAPH_PREFIX) else None
+        if path and os.path.basename(path).startswith(AUTOGRAPH_PREFIX):
+            try:
+                os.unlink(path)
+                removed += 1
+            except OSError:  # gone already, or not ours to delete: never a reason to stop a run
+                pass
+    return removed
+
+
 class DaliLoader(EpochLoader):
     """Rank-local DALI loader with explicit epochs and exact, checkpointable positions."""
 
@@ -142,6 +166,8 @@ class DaliLoader(EpochLoader):
         self._start_prefetch()
         self._pipe = build_pipeline(spec, self._source, checkpoint, seed % 2**31)
         self._it = DALIGenericIterator([self._pipe], ["img"], auto_reset=False, prepare_first_batch=False)
+        if spec.rand_augment:
+            drop_autograph_sources()  # converted while the pipeline was built
         # RandAugment's random state, as of the last batch the training thread took (a checkpoint holds
         # that one, not the state of the batches prepared ahead of it)
         self._dali_state = checkpoint

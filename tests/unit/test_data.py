@@ -181,6 +181,21 @@ def test_augmentation_is_random_resized_crop_and_flip(demo_shards):
     assert differing >= len(views) * 0.9
 
 
+def test_randaugment_leaves_no_generated_files_behind(demo_shards):
+    """DALI's RandAugment converts its functions into files in the temp folder: they are gone once the
+    pipeline is built (a killed rank could not delete them), and the pipeline still runs."""
+    import os
+    import sys
+
+    from data_pipeline.loaders.dali_loader import AUTOGRAPH_PREFIX
+
+    loader = make_loader("dali", spec(demo_shards, 0, 1, 8, rand_augment="rand-m9-n2-mstd0.5-inc1"))
+    generated = [m.__file__ for n, m in list(sys.modules.items()) if n.startswith(AUTOGRAPH_PREFIX)]
+    assert generated and not any(os.path.exists(f) for f in generated)
+    batches = [b for _, b in zip(range(2), loader)]
+    assert len(batches) == 2 and batches[1].img.shape[0] == 8
+
+
 def test_missing_shard_folder_is_a_clear_error(tmp_path):
     from engine.errors import DataError
 
