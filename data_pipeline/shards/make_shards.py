@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> dict:
             orphans = sorted(p.name for p in (*out.glob("shard-*.part.json"), *out.glob("shard-*.tar")))
             if orphans:
                 raise ShardError(
-                    f"{out} holds shards ({orphans[0]} and {len(orphans) - 1} more files) but no plan.json "
+                    f"{out} holds {len(orphans)} shard file(s) ({orphans[0]}, ...) but no plan.json "
                     "saying how they were made; write to a new folder or delete the old shards"
                 )
             remove_stale(out, "plan.json")

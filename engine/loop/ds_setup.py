@@ -46,35 +46,41 @@ def native_cpu_bf16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _decide_precision(setting: str, device_type: str, trained_in: str | None, cpu_bf16: bool) -> tuple[str, str, str]:
+    """(precision, reason for the log, warning or "") for ``engine.precision``: one decision, which
+    ``resolve_precision`` and ``precision_reason`` both read."""
+    if setting in PRECISIONS:
+        warn = ""
+        if trained_in in PRECISIONS and trained_in != setting:
+            warn = f"engine.precision={setting}: resuming a run trained in {trained_in}"
+        return setting, f"engine.precision={setting}", warn
+    if trained_in in PRECISIONS:
+        return trained_in, f"engine.precision=auto: the checkpoint it resumes was trained in {trained_in}", ""
+    if device_type == "cuda":
+        return "bf16", "engine.precision=auto: a CUDA device", ""
+    if cpu_bf16:
+        return "bf16", "engine.precision=auto: this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)", ""
+    return (
+        "fp32",
+        "engine.precision=auto: this CPU has no native bf16 arithmetic",
+        (
+            "engine.precision=auto: this CPU has no native bf16 arithmetic (no AVX512-BF16 or AMX), where bf16 "
+            "matmuls run about 10x slower; training in fp32 (engine.precision=bf16 forces bf16)"
+        ),
+    )
+
+
 def resolve_precision(setting: str, device_type: str, trained_in: str | None, cpu_bf16: bool) -> tuple[str, str]:
     """(precision, why) for ``engine.precision``: ``bf16`` and ``fp32`` as given; ``auto`` keeps the
     precision a resumed checkpoint was trained in, else bf16 on CUDA or a CPU with native bf16, else fp32.
     ``why`` is empty when nothing needs saying."""
-    if setting in PRECISIONS:
-        if trained_in in PRECISIONS and trained_in != setting:
-            return setting, f"engine.precision={setting}: resuming a run trained in {trained_in}"
-        return setting, ""
-    if trained_in in PRECISIONS:
-        return trained_in, ""
-    if device_type == "cuda" or cpu_bf16:
-        return "bf16", ""
-    return "fp32", (
-        "engine.precision=auto: this CPU has no native bf16 arithmetic (no AVX512-BF16 or AMX), where bf16 "
-        "matmuls run about 10x slower; training in fp32 (engine.precision=bf16 forces bf16)"
-    )
+    precision, _, warn = _decide_precision(setting, device_type, trained_in, cpu_bf16)
+    return precision, warn
 
 
 def precision_reason(setting: str, device_type: str, trained_in: str | None, cpu_bf16: bool) -> str:
     """Why the run trains in the precision ``resolve_precision`` chose, for the first lines of its log."""
-    if setting in PRECISIONS:
-        return f"engine.precision={setting}"
-    if trained_in in PRECISIONS:
-        return f"engine.precision=auto: the checkpoint it resumes was trained in {trained_in}"
-    if device_type == "cuda":
-        return "engine.precision=auto: a CUDA device"
-    if cpu_bf16:
-        return "engine.precision=auto: this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)"
-    return "engine.precision=auto: this CPU has no native bf16 arithmetic"
+    return _decide_precision(setting, device_type, trained_in, cpu_bf16)[1]
 
 
 def resolve_ds_config(cfg: Config, plan: RunPlan, precision: str = "bf16") -> dict:

@@ -134,12 +134,10 @@ class Trainer:
 
     def _build_engine(self) -> None:
         trained_in = (self.resume_marker or {}).get("precision")
-        self.precision, why = resolve_precision(
-            self.cfg.engine.precision, self.dist.device.type, trained_in, native_cpu_bf16()
-        )
+        decision = (self.cfg.engine.precision, self.dist.device.type, trained_in, native_cpu_bf16())
+        self.precision, why = resolve_precision(*decision)
         if self.dist.is_main:
-            reason = precision_reason(self.cfg.engine.precision, self.dist.device.type, trained_in, native_cpu_bf16())
-            log.info("precision %s (%s)", self.precision, reason)
+            log.info("precision %s (%s)", self.precision, precision_reason(*decision))
             if why:
                 log.warning("%s", why)
         self.ds_config = resolve_ds_config(self.cfg, self.plan, self.precision)

@@ -265,8 +265,10 @@ class GoodputAccount:
 
 
 def _rounded(obj: Any) -> Any:
+    # Microseconds: coarser rounding made the file's sums and ratios disagree by more than 0.1% on short
+    # attempts (a 0.09 s productive total came out 1e-4 off at 4 decimals)
     if isinstance(obj, float):
-        return round(obj, 4)
+        return round(obj, 6)
     if isinstance(obj, dict):
         return {k: _rounded(v) for k, v in obj.items()}
     if isinstance(obj, list):
